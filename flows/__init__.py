@@ -1,0 +1,1 @@
+"""Flows: compose connectors, pipeline and serving into the jobs users run."""

@@ -1,0 +1,1 @@
+"""Serving: Ray Serve applications around vLLM, and clients for model endpoints."""

@@ -1,0 +1,211 @@
+"""The Ray Serve application that drafts reports with a vLLM-backed Med-VLM.
+
+One deployment, ``MedVLMServer``, owns a ``ChatEngine`` per replica and answers three ways:
+
+- ``draft(ModelInput) -> DraftResult`` through a ``DeploymentHandle`` (what flows use in-cluster);
+- ``POST /v1/reports`` with the same ``ModelInput`` as JSON (what flows use over HTTP);
+- ``POST /v1/chat/completions``, a subset of the OpenAI API (image parts as data URLs,
+  ``response_format`` ``json_schema``/``json_object``), so any OpenAI client can call the model.
+
+Replica resources come from settings: GPUs in production, CPUs here. The HTTP proxy binds to the
+configured host (loopback by default).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Header, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from medvlm.errors import InvalidModelOutputError
+from medvlm.settings import MedvlmSettings, ModelSettings
+from pipeline.prompts import ModelInput, build_messages
+from pipeline.report import DraftResult, parse_report, report_json_schema
+from serving.engine import ChatEngine, GenerationOptions, VllmChatEngine
+
+log = logging.getLogger("medvlm.serving")
+
+DEPLOYMENT_NAME = "MedVLMServer"
+
+api = FastAPI(title="medvlm serving", description="Draft radiology reports (never final).")
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The part of OpenAI's chat-completions request this server honours."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: Literal[False] = False
+    response_format: ResponseFormat | None = None
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class MedVLMServer:
+    def __init__(
+        self,
+        model_source: str,
+        model_settings: ModelSettings,
+        on_gpu: bool,
+        api_key: str | None = None,
+    ) -> None:
+        self._settings = model_settings
+        self._api_key = api_key
+        self._schema = report_json_schema()
+        self._engine: ChatEngine = VllmChatEngine(model_source, model_settings, on_gpu=on_gpu)
+
+    async def draft(self, model_input: ModelInput) -> DraftResult:
+        """Draft one report; raises ``InvalidModelOutputError`` naming the study if invalid."""
+        started = time.perf_counter()
+        options = GenerationOptions(
+            max_tokens=self._settings.max_tokens,
+            temperature=self._settings.temperature,
+            seed=self._settings.seed,
+            json_schema=self._schema,
+        )
+        result = await self._engine.chat(
+            build_messages(model_input), options, request_id=f"{model_input.reference}-{uuid.uuid4().hex[:8]}"
+        )
+        if result.finish_reason == "length":
+            raise InvalidModelOutputError(
+                f"model output for {model_input.reference} was cut at max_tokens "
+                f"({self._settings.max_tokens}); raise model.max_tokens"
+            )
+        report = parse_report(result.text, reference=model_input.reference)
+        return DraftResult(
+            reference=model_input.reference,
+            report=report,
+            raw_text=result.text,
+            model=result.model,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_s=time.perf_counter() - started,
+        )
+
+    def _authorize(self, authorization: str | None) -> None:
+        if self._api_key is None:
+            return
+        expected = f"Bearer {self._api_key}"
+        if authorization is None or not hmac.compare_digest(authorization, expected):
+            raise HTTPException(status_code=401, detail="missing or invalid bearer token")
+
+    @api.post("/v1/reports")
+    async def http_draft(
+        self, model_input: ModelInput, authorization: str | None = Header(default=None)
+    ) -> DraftResult:
+        self._authorize(authorization)
+        try:
+            return await self.draft(model_input)
+        except InvalidModelOutputError as exc:
+            raise HTTPException(status_code=502, detail=str(exc)) from exc
+
+    @api.get("/v1/models")
+    async def models(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._authorize(authorization)
+        return {
+            "object": "list",
+            "data": [{"id": self._settings.served_name, "object": "model", "owned_by": "medvlm"}],
+        }
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(
+        self, request: ChatCompletionRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        self._authorize(authorization)
+        if request.model != self._settings.served_name:
+            raise HTTPException(status_code=404, detail=f"model {request.model!r} is not served")
+        schema: dict[str, Any] | None = None
+        if request.response_format is not None:
+            if request.response_format.type == "json_schema":
+                if request.response_format.json_schema is None:
+                    raise HTTPException(status_code=400, detail="json_schema format needs a schema")
+                schema = request.response_format.json_schema.schema_
+            elif request.response_format.type == "json_object":
+                schema = {"type": "object"}
+        max_tokens = request.max_completion_tokens or request.max_tokens or self._settings.max_tokens
+        options = GenerationOptions(
+            max_tokens=min(max_tokens, self._settings.max_tokens),
+            temperature=self._settings.temperature if request.temperature is None else request.temperature,
+            seed=self._settings.seed if request.seed is None else request.seed,
+            json_schema=schema,
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            result = await self._engine.chat(request.messages, options, request_id=request_id)
+        except ValueError as exc:  # vLLM rejects malformed messages / images with ValueError
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": result.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            },
+        }
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_app(settings: MedvlmSettings, model_source: str) -> serve.Application:
+    """Bind the deployment with replica resources and engine settings from ``settings``."""
+    serving = settings.serving
+    api_key = serving.api_key.get_secret_value() if serving.api_key is not None else None
+    return MedVLMServer.options(
+        num_replicas=serving.num_replicas,
+        max_ongoing_requests=serving.max_ongoing_requests,
+        ray_actor_options={"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
+    ).bind(model_source, settings.model, serving.num_gpus > 0, api_key)
+
+
+def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on the configured host/port and run the application."""
+    serving = settings.serving
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    return serve.run(
+        build_app(settings, model_source),
+        name=serving.app_name,
+        route_prefix=serving.route_prefix,
+        blocking=False,
+    )

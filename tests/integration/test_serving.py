@@ -1,0 +1,133 @@
+"""Ray Serve + real vLLM with the tiny Qwen2-VL checkpoint: handle, report route, OpenAI route."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from ray.serve.handle import DeploymentHandle
+
+from flows.demo import sample_model_input
+from medvlm.settings import MedvlmSettings
+from pipeline.prompts import ModelInput, png_data_url
+from pipeline.report import DraftReport, DraftResult, report_json_schema
+from serving.app import run_app
+from serving.ray_runtime import init_ray, shutdown_ray
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def handle(settings: MedvlmSettings) -> Iterator[DeploymentHandle]:
+    init_ray(settings.serving, num_cpus=2)
+    try:
+        assert settings.model.source is not None
+        yield run_app(settings, settings.model.source)
+    finally:
+        shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def base_url(settings: MedvlmSettings, handle: DeploymentHandle) -> str:
+    return f"http://127.0.0.1:{settings.serving.port}"
+
+
+@pytest.fixture(scope="module")
+def chest() -> ModelInput:
+    return sample_model_input()
+
+
+def _auth(settings: MedvlmSettings) -> dict[str, str]:
+    assert settings.serving.api_key is not None
+    return {"Authorization": f"Bearer {settings.serving.api_key.get_secret_value()}"}
+
+
+def test_handle_drafts_a_schema_valid_report_for_the_chest_radiograph(
+    handle: DeploymentHandle, chest: ModelInput
+) -> None:
+    result: DraftResult = handle.draft.remote(chest).result(timeout_s=300)
+    assert result.reference == chest.reference
+    jsonschema.validate(json.loads(result.raw_text), report_json_schema())
+    assert result.report == DraftReport.model_validate_json(result.raw_text)
+    assert result.finish_reason == "stop"
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+
+
+def test_same_seed_gives_the_same_draft_text(handle: DeploymentHandle, chest: ModelInput) -> None:
+    first = handle.draft.remote(chest).result(timeout_s=300)
+    second = handle.draft.remote(chest).result(timeout_s=300)
+    assert first.raw_text == second.raw_text
+
+
+def test_report_route_answers_model_input_json_with_a_valid_draft(
+    settings: MedvlmSettings, base_url: str, chest: ModelInput
+) -> None:
+    response = httpx.post(
+        f"{base_url}/v1/reports",
+        content=chest.model_dump_json(),
+        headers={"Content-Type": "application/json", **_auth(settings)},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    result = DraftResult.model_validate(response.json())
+    assert result.reference == chest.reference
+    jsonschema.validate(json.loads(result.raw_text), report_json_schema())
+
+
+def test_openai_client_gets_schema_valid_json_for_an_image(
+    settings: MedvlmSettings, base_url: str, chest: ModelInput
+) -> None:
+    assert settings.serving.api_key is not None
+    client = openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=settings.serving.api_key.get_secret_value(),
+        timeout=300,
+        max_retries=0,
+    )
+    completion = client.chat.completions.create(
+        model=settings.model.served_name,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url(chest.images_png[0])}},
+                    {"type": "text", "text": "Draft a report for this chest radiograph."},
+                ],
+            }
+        ],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "draft_report", "schema": report_json_schema(), "strict": True},
+        },
+        max_tokens=settings.model.max_tokens,
+        temperature=0,
+        seed=0,
+    )
+    content = completion.choices[0].message.content
+    assert content is not None
+    jsonschema.validate(json.loads(content), report_json_schema())
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+def test_openai_route_rejects_a_request_without_the_bearer_token(base_url: str) -> None:
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json={"model": "medvlm-draft", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 401
+
+
+def test_openai_route_refuses_an_unknown_model(settings: MedvlmSettings, base_url: str) -> None:
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json={"model": "not-served", "messages": [{"role": "user", "content": "hi"}]},
+        headers=_auth(settings),
+        timeout=30,
+    )
+    assert response.status_code == 404
+    assert "not-served" in response.text

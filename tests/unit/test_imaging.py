@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.errors import ImagingError
+from pipeline.imaging import PixelBudget, instance_to_images, study_reference
+
+pytestmark = pytest.mark.unit
+
+
+def _mono(photometric: str, pixels: np.ndarray) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def test_real_chest_radiograph_becomes_an_8bit_image_within_budget() -> None:
+    ds = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
+    (image,) = instance_to_images(ds, reference="study-x", budget=PixelBudget(max_side=512))
+    assert image.mode == "L"
+    assert max(image.size) == 512
+    pixels = np.asarray(image)
+    assert pixels.min() < 30 and pixels.max() > 225  # full display range used
+
+
+def test_monochrome1_is_inverted_so_that_low_values_display_white() -> None:
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))
+    mono2 = np.asarray(instance_to_images(_mono("MONOCHROME2", ramp), reference="s")[0])
+    mono1 = np.asarray(instance_to_images(_mono("MONOCHROME1", ramp), reference="s")[0])
+    assert mono2[0, 0] == 0 and mono2[0, -1] == 255
+    assert mono1[0, 0] == 255 and mono1[0, -1] == 0
+
+
+def test_missing_pixel_data_is_a_clear_error_naming_the_study() -> None:
+    ds = _mono("MONOCHROME2", np.zeros((4, 4)))
+    del ds.PixelData
+    with pytest.raises(ImagingError, match="study-ref-1: instance has no pixel data"):
+        instance_to_images(ds, reference="study-ref-1")
+
+
+def test_truncated_pixel_data_is_an_imaging_error_not_a_crash() -> None:
+    ds = _mono("MONOCHROME2", np.zeros((64, 64)))
+    ds.PixelData = ds.PixelData[:100]
+    with pytest.raises(ImagingError, match="study-ref-2"):
+        instance_to_images(ds, reference="study-ref-2")
+
+
+def test_study_reference_is_stable_and_does_not_contain_the_uid() -> None:
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    assert study_reference(uid) == study_reference(uid)
+    assert uid not in study_reference(uid)
+    assert study_reference(uid) != study_reference(uid + "0")

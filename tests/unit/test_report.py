@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from medvlm.errors import InvalidModelOutputError
+from pipeline.report import DraftReport, parse_report, report_json_schema, schema_fingerprint
+
+pytestmark = pytest.mark.unit
+
+VALID = {
+    "rationale": "Cardiac silhouette enlarged.",
+    "findings": [
+        {
+            "name": "cardiomegaly",
+            "presence": "present",
+            "laterality": "not_applicable",
+            "location": "heart",
+            "severity": "mild",
+            "detail": "Cardiothoracic ratio above 0.5.",
+        }
+    ],
+    "impression": "Mild cardiomegaly.",
+    "critical": False,
+    "recommendation": "none",
+}
+
+
+def test_schema_is_self_contained_for_guided_decoding() -> None:
+    text = json.dumps(report_json_schema())
+    assert "$ref" not in text and "$defs" not in text
+    jsonschema.Draft202012Validator.check_schema(report_json_schema())
+
+
+def test_every_string_and_list_in_the_schema_is_bounded_on_both_sides() -> None:
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "string" and "enum" not in node:
+                assert node.get("minLength", 0) >= 1 and "maxLength" in node, node
+            if node.get("type") == "array":
+                assert node.get("minItems", 0) >= 1 and "maxItems" in node, node
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(report_json_schema())
+
+
+def test_a_valid_report_passes_schema_and_model_alike() -> None:
+    jsonschema.validate(VALID, report_json_schema())
+    assert parse_report(json.dumps(VALID), reference="study-abc").findings[0].name == "cardiomegaly"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {**VALID, "findings": []},
+        {**VALID, "impression": ""},
+        {**VALID, "extra": 1},
+        {**VALID, "findings": [{**VALID["findings"][0], "presence": "maybe"}]},  # type: ignore[dict-item]
+    ],
+)
+def test_schema_and_model_reject_the_same_invalid_reports(broken: dict[str, object]) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, report_json_schema())
+    with pytest.raises(InvalidModelOutputError):
+        parse_report(json.dumps(broken), reference="study-abc")
+
+
+def test_invalid_output_error_names_the_study_reference() -> None:
+    with pytest.raises(InvalidModelOutputError, match="study-0123456789ab"):
+        parse_report('{"rationale": "trunc', reference="study-0123456789ab")
+
+
+def test_schema_fingerprint_is_stable_and_tracks_the_model() -> None:
+    assert schema_fingerprint() == schema_fingerprint()
+    assert len(schema_fingerprint()) == 16
+    assert DraftReport.model_json_schema()["title"] == "DraftReport"
