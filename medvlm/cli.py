@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.syntax import Syntax
 
+from medvlm.cli_dev import app as dev_app
 from medvlm.errors import MedvlmError
 from medvlm.settings import MedvlmSettings, TinyArchitecture
 
@@ -131,15 +132,7 @@ def show_settings() -> None:
     console.print_json(_settings().model_dump_json())
 
 
-def _mount_dev() -> None:
-    try:
-        from medvlm.cli_dev import app as dev_app
-    except ImportError:  # pragma: no cover - only while the dev-server module is absent
-        return
-    app.add_typer(dev_app, name="dev", help="Local development servers (Orthanc, FHIR).")
-
-
-_mount_dev()
+app.add_typer(dev_app, name="dev", help="Local development servers (Orthanc, FHIR).")
 
 
 def main() -> None:  # pragma: no cover

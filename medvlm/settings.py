@@ -144,7 +144,9 @@ class DevServerSettings(BaseModel):
     scp_aet: str = Field(
         default="MEDVLM_SCP",
         max_length=16,
-        description="AE title of the project's storage SCP, registered in Orthanc's DicomModalities.",
+        description=(
+            "AE title of the project's storage SCP, registered in Orthanc's DicomModalities."
+        ),
     )
     scp_port: int = Field(
         default=4343,
@@ -164,7 +166,9 @@ class DevServerSettings(BaseModel):
     )
     orthanc_plugins_dir: Path = Field(
         default=Path("/usr/share/orthanc/plugins"),
-        description="Directory of the DICOMweb and GDCM plugins (`orthanc-dicomweb`, `orthanc-gdcm`).",
+        description=(
+            "Directory of the DICOMweb and GDCM plugins (`orthanc-dicomweb`, `orthanc-gdcm`)."
+        ),
     )
     bind_shim: Path | None = Field(
         default=None,

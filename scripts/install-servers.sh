@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# Install the local development servers of medvlm-pipeline (idempotent: installs only what is missing).
+#
+#   1. Orthanc (PACS) from Debian with its DICOMweb and GDCM plugins, WITHOUT starting the system
+#      service (a temporary /usr/sbin/policy-rc.d answers 101 during the install).
+#   2. The FHIR R4 server sekmet-fhir==0.1.1 in its own venv, its dependencies pinned by
+#      requirements/fhir-server.txt (they differ from the project's).
+#   3. The LD_PRELOAD shim scripts/bind_loopback.c, compiled to MEDVLM_HOME/lib/bind_loopback.so,
+#      which keeps Orthanc (no bind-address option in 1.10) on loopback.
+#
+# The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/devservers.py).
+#
+# Environment:
+#   MEDVLM_HOME               project home (default: $HOME/.cache/medvlm)
+#   MEDVLM_DEV__FHIR_VENV     venv of the FHIR server (default: $MEDVLM_HOME/fhir-venv)
+#   MEDVLM_FHIR_PYTHON        interpreter for that venv (default: first python3.11+ on PATH)
+# Options:
+#   --refreeze                resolve sekmet-fhir's dependencies afresh (no constraints) and rewrite
+#                             requirements/fhir-server.txt from what resolved
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MEDVLM_HOME="${MEDVLM_HOME:-$HOME/.cache/medvlm}"
+FHIR_VENV="${MEDVLM_DEV__FHIR_VENV:-$MEDVLM_HOME/fhir-venv}"
+CONSTRAINTS="$REPO_ROOT/requirements/fhir-server.txt"
+SEKMET_PIN="sekmet-fhir==0.1.1"
+SHIM_SRC="$REPO_ROOT/scripts/bind_loopback.c"
+SHIM_SO="$MEDVLM_HOME/lib/bind_loopback.so"
+ORTHANC_PKGS=(orthanc orthanc-dicomweb orthanc-gdcm)
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_RC_BACKUP=""
+APT_UPDATED=0
+
+REFREEZE=0
+for arg in "$@"; do
+    case "$arg" in
+        --refreeze) REFREEZE=1 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "install-servers: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+step() { printf '==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+die() { printf 'install-servers: ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "root (or sudo) is needed for: $*"
+    fi
+}
+
+pkg_installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
+}
+
+apt_update_if_needed() {
+    # Update the package lists only when one of the wanted packages has no install candidate.
+    local pkg
+    [ "$APT_UPDATED" -eq 1 ] && return 0
+    for pkg in "$@"; do
+        if ! apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+            step "apt-get update (no candidate for $pkg in the package lists)"
+            as_root apt-get update -q
+            APT_UPDATED=1
+            return 0
+        fi
+    done
+}
+
+restore_policy_rc() {
+    if [ -n "$POLICY_RC_BACKUP" ] && [ -e "$POLICY_RC_BACKUP" ]; then
+        as_root mv -f "$POLICY_RC_BACKUP" "$POLICY_RC"
+        info "restored the previous $POLICY_RC"
+    elif [ -e "$POLICY_RC" ] && grep -q 'medvlm install-servers' "$POLICY_RC" 2>/dev/null; then
+        as_root rm -f "$POLICY_RC"
+        info "removed the temporary $POLICY_RC"
+    fi
+    POLICY_RC_BACKUP=""
+}
+trap restore_policy_rc EXIT
+
+# PIDs of Orthanc processes running the system configuration (/etc/orthanc), i.e. the service.
+system_orthanc_pids() {
+    local d pid exe
+    for d in /proc/[0-9]*; do
+        pid="${d#/proc/}"
+        exe="$(readlink "$d/exe" 2>/dev/null || true)"
+        [ "$exe" = "/usr/sbin/Orthanc" ] || continue
+        if tr '\0' ' ' <"$d/cmdline" 2>/dev/null | grep -q '/etc/orthanc'; then echo "$pid"; fi
+    done
+}
+
+stop_system_orthanc() {
+    local pids pid i
+    pids="$(system_orthanc_pids)"
+    [ -z "$pids" ] && return 0
+    for pid in $pids; do
+        info "stopping a system Orthanc (pid $pid) that listens on all interfaces"
+        as_root kill -TERM "$pid" 2>/dev/null || true
+    done
+    for i in $(seq 1 50); do
+        pids="$(system_orthanc_pids)"
+        [ -z "$pids" ] && return 0
+        sleep 0.1
+    done
+    for pid in $pids; do as_root kill -KILL "$pid" 2>/dev/null || true; done
+}
+
+# --------------------------------------------------------------------------------------------
+install_orthanc() {
+    local missing=() pkg
+    for pkg in "${ORTHANC_PKGS[@]}"; do
+        pkg_installed "$pkg" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        step "Orthanc: already installed ($(dpkg-query -W -f='${Version}' orthanc))"
+    else
+        step "Orthanc: installing ${missing[*]}"
+        command -v apt-get >/dev/null 2>&1 || die "apt-get not found: Orthanc comes from Debian packages"
+        apt_update_if_needed "${missing[@]}"
+        # Keep the package's post-install from starting a system service on all interfaces.
+        if [ -e "$POLICY_RC" ]; then
+            POLICY_RC_BACKUP="$(mktemp /usr/sbin/policy-rc.d.medvlm-backup.XXXXXX)"
+            as_root cp -p "$POLICY_RC" "$POLICY_RC_BACKUP"
+        fi
+        printf '#!/bin/sh\n# medvlm install-servers: no service starts during package installs\nexit 101\n' \
+            | as_root tee "$POLICY_RC" >/dev/null
+        as_root chmod 0755 "$POLICY_RC"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+        restore_policy_rc
+        # The service stays off at boot too: dev servers run as the user's own processes.
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+            as_root systemctl disable --now orthanc >/dev/null 2>&1 || true
+        elif command -v update-rc.d >/dev/null 2>&1 && [ -e /etc/init.d/orthanc ]; then
+            as_root update-rc.d orthanc disable >/dev/null 2>&1 || true
+        fi
+        info "installed Orthanc $(dpkg-query -W -f='${Version}' orthanc); system service not started"
+    fi
+    stop_system_orthanc
+    [ -x /usr/sbin/Orthanc ] || die "/usr/sbin/Orthanc missing after install"
+    info "plugins: $(ls /usr/share/orthanc/plugins/ 2>/dev/null | tr '\n' ' ')"
+}
+
+# --------------------------------------------------------------------------------------------
+find_python() {
+    local cand
+    if [ -n "${MEDVLM_FHIR_PYTHON:-}" ]; then echo "$MEDVLM_FHIR_PYTHON"; return 0; fi
+    for cand in python3.11 python3.12 python3.13 python3; do
+        if command -v "$cand" >/dev/null 2>&1 &&
+            "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            command -v "$cand"; return 0
+        fi
+    done
+    return 1
+}
+
+constraints_digest() { sha256sum "$CONSTRAINTS" | cut -d' ' -f1; }
+
+install_fhir_server() {
+    local py stamp="$FHIR_VENV/.medvlm-constraints.sha256" have=""
+    if [ "$REFREEZE" -eq 0 ] && [ -x "$FHIR_VENV/bin/python" ] && [ -f "$CONSTRAINTS" ]; then
+        have="$("$FHIR_VENV/bin/python" -c \
+            'import importlib.metadata as m; print(m.version("sekmet-fhir"))' 2>/dev/null || true)"
+        if [ "$have" = "${SEKMET_PIN#*==}" ] && [ -f "$stamp" ] &&
+            [ "$(cat "$stamp")" = "$(constraints_digest)" ] && "$FHIR_VENV/bin/pip" check >/dev/null 2>&1; then
+            step "FHIR server: sekmet-fhir $have already installed in $FHIR_VENV"
+            return 0
+        fi
+    fi
+    step "FHIR server: installing $SEKMET_PIN into $FHIR_VENV"
+    py="$(find_python)" || die "no Python >= 3.11 found (set MEDVLM_FHIR_PYTHON)"
+    if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        case "$py" in
+            /usr/bin/*)
+                apt_update_if_needed python3-venv
+                as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv ;;
+            *) die "$py cannot create virtualenvs (no ensurepip)" ;;
+        esac
+    fi
+    if [ ! -x "$FHIR_VENV/bin/python" ]; then
+        info "creating venv with $py ($("$py" -c 'import platform; print(platform.python_version())'))"
+        mkdir -p "$(dirname "$FHIR_VENV")"
+        "$py" -m venv "$FHIR_VENV"
+    fi
+    if [ "$REFREEZE" -eq 1 ] || [ ! -f "$CONSTRAINTS" ]; then
+        info "resolving dependencies afresh (no constraints), then freezing to ${CONSTRAINTS#"$REPO_ROOT"/}"
+        "$FHIR_VENV/bin/pip" install -q --upgrade "$SEKMET_PIN"
+        {
+            echo "# Constraints of the FHIR dev server's own venv (sekmet-fhir and what it resolved to)."
+            echo "# Generated by: bash scripts/install-servers.sh --refreeze   (do not edit by hand)"
+            echo "# Python $("$FHIR_VENV/bin/python" -c 'import platform; print(platform.python_version())'), $(date -u +%Y-%m-%d)"
+            "$FHIR_VENV/bin/pip" freeze --all --exclude-editable | grep -v -E '^(pip|setuptools|wheel)=='
+        } >"$CONSTRAINTS.tmp"
+        mv -f "$CONSTRAINTS.tmp" "$CONSTRAINTS"
+    else
+        "$FHIR_VENV/bin/pip" install -q -c "$CONSTRAINTS" "$SEKMET_PIN"
+    fi
+    "$FHIR_VENV/bin/pip" check >/dev/null || die "pip check failed in $FHIR_VENV"
+    constraints_digest >"$stamp"
+    info "installed: $("$FHIR_VENV/bin/sekmet" --version)"
+}
+
+# --------------------------------------------------------------------------------------------
+build_shim() {
+    if ! command -v gcc >/dev/null 2>&1; then
+        step "bind shim: gcc not found, skipped (Orthanc will bind 0.0.0.0 unless run in 'unshare -n')"
+        return 0
+    fi
+    if [ -f "$SHIM_SO" ] && [ "$SHIM_SO" -nt "$SHIM_SRC" ]; then
+        step "bind shim: up to date ($SHIM_SO)"
+        return 0
+    fi
+    step "bind shim: compiling $SHIM_SO"
+    mkdir -p "$(dirname "$SHIM_SO")"
+    gcc -shared -fPIC -O2 -Wall -Wextra -o "$SHIM_SO.tmp" "$SHIM_SRC" -ldl
+    mv -f "$SHIM_SO.tmp" "$SHIM_SO"
+}
+
+install_orthanc
+install_fhir_server
+build_shim
+step "done: start the servers with 'medvlm dev up'"
