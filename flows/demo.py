@@ -39,7 +39,7 @@ def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
     """Serve the model, draft the sample study through a DeploymentHandle, shut down."""
     resolved = resolve_model(settings)
     model_input = sample_model_input()
-    init_ray(settings.serving)
+    init_ray(settings.serving, bind_shim=settings.bind_shim)
     try:
         handle = run_app(settings, resolved.source)
         result: DraftResult = handle.draft.remote(model_input).result(

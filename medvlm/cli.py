@@ -78,7 +78,7 @@ def serve() -> None:
     settings = _settings()
     try:
         resolved = resolve_model(settings)
-        init_ray(settings.serving)
+        init_ray(settings.serving, bind_shim=settings.bind_shim)
         run_app(settings, resolved.source)
     except MedvlmError as exc:
         _fail(exc)

@@ -108,11 +108,7 @@ class _Launch:
 
 def dev_settings_from(root: MedvlmSettings) -> DevServerSettings:
     """The dev-server settings of a loaded settings tree, with ``bind_shim`` resolved from HOME."""
-    dev = root.dev
-    if dev.bind_shim is None:
-        shim = root.home / "lib" / "bind_loopback.so"
-        dev = dev.model_copy(update={"bind_shim": shim if shim.is_file() else None})
-    return dev
+    return root.dev.model_copy(update={"bind_shim": root.bind_shim})
 
 
 def listening_sockets(pid: int) -> list[tuple[str, int]]:

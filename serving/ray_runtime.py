@@ -10,21 +10,38 @@ by address and keeps its own network policy.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
 
 from medvlm.settings import ServingSettings
 
 
-def init_ray(serving: ServingSettings, *, num_cpus: int | None = None) -> None:
-    """Join ``serving.ray_address`` or start a private local Ray bound to loopback."""
+def init_ray(
+    serving: ServingSettings, *, num_cpus: int | None = None, bind_shim: Path | None = None
+) -> None:
+    """Join ``serving.ray_address`` or start a private local Ray bound to loopback.
+
+    ``bind_shim`` (scripts/bind_loopback.c, built by the install scripts) is preloaded into the
+    local Ray processes so that the replicas' hard-coded ``[::]:0`` gRPC port binds to ``::1``.
+    """
     if ray.is_initialized():
         return
     if serving.ray_address is not None:
         ray.init(address=serving.ray_address, log_to_driver=False)
         return
-    # Read by the Ray processes this call spawns; must be set before they start.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray reads this at import: the processes this call spawns see the variable, and this
+    # (already imported) driver gets the same value through the module constant, which
+    # get_node_ip_address() consults at call time (Ray 2.60). Without both, the head publishes
+    # the host's address while the shim keeps its servers on loopback, and nothing connects.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if bind_shim is not None:
+        preload = os.environ.get("LD_PRELOAD", "")
+        if str(bind_shim) not in preload.split():
+            os.environ["LD_PRELOAD"] = f"{bind_shim} {preload}".strip()
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,

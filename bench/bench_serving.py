@@ -1,0 +1,125 @@
+"""Side-by-side cost of the serving layer: raw vLLM engine vs Ray Serve handle vs Serve HTTP.
+
+Identical requests (the sample chest radiograph, the report schema, greedy decoding) go first to
+``VllmChatEngine`` in this process, then through the Ray Serve deployment by handle and by HTTP.
+Prints per-path latency and generated tokens/s, and the ratios to raw vLLM, from one run.
+
+    .venv/bin/python bench/bench_serving.py [--requests 8] [--concurrency 4]
+
+Use a loopback-only namespace as the tests do: ``unshare -n sh -c 'ip link set lo up && ...'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+@dataclass
+class Run:
+    name: str
+    wall_s: float
+    latencies: list[float]
+    tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+async def _measure(
+    name: str, call: Callable[[], Awaitable[int]], requests: int, concurrency: int
+) -> Run:
+    semaphore = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one() -> int:
+        async with semaphore:
+            started = time.perf_counter()
+            tokens = await call()
+            latencies.append(time.perf_counter() - started)
+            return tokens
+
+    await call()  # warm-up, not counted
+    started = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one() for _ in range(requests))))
+    return Run(name, time.perf_counter() - started, latencies, tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+
+    import httpx
+
+    from flows.demo import sample_model_input
+    from medvlm.settings import MedvlmSettings
+    from pipeline.prompts import build_messages
+    from pipeline.report import report_json_schema
+    from serving.app import run_app
+    from serving.engine import GenerationOptions, VllmChatEngine
+    from serving.model_source import resolve_model
+    from serving.ray_runtime import init_ray, shutdown_ray
+
+    settings = MedvlmSettings()
+    resolved = resolve_model(settings)
+    model_input = sample_model_input()
+    messages = build_messages(model_input)
+    options = GenerationOptions(
+        max_tokens=settings.model.max_tokens, temperature=0.0, seed=0, json_schema=report_json_schema()
+    )
+
+    runs: list[Run] = []
+    engine = VllmChatEngine(resolved.source, settings.model, on_gpu=False)
+
+    async def raw() -> int:
+        return (await engine.chat(messages, options, request_id=None)).completion_tokens
+
+    runs.append(asyncio.run(_measure("raw vLLM", raw, args.requests, args.concurrency)))
+    engine.shutdown()
+
+    init_ray(settings.serving, bind_shim=settings.bind_shim)
+    try:
+        handle = run_app(settings, resolved.source)
+
+        async def by_handle() -> int:
+            return int((await handle.draft.remote(model_input)).completion_tokens)
+
+        url = f"http://127.0.0.1:{settings.serving.port}/v1/reports"
+        body = model_input.model_dump_json()
+
+        async def by_http() -> int:
+            async with httpx.AsyncClient(timeout=600) as client:
+                response = await client.post(
+                    url, content=body, headers={"Content-Type": "application/json"}
+                )
+                response.raise_for_status()
+                return int(response.json()["completion_tokens"])
+
+        runs.append(asyncio.run(_measure("Serve handle", by_handle, args.requests, args.concurrency)))
+        runs.append(asyncio.run(_measure("Serve HTTP", by_http, args.requests, args.concurrency)))
+    finally:
+        shutdown_ray()
+
+    base = runs[0]
+    print(f"\nmodel {resolved.version}; {args.requests} requests, concurrency {args.concurrency}")
+    print(f"{'path':<14}{'wall s':>8}{'p50 s':>8}{'tok/s':>9}{'wall / raw':>12}")
+    for run in runs:
+        print(
+            f"{run.name:<14}{run.wall_s:>8.2f}{statistics.median(run.latencies):>8.2f}"
+            f"{run.tokens_per_s:>9.0f}{run.wall_s / base.wall_s:>12.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
