@@ -25,6 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medvlm.errors import InvalidModelOutputError
 
 
+def _text(min_length: int, max_length: int, description: str) -> Any:
+    """A string field bounded on both sides (see the module docstring on why)."""
+    return Field(min_length=min_length, max_length=max_length, description=description)
+
+
 class Presence(StrEnum):
     PRESENT = "present"
     ABSENT = "absent"
@@ -77,9 +82,9 @@ class Finding(BaseModel):
     name: FindingName = Field(description="What was looked for.")
     presence: Presence = Field(description="Whether the model sees it.")
     laterality: Laterality = Field(description="Side, where a side applies.")
-    location: str = Field(min_length=1, max_length=60, description="Anatomical location.")
+    location: str = _text(1, 60, "Anatomical location.")
     severity: Severity = Field(description="Degree, where it applies.")
-    detail: str = Field(min_length=1, max_length=160, description="One-line description.")
+    detail: str = _text(1, 160, "One-line description.")
 
 
 class DraftReport(BaseModel):
@@ -87,17 +92,13 @@ class DraftReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rationale: str = Field(
-        min_length=1,
-        max_length=600,
-        description="The model's reasoning; stored for audit, not presented as findings.",
+    rationale: str = _text(
+        1, 600, "The model's reasoning; stored for audit, not presented as findings."
     )
     findings: list[Finding] = Field(min_length=1, max_length=8)
-    impression: str = Field(min_length=1, max_length=400, description="Summary for the reader.")
+    impression: str = _text(1, 400, "Summary for the reader.")
     critical: bool = Field(description="True when a critical result needs urgent communication.")
-    recommendation: str = Field(
-        min_length=1, max_length=200, description="Follow-up recommendation, or `none`."
-    )
+    recommendation: str = _text(1, 200, "Follow-up recommendation, or `none`.")
 
 
 def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
@@ -123,15 +124,31 @@ def report_json_schema() -> dict[str, Any]:
     return dict(_inline_refs(schema, schema.get("$defs", {})))
 
 
+def normalize_json(text: str) -> str:
+    """Model JSON as strict JSON: raw control characters inside strings become escapes.
+
+    xgrammar 0.2.8 compiles a length-bounded JSON string to ``[^"\\\r\n]{m,n}``, which admits
+    raw control characters such as a tab (seen from the random test model): valid for the
+    grammar, invalid for strict JSON parsers. A ``pattern`` excluding them cannot be combined
+    with length bounds in vLLM's xgrammar backend (xgrammar#966). So the text is parsed
+    leniently and re-serialised; the content is unchanged. Raises ``ValueError`` if not JSON.
+    """
+    return json.dumps(json.loads(text, strict=False), ensure_ascii=False, separators=(",", ":"))
+
+
 def parse_report(text: str, *, reference: str) -> DraftReport:
     """Parse and validate model output. ``reference`` names the study without identifying anyone."""
+    snippet = text[:80] + ("…" if len(text) > 80 else "")
     try:
-        return DraftReport.model_validate_json(text)
-    except ValidationError as exc:
-        snippet = text[:80] + ("…" if len(text) > 80 else "")
+        return DraftReport.model_validate_json(normalize_json(text))
+    except ValueError as exc:  # json.JSONDecodeError and pydantic.ValidationError
+        detail = (
+            f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+            if isinstance(exc, ValidationError)
+            else f"not JSON: {exc}"
+        )
         raise InvalidModelOutputError(
-            f"model output for {reference} is not a valid report "
-            f"({exc.error_count()} errors, first: {exc.errors()[0]['msg']}); text starts {snippet!r}"
+            f"model output for {reference} is not a valid report ({detail}); text starts {snippet!r}"
         ) from exc
 
 

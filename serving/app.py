@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from medvlm.errors import InvalidModelOutputError
 from medvlm.settings import MedvlmSettings, ModelSettings
 from pipeline.prompts import ModelInput, build_messages
-from pipeline.report import DraftResult, parse_report, report_json_schema
+from pipeline.report import DraftResult, normalize_json, parse_report, report_json_schema
 from serving.engine import ChatEngine, GenerationOptions, VllmChatEngine
 
 log = logging.getLogger("medvlm.serving")
@@ -160,6 +160,12 @@ class MedVLMServer:
             result = await self._engine.chat(request.messages, options, request_id=request_id)
         except ValueError as exc:  # vLLM rejects malformed messages / images with ValueError
             raise HTTPException(status_code=400, detail=str(exc)) from exc
+        content = result.text
+        if schema is not None:
+            try:
+                content = normalize_json(result.text)
+            except ValueError:
+                pass  # truncated or broken output is returned as generated; finish_reason says why
         return {
             "id": request_id,
             "object": "chat.completion",
@@ -168,7 +174,7 @@ class MedVLMServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
+                    "message": {"role": "assistant", "content": content},
                     "finish_reason": result.finish_reason,
                 }
             ],

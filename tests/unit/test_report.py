@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from medvlm.errors import InvalidModelOutputError
-from pipeline.report import DraftReport, parse_report, report_json_schema, schema_fingerprint
+from pipeline.report import DraftReport, normalize_json, parse_report, report_json_schema, schema_fingerprint
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,35 @@ def test_schema_fingerprint_is_stable_and_tracks_the_model() -> None:
     assert schema_fingerprint() == schema_fingerprint()
     assert len(schema_fingerprint()) == 16
     assert DraftReport.model_json_schema()["title"] == "DraftReport"
+
+
+def _grammar_accepts(text: str) -> bool:
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = xgrammar.Grammar.from_json_schema(
+        json.dumps(report_json_schema()), any_whitespace=False, separators=(",", ":")
+    )
+    return bool(_is_grammar_accept_string(grammar, text))
+
+
+def test_guided_decoding_grammar_accepts_a_valid_report() -> None:
+    assert _grammar_accepts(json.dumps(VALID, separators=(",", ":")))
+
+
+def test_raw_control_characters_that_the_grammar_admits_are_normalised_to_strict_json() -> None:
+    # xgrammar's bounded-string rule admits a raw tab; the report must still parse, and the
+    # normalised text must be strict JSON with the same content.
+    raw = json.dumps(VALID, separators=(",", ":")).replace("Mild cardiomegaly.", "Mild\tcardiomegaly.")
+    assert "\t" in raw and _grammar_accepts(raw)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    report = parse_report(raw, reference="study-abc")
+    assert report.impression == "Mild\tcardiomegaly."
+    assert json.loads(normalize_json(raw))["impression"] == "Mild\tcardiomegaly."
+
+
+def test_vllm_accepts_the_schema_for_xgrammar() -> None:
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    assert not has_xgrammar_unsupported_json_features(report_json_schema())
