@@ -36,3 +36,11 @@ class EngineUnavailableError(ServingError):
 
 class InvalidModelOutputError(ServingError):
     """The model answered with text that is not a valid report for the schema."""
+
+
+class PacsError(MedvlmError):
+    """The image source (DICOMweb, DIMSE, folder) failed or answered with unusable data."""
+
+
+class EhrError(MedvlmError):
+    """The EHR (FHIR server or folder) failed or answered with unusable data."""

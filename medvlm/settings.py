@@ -186,6 +186,34 @@ class DevServerSettings(BaseModel):
     )
 
 
+class PacsSettings(BaseModel):
+    """The image source: a DICOM folder (default), a DICOMweb PACS, or a DIMSE PACS.
+
+    Owned by connectors/ (see connectors/pacs.py); extend here, one description per field.
+    """
+
+    kind: Literal["folder", "dicomweb", "dimse"] = Field(
+        default="folder", description="Which image source implementation to use."
+    )
+    folder: Path | None = Field(
+        default=None, description="DICOM folder source (files or DICOMDIR). Unset: HOME/dicom."
+    )
+
+
+class EhrSettings(BaseModel):
+    """The EHR: an NDJSON/Bundle folder (default) or a FHIR R4 REST server.
+
+    Owned by connectors/ (see connectors/fhir.py); extend here, one description per field.
+    """
+
+    kind: Literal["folder", "fhir"] = Field(
+        default="folder", description="Which EHR implementation to use."
+    )
+    folder: Path | None = Field(
+        default=None, description="FHIR Bulk Data style folder (NDJSON). Unset: HOME/ehr."
+    )
+
+
 class MedvlmSettings(BaseSettings):
     """Root of the settings tree."""
 
@@ -203,6 +231,8 @@ class MedvlmSettings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     dev: DevServerSettings = Field(default_factory=DevServerSettings)
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
+    ehr: EhrSettings = Field(default_factory=EhrSettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> MedvlmSettings:
@@ -210,6 +240,10 @@ class MedvlmSettings(BaseSettings):
             self.dev.workdir = self.home / "dev"
         if self.dev.fhir_venv is None:
             self.dev.fhir_venv = self.home / "fhir-venv"
+        if self.pacs.folder is None:
+            self.pacs.folder = self.home / "dicom"
+        if self.ehr.folder is None:
+            self.ehr.folder = self.home / "ehr"
         return self
 
     @property
