@@ -76,7 +76,10 @@ def main() -> None:
     model_input = sample_model_input()
     messages = build_messages(model_input)
     options = GenerationOptions(
-        max_tokens=settings.model.max_tokens, temperature=0.0, seed=0, json_schema=report_json_schema()
+        max_tokens=settings.model.max_tokens,
+        temperature=0.0,
+        seed=0,
+        json_schema=report_json_schema(),
     )
 
     runs: list[Run] = []
@@ -106,7 +109,9 @@ def main() -> None:
                 response.raise_for_status()
                 return int(response.json()["completion_tokens"])
 
-        runs.append(asyncio.run(_measure("Serve handle", by_handle, args.requests, args.concurrency)))
+        runs.append(
+            asyncio.run(_measure("Serve handle", by_handle, args.requests, args.concurrency))
+        )
         runs.append(asyncio.run(_measure("Serve HTTP", by_http, args.requests, args.concurrency)))
     finally:
         shutdown_ray()

@@ -53,7 +53,7 @@ def build_tiny(
     architecture: Annotated[str, typer.Option(help="qwen2_vl or gemma3.")] = "qwen2_vl",
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
 ) -> None:
-    """Build a tiny random-weight VLM checkpoint offline (tests and demos; its drafts mean nothing)."""
+    """Build a tiny random-weight VLM checkpoint offline (for tests and demos only)."""
     from serving.tiny_model import build_tiny_checkpoint, weights_sha256
 
     if architecture not in ("qwen2_vl", "gemma3"):
@@ -98,7 +98,7 @@ def serve() -> None:
 
 @app.command()
 def demo() -> None:
-    """Draft a report for a real chest radiograph with real vLLM in Ray Serve, on embedded defaults."""
+    """Draft a report for a real chest radiograph: real vLLM in Ray Serve, embedded defaults."""
     from flows.demo import run_demo
 
     settings = _settings()
@@ -117,12 +117,13 @@ def demo() -> None:
     )
     console.print(
         f"model {result.model} ({resolved.version}); schema-valid draft; "
-        f"{result.completion_tokens} tokens in {result.latency_s:.2f}s ({tokens_per_s:.0f} tokens/s)"
+        f"{result.completion_tokens} tokens in {result.latency_s:.2f}s "
+        f"({tokens_per_s:.0f} tokens/s)"
     )
     if resolved.is_tiny:
         console.print(
-            "[yellow]note:[/yellow] the tiny random-weight model proves the machinery, not medicine: "
-            "its findings are meaningless. Set MEDVLM_MODEL__SOURCE to a real checkpoint."
+            "[yellow]note:[/yellow] the tiny random-weight model proves the machinery, not "
+            "medicine: its findings are meaningless. Set MEDVLM_MODEL__SOURCE to a real checkpoint."
         )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from medvlm.errors import ImagingError
 
@@ -88,7 +88,7 @@ def dataset_frames(ds: Dataset, *, reference: str) -> np.ndarray:
     samples = int(ds.get("SamplesPerPixel", 1))
     if frames == 1:
         return array[np.newaxis, ...]
-    if samples == 1 and array.ndim != 3 or samples == 3 and array.ndim != 4:
+    if (samples == 1 and array.ndim != 3) or (samples == 3 and array.ndim != 4):
         raise ImagingError(f"{reference}: unexpected pixel array shape {array.shape}")
     return array
 

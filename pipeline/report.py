@@ -148,7 +148,8 @@ def parse_report(text: str, *, reference: str) -> DraftReport:
             else f"not JSON: {exc}"
         )
         raise InvalidModelOutputError(
-            f"model output for {reference} is not a valid report ({detail}); text starts {snippet!r}"
+            f"model output for {reference} is not a valid report ({detail}); "
+            f"text starts {snippet!r}"
         ) from exc
 
 

@@ -13,6 +13,7 @@ configured host (loopback by default).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -89,7 +90,9 @@ class MedVLMServer:
             json_schema=self._schema,
         )
         result = await self._engine.chat(
-            build_messages(model_input), options, request_id=f"{model_input.reference}-{uuid.uuid4().hex[:8]}"
+            build_messages(model_input),
+            options,
+            request_id=f"{model_input.reference}-{uuid.uuid4().hex[:8]}",
         )
         if result.finish_reason == "length":
             raise InvalidModelOutputError(
@@ -148,10 +151,14 @@ class MedVLMServer:
                 schema = request.response_format.json_schema.schema_
             elif request.response_format.type == "json_object":
                 schema = {"type": "object"}
-        max_tokens = request.max_completion_tokens or request.max_tokens or self._settings.max_tokens
+        max_tokens = (
+            request.max_completion_tokens or request.max_tokens or self._settings.max_tokens
+        )
         options = GenerationOptions(
             max_tokens=min(max_tokens, self._settings.max_tokens),
-            temperature=self._settings.temperature if request.temperature is None else request.temperature,
+            temperature=self._settings.temperature
+            if request.temperature is None
+            else request.temperature,
             seed=self._settings.seed if request.seed is None else request.seed,
             json_schema=schema,
         )
@@ -162,10 +169,9 @@ class MedVLMServer:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
         content = result.text
         if schema is not None:
-            try:
+            # Truncated or broken output is returned as generated; finish_reason says why.
+            with contextlib.suppress(ValueError):
                 content = normalize_json(result.text)
-            except ValueError:
-                pass  # truncated or broken output is returned as generated; finish_reason says why
         return {
             "id": request_id,
             "object": "chat.completion",
@@ -198,14 +204,15 @@ def build_app(settings: MedvlmSettings, model_source: str) -> serve.Application:
     """Bind the deployment with replica resources and engine settings from ``settings``."""
     serving = settings.serving
     api_key = serving.api_key.get_secret_value() if serving.api_key is not None else None
-    return MedVLMServer.options(
+    deployment: serve.Deployment = MedVLMServer  # type: ignore[assignment]
+    return deployment.options(
         num_replicas=serving.num_replicas,
         max_ongoing_requests=serving.max_ongoing_requests,
         ray_actor_options={"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
     ).bind(model_source, settings.model, serving.num_gpus > 0, api_key)
 
 
-def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle:
+def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any]:
     """Start Serve's HTTP proxy on the configured host/port and run the application."""
     serving = settings.serving
     serve.start(http_options={"host": serving.host, "port": serving.port})

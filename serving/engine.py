@@ -72,6 +72,7 @@ class VllmChatEngine:
         # when a CUDA-built torch is installed beside it (see README, CPU install).
         if not on_gpu:
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -90,7 +91,9 @@ class VllmChatEngine:
             trust_remote_code=settings.trust_remote_code,
             # Without this a weak model may fill the JSON with whitespace until max_tokens
             # (measured: invalid, truncated JSON); the per-request flag did not help.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
         )
         try:
             self._engine = AsyncLLM.from_engine_args(args)
@@ -116,7 +119,10 @@ class VllmChatEngine:
             }
         )
         tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
-        _, (engine_input,) = await renderer.render_chat_async([messages], chat_params, tok_params)
+        conversation: list[Any] = list(messages)
+        _, (engine_input,) = await renderer.render_chat_async(
+            [conversation], chat_params, tok_params
+        )
         sampling = SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,

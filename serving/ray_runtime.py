@@ -55,6 +55,6 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         try:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()

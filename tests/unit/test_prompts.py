@@ -5,7 +5,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from pipeline.prompts import MAX_CONTEXT_CHARS, ModelInput, StudyContext, build_messages, context_text
+from pipeline.prompts import (
+    MAX_CONTEXT_CHARS,
+    ModelInput,
+    StudyContext,
+    build_messages,
+    context_text,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,13 @@ import jsonschema
 import pytest
 
 from medvlm.errors import InvalidModelOutputError
-from pipeline.report import DraftReport, normalize_json, parse_report, report_json_schema, schema_fingerprint
+from pipeline.report import (
+    DraftReport,
+    normalize_json,
+    parse_report,
+    report_json_schema,
+    schema_fingerprint,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +105,9 @@ def test_guided_decoding_grammar_accepts_a_valid_report() -> None:
 def test_raw_control_characters_that_the_grammar_admits_are_normalised_to_strict_json() -> None:
     # xgrammar's bounded-string rule admits a raw tab; the report must still parse, and the
     # normalised text must be strict JSON with the same content.
-    raw = json.dumps(VALID, separators=(",", ":")).replace("Mild cardiomegaly.", "Mild\tcardiomegaly.")
+    raw = json.dumps(VALID, separators=(",", ":")).replace(
+        "Mild cardiomegaly.", "Mild\tcardiomegaly."
+    )
     assert "\t" in raw and _grammar_accepts(raw)
     with pytest.raises(json.JSONDecodeError):
         json.loads(raw)
