@@ -1,0 +1,121 @@
+"""The job ledger: one row per (study, model version), and the state machine it follows.
+
+    discovered → fetched → drafted → written
+         │          │         │
+         └──────────┴─────────┴──→ failed ──(attempts < limit)──→ back to the failed stage
+                                     └──(attempts ≥ limit)──→ dead_lettered
+
+Nothing is dropped: a failure is a row with a reason, retried or dead-lettered. ``written`` is
+terminal and is what makes a re-run skip a study, so idempotency does not depend on the EHR.
+Models and transition rules only; sessions and engines are opened by the caller (flows, via
+``connectors.ledger_store``). Reasons and references never hold patient data.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class JobState(StrEnum):
+    DISCOVERED = "discovered"
+    FETCHED = "fetched"
+    DRAFTED = "drafted"
+    WRITTEN = "written"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+
+
+TERMINAL = frozenset({JobState.WRITTEN, JobState.DEAD_LETTERED})
+
+_FORWARD: dict[JobState, frozenset[JobState]] = {
+    JobState.DISCOVERED: frozenset({JobState.FETCHED, JobState.FAILED}),
+    JobState.FETCHED: frozenset({JobState.DRAFTED, JobState.FAILED}),
+    JobState.DRAFTED: frozenset({JobState.WRITTEN, JobState.FAILED}),
+    JobState.FAILED: frozenset(
+        {JobState.DISCOVERED, JobState.FETCHED, JobState.DRAFTED, JobState.DEAD_LETTERED}
+    ),
+    JobState.WRITTEN: frozenset(),
+    JobState.DEAD_LETTERED: frozenset({JobState.DISCOVERED}),  # an operator's explicit requeue
+}
+
+
+class InvalidTransitionError(ValueError):
+    """A state change the machine does not allow (a bug in the caller, not a study problem)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DraftJob(SQLModel, table=True):
+    """One study drafted by one model version."""
+
+    __tablename__ = "draft_job"
+    __table_args__ = (UniqueConstraint("study_uid", "model_version", name="uq_study_model"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_uid: str = Field(index=True, max_length=64, description="Study Instance UID.")
+    study_ref: str = Field(max_length=32, description="Non-identifying reference for logs.")
+    accession_number: str | None = Field(default=None, max_length=64, index=True)
+    model_version: str = Field(max_length=200, index=True)
+    state: JobState = Field(default=JobState.DISCOVERED, index=True)
+    failed_stage: JobState | None = Field(
+        default=None, description="Stage to resume from after a failure."
+    )
+    attempts: int = Field(default=0, description="Failed attempts so far.")
+    reason: str | None = Field(default=None, description="Last failure, without patient data.")
+    flags: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON), description="e.g. missing-ehr-context."
+    )
+    timings: dict[str, float] = Field(
+        default_factory=dict, sa_column=Column(JSON), description="Seconds per stage."
+    )
+    output_sha256: str | None = Field(default=None, max_length=64)
+    draft_id: str | None = Field(default=None, max_length=64)
+    fhir_ids: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON), description="Resource type → ids written."
+    )
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+
+
+def advance(job: DraftJob, to: JobState, **changes: Any) -> DraftJob:
+    """Move ``job`` to ``to`` (in place) if the machine allows it; set ``changes`` fields."""
+    if to not in _FORWARD[job.state]:
+        raise InvalidTransitionError(f"{job.study_ref}: {job.state} → {to} is not allowed")
+    if job.state is JobState.FAILED and to is not JobState.DEAD_LETTERED:
+        job.failed_stage = None
+    job.state = to
+    for name, value in changes.items():
+        setattr(job, name, value)
+    job.updated_at = _now()
+    return job
+
+
+def fail(job: DraftJob, reason: str, *, max_attempts: int) -> DraftJob:
+    """Record a failure at the job's current stage; dead-letter it once attempts run out."""
+    stage = job.state
+    if stage in TERMINAL or stage is JobState.FAILED:
+        raise InvalidTransitionError(f"{job.study_ref}: cannot fail from {stage}")
+    job.attempts += 1
+    job.reason = reason[:2000]
+    job.failed_stage = stage
+    job.state = JobState.FAILED
+    job.updated_at = _now()
+    if job.attempts >= max_attempts:
+        job.state = JobState.DEAD_LETTERED
+    return job
+
+
+def resume_stage(job: DraftJob) -> JobState | None:
+    """Where a re-run picks the job up: ``None`` when there is nothing to do."""
+    if job.state in TERMINAL:
+        return None
+    if job.state is JobState.FAILED:
+        return job.failed_stage or JobState.DISCOVERED
+    return job.state

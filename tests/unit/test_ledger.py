@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from pipeline.ledger import (
+    DraftJob,
+    InvalidTransitionError,
+    JobState,
+    advance,
+    fail,
+    resume_stage,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _job() -> DraftJob:
+    return DraftJob(study_uid="1.2.3", study_ref="study-abc", model_version="v1")
+
+
+def test_happy_path_ends_written_and_needs_nothing_more() -> None:
+    job = _job()
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+        advance(job, state)
+    assert job.state is JobState.WRITTEN
+    assert resume_stage(job) is None
+
+
+def test_stages_cannot_be_skipped_or_left_after_written() -> None:
+    job = _job()
+    with pytest.raises(InvalidTransitionError, match="study-abc"):
+        advance(job, JobState.WRITTEN)
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+        advance(job, state)
+    with pytest.raises(InvalidTransitionError):
+        advance(job, JobState.DISCOVERED)
+
+
+def test_failure_resumes_at_the_failed_stage_then_dead_letters_at_the_limit() -> None:
+    job = _job()
+    advance(job, JobState.FETCHED)
+    fail(job, "model output cut at max_tokens", max_attempts=2)
+    assert job.state is JobState.FAILED and job.attempts == 1
+    assert resume_stage(job) is JobState.FETCHED
+    advance(job, JobState.FETCHED)
+    fail(job, "again", max_attempts=2)
+    assert job.state is JobState.DEAD_LETTERED
+    assert job.reason == "again" and job.failed_stage is JobState.FETCHED
+    assert resume_stage(job) is None
+
+
+def test_one_row_per_study_and_model_version(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    SQLModel.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(_job())
+        session.add(DraftJob(study_uid="1.2.3", study_ref="study-abc", model_version="v2"))
+        session.commit()
+        session.add(_job())
+        with pytest.raises(IntegrityError):
+            session.commit()
+    with Session(engine) as session:
+        rows = session.exec(select(DraftJob)).all()
+        assert sorted(r.model_version for r in rows) == ["v1", "v2"]
+
+
+def test_json_columns_round_trip(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    SQLModel.metadata.create_all(engine)
+    job = _job()
+    job.flags = ["missing-ehr-context"]
+    job.timings = {"fetch": 0.5}
+    job.fhir_ids = {"DiagnosticReport": ["dr-1"]}
+    with Session(engine) as session:
+        session.add(job)
+        session.commit()
+    with Session(engine) as session:
+        again = session.exec(select(DraftJob)).one()
+        assert again.flags == ["missing-ehr-context"]
+        assert again.timings == {"fetch": 0.5}
+        assert again.fhir_ids == {"DiagnosticReport": ["dr-1"]}
+        assert again.state is JobState.DISCOVERED
