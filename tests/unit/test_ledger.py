@@ -84,3 +84,31 @@ def test_json_columns_round_trip(tmp_path: Path) -> None:
         assert again.timings == {"fetch": 0.5}
         assert again.fhir_ids == {"DiagnosticReport": ["dr-1"]}
         assert again.state is JobState.DISCOVERED
+
+
+def test_registering_twice_keeps_one_row_and_progress(tmp_path: Path) -> None:
+    from connectors.ledger_store import LedgerStore, NewStudy, open_engine
+
+    store = LedgerStore(open_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    studies = [NewStudy(f"1.2.{i}", f"study-{i}", f"ACC-{i}") for i in range(3)]
+    assert store.register(studies, "v1") == 3
+    (job, *_) = store.pending("v1")
+    advance(job, JobState.FETCHED)
+    store.save([job])
+    assert store.register(studies, "v1") == 0
+    assert store.register(studies[:1], "v2") == 1
+    assert store.counts("v1")[JobState.FETCHED] == 1
+    assert len(store.jobs("v1")) == 3
+
+
+def test_pending_excludes_written_and_dead_lettered(tmp_path: Path) -> None:
+    from connectors.ledger_store import LedgerStore, NewStudy, open_engine
+
+    store = LedgerStore(open_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    store.register([NewStudy(f"1.3.{i}", f"study-{i}", None) for i in range(3)], "v1")
+    done, dead, open_job = store.jobs("v1")
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+        advance(done, state)
+    fail(dead, "undecodable pixels", max_attempts=1)
+    store.save([done, dead])
+    assert [j.study_uid for j in store.pending("v1")] == [open_job.study_uid]
