@@ -99,11 +99,11 @@ def instance_to_images(
     """Images for one instance: up to ``max_frames`` frames sampled evenly across the instance."""
     budget = budget or PixelBudget()
     frames = dataset_frames(ds, reference=reference)
-    count = len(frames)
-    picks = sorted({round(i * (count - 1) / max(1, max_frames - 1)) for i in range(max_frames)})
-    picks = [p for p in picks if p < count][:max_frames] if count > 1 else [0]
     try:
-        return [budget.fit(frame_to_image(ds, frames[i])) for i in picks]
+        return [
+            budget.fit(frame_to_image(ds, frames[i]))
+            for i in evenly_spaced(len(frames), max_frames)
+        ]
     except ImagingError as exc:
         raise ImagingError(f"{reference}: {exc}") from exc
 
@@ -112,3 +112,77 @@ def image_to_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+def _slice_position(ds: Dataset) -> float:
+    """Position along the slice normal (PS3.3 C.7.6.2), else SliceLocation, else InstanceNumber."""
+    position = ds.get("ImagePositionPatient")
+    orientation = ds.get("ImageOrientationPatient")
+    if position is not None and orientation is not None and len(orientation) == 6:
+        row = np.asarray(orientation[:3], dtype=float)
+        column = np.asarray(orientation[3:], dtype=float)
+        return float(np.dot(np.cross(row, column), np.asarray(position, dtype=float)))
+    if "SliceLocation" in ds:
+        return float(ds.SliceLocation)
+    return float(ds.get("InstanceNumber", 0) or 0)
+
+
+def evenly_spaced(count: int, picks: int) -> list[int]:
+    """``picks`` indices spread evenly over ``range(count)``, ends included, no repeats."""
+    if count <= picks:
+        return list(range(count))
+    if picks == 1:
+        return [count // 2]
+    return sorted({round(i * (count - 1) / (picks - 1)) for i in range(picks)})
+
+
+def representative_slices(series: list[Dataset], picks: int) -> list[Dataset]:
+    """``picks`` slices of a cross-sectional series, evenly spaced in patient space order."""
+    ordered = sorted(series, key=_slice_position)
+    return [ordered[i] for i in evenly_spaced(len(ordered), picks)]
+
+
+def study_images(
+    series_instances: dict[str, list[Dataset]],
+    *,
+    reference: str,
+    max_images: int,
+    budget: PixelBudget | None = None,
+) -> list[Image.Image]:
+    """Model images for a whole study, at most ``max_images``.
+
+    Single images (CR, DX) are taken as they are; a cross-sectional series (CT, MR) gives
+    evenly spaced slices; a multi-frame instance (US cine, XA) gives evenly spaced frames. The
+    image budget is shared across series, largest series first.
+    """
+    if not series_instances:
+        raise ImagingError(f"{reference}: study has no instances")
+
+    def available(instances: list[Dataset]) -> int:
+        if len(instances) == 1:
+            return int(instances[0].get("NumberOfFrames", 1) or 1)
+        return len(instances)
+
+    ordered = sorted((s for s in series_instances.values() if s), key=available, reverse=True)
+    # Round-robin over series so that a single-image series does not waste its share.
+    shares = [0] * len(ordered)
+    remaining = max_images
+    while remaining > 0 and any(shares[i] < available(s) for i, s in enumerate(ordered)):
+        for i, instances in enumerate(ordered):
+            if remaining > 0 and shares[i] < available(instances):
+                shares[i] += 1
+                remaining -= 1
+    images: list[Image.Image] = []
+    for instances, share in zip(ordered, shares, strict=True):
+        if share == 0:
+            continue
+        if len(instances) == 1:
+            images += instance_to_images(
+                instances[0], reference=reference, budget=budget, max_frames=share
+            )
+        else:
+            for ds in representative_slices(instances, share):
+                images += instance_to_images(ds, reference=reference, budget=budget)
+    if not images:
+        raise ImagingError(f"{reference}: no usable image in the study")
+    return images[:max_images]

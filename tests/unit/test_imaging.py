@@ -8,7 +8,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
 from medvlm.errors import ImagingError
-from pipeline.imaging import PixelBudget, instance_to_images, study_reference
+from pipeline.imaging import (
+    PixelBudget,
+    evenly_spaced,
+    instance_to_images,
+    representative_slices,
+    study_images,
+    study_reference,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +73,57 @@ def test_study_reference_is_stable_and_does_not_contain_the_uid() -> None:
     assert study_reference(uid) == study_reference(uid)
     assert uid not in study_reference(uid)
     assert study_reference(uid) != study_reference(uid + "0")
+
+
+def _sample(name: str) -> Dataset:
+    return pydicom.dcmread(sample_file(name))
+
+
+def test_evenly_spaced_keeps_the_ends_and_never_repeats() -> None:
+    assert evenly_spaced(100, 5) == [0, 25, 50, 74, 99]
+    assert evenly_spaced(3, 8) == [0, 1, 2]
+    assert evenly_spaced(9, 1) == [4]
+
+
+def test_ct_slices_are_ordered_by_patient_position_not_file_order() -> None:
+    slices = []
+    for z in (30.0, -10.0, 10.0, 0.0, 20.0):
+        ds = _mono("MONOCHROME2", np.full((8, 8), int(z) + 100))
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, z]
+        slices.append(ds)
+    picked = representative_slices(slices, 3)
+    assert [float(ds.ImagePositionPatient[2]) for ds in picked] == [-10.0, 10.0, 30.0]
+
+
+def test_mr_multiframe_gives_evenly_spaced_frames_within_the_image_budget() -> None:
+    images = study_images({"s1": [_sample("emri_small.dcm")]}, reference="s", max_images=4)
+    assert len(images) == 4
+    assert len({image.tobytes() for image in images}) == 4  # different frames
+
+
+def test_budget_is_shared_across_series_of_a_study() -> None:
+    study = {
+        "ct": [_sample("CT_small.dcm")],
+        "mr": [_sample("emri_small.dcm")],
+    }
+    images = study_images(study, reference="s", max_images=3)
+    assert len(images) == 3
+
+
+@pytest.mark.parametrize("name", ["US1_UNCR.dcm", "US1_J2KR.dcm", "SC_rgb_rle.dcm"])
+def test_colour_images_in_any_syntax_become_rgb(name: str) -> None:
+    (image,) = instance_to_images(_sample(name), reference="s")
+    assert image.mode == "RGB"
+    assert np.asarray(image).std() > 5  # real content, not a blank frame
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "JPEG2000.dcm", "RG1_J2KR.dcm"])
+def test_compressed_greyscale_decodes(name: str) -> None:
+    (image,) = instance_to_images(_sample(name), reference="s")
+    assert image.mode == "L" and np.asarray(image).std() > 5
+
+
+def test_empty_study_is_a_clear_error() -> None:
+    with pytest.raises(ImagingError, match="study-e: study has no instances"):
+        study_images({}, reference="study-e", max_images=2)
