@@ -131,3 +131,41 @@ def test_openai_route_refuses_an_unknown_model(settings: MedvlmSettings, base_ur
     )
     assert response.status_code == 404
     assert "not-served" in response.text
+
+
+@pytest.mark.parametrize("backend", ["handle", "http", "openai"])
+def test_every_drafter_backend_returns_a_validated_draft(
+    backend: str,
+    settings: MedvlmSettings,
+    handle: DeploymentHandle,
+    base_url: str,
+    chest: ModelInput,
+) -> None:
+    import asyncio
+
+    from serving.clients import Drafter, HandleDrafter, HttpDrafter, OpenAIChatDrafter
+
+    assert settings.serving.api_key is not None
+    key = settings.serving.api_key.get_secret_value()
+
+    async def run() -> DraftResult:
+        async with httpx.AsyncClient() as client:
+            drafter: Drafter
+            if backend == "handle":
+                drafter = HandleDrafter(handle)
+            elif backend == "http":
+                drafter = HttpDrafter(client, base_url, api_key=key)
+            else:
+                drafter = OpenAIChatDrafter(
+                    client,
+                    f"{base_url}/v1",
+                    settings.model.served_name,
+                    max_tokens=settings.model.max_tokens,
+                    api_key=key,
+                )
+            return await drafter.draft(chest)
+
+    result = asyncio.run(run())
+    assert result.reference == chest.reference
+    jsonschema.validate(result.report.model_dump(mode="json"), report_json_schema())
+    assert result.completion_tokens > 0

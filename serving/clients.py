@@ -1,0 +1,171 @@
+"""Ways for a flow to reach the model: one ``Drafter`` interface, three backends.
+
+- ``HandleDrafter``: a Ray Serve ``DeploymentHandle`` (flows running inside the Ray cluster);
+- ``HttpDrafter``: the Serve application's ``POST /v1/reports`` (flows in their own environment
+  or image, the production layout: the Prefect worker does not need vLLM installed);
+- ``OpenAIChatDrafter``: any OpenAI-compatible chat-completions server (vLLM's own server, this
+  project's ``/v1/chat/completions``, a hospital's model gateway), with the report JSON Schema
+  as ``response_format``.
+
+All return a validated ``DraftResult`` or raise a ``ServingError`` naming the study reference.
+Retries on overload (429/503) and connection errors live here, at the I/O edge.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from medvlm.errors import EngineUnavailableError, InvalidModelOutputError, ServingError
+from pipeline.prompts import ModelInput, build_messages
+from pipeline.report import DraftResult, parse_report, report_json_schema
+
+_RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
+class Drafter(Protocol):
+    """Drafts one report for one study."""
+
+    async def draft(self, model_input: ModelInput) -> DraftResult: ...
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in _RETRY_STATUS
+
+
+class HandleDrafter:
+    """Through a Ray Serve DeploymentHandle (in-cluster)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def draft(self, model_input: ModelInput) -> DraftResult:
+        result: DraftResult = await self._handle.draft.remote(model_input)
+        return result
+
+
+class _HttpBase:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str | None = None,
+        attempts: int = 4,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._attempts = attempts
+        self._timeout = timeout_s
+
+    async def _post(
+        self, url: str, *, reference: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {**self._headers, **(headers or {})}
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_retryable),
+                stop=stop_after_attempt(self._attempts),
+                wait=wait_exponential_jitter(initial=0.5, max=20),
+                reraise=True,
+            ):
+                with attempt:
+                    response = await self._client.post(
+                        url, headers=headers, timeout=self._timeout, **kwargs
+                    )
+                    response.raise_for_status()
+                    return response
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            detail = exc.response.text[:300]
+            if status == 502:
+                raise InvalidModelOutputError(f"{reference}: {detail}") from exc
+            if status in _RETRY_STATUS:
+                raise EngineUnavailableError(f"{reference}: model service {status}") from exc
+            raise ServingError(f"{reference}: model service answered {status}: {detail}") from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(
+                f"{reference}: model service unreachable ({type(exc).__name__})"
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class HttpDrafter(_HttpBase):
+    """Through the Serve application's report route (``POST {base}/v1/reports``)."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._url = base_url.rstrip("/") + "/v1/reports"
+
+    async def draft(self, model_input: ModelInput) -> DraftResult:
+        response = await self._post(
+            self._url,
+            reference=model_input.reference,
+            content=model_input.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        return DraftResult.model_validate_json(response.content)
+
+
+class OpenAIChatDrafter(_HttpBase):
+    """Through any OpenAI-compatible ``/v1/chat/completions`` with a JSON-Schema response."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        model: str,
+        *,
+        max_tokens: int,
+        seed: int | None = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(client, **kwargs)
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._model = model
+        self._max_tokens = max_tokens
+        self._seed = seed
+        self._schema = report_json_schema()
+
+    async def draft(self, model_input: ModelInput) -> DraftResult:
+        started = time.perf_counter()
+        body = {
+            "model": self._model,
+            "messages": build_messages(model_input),
+            "max_tokens": self._max_tokens,
+            "temperature": 0,
+            "seed": self._seed,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "draft_report", "schema": self._schema, "strict": True},
+            },
+        }
+        response = await self._post(self._url, reference=model_input.reference, json=body)
+        payload = response.json()
+        choice = payload["choices"][0]
+        text = choice["message"]["content"] or ""
+        if choice.get("finish_reason") == "length":
+            raise InvalidModelOutputError(
+                f"model output for {model_input.reference} was cut at max_tokens"
+            )
+        usage = payload.get("usage") or {}
+        return DraftResult(
+            reference=model_input.reference,
+            report=parse_report(text, reference=model_input.reference),
+            raw_text=text,
+            model=str(payload.get("model", self._model)),
+            finish_reason=str(choice.get("finish_reason")),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            latency_s=time.perf_counter() - started,
+        )
