@@ -42,5 +42,53 @@ class PacsError(MedvlmError):
     """The image source (DICOMweb, DIMSE, folder) failed or answered with unusable data."""
 
 
+class PacsUnavailableError(PacsError):
+    """The PACS cannot be reached, timed out or kept answering 429/5xx after retries."""
+
+
+class PacsUnauthorizedError(PacsError):
+    """The PACS refused our credentials (HTTP 401/403, DIMSE association rejected)."""
+
+
+class PacsNotFoundError(PacsError):
+    """The PACS has no such study, series or instance."""
+
+
+class InvalidDicomError(PacsError):
+    """A DICOM payload for a study could not be parsed; other studies are unaffected."""
+
+
 class EhrError(MedvlmError):
     """The EHR (FHIR server or folder) failed or answered with unusable data."""
+
+
+class EhrNotFoundError(EhrError):
+    """No such resource (HTTP 404, or 410 for a deleted one: servers differ)."""
+
+
+class EhrUnauthorizedError(EhrError):
+    """The EHR refused our credentials or scopes (HTTP 401/403, token endpoint refusal)."""
+
+
+class EhrConflictError(EhrError):
+    """A write lost a race: version mismatch on If-Match (412) or a conflict (409)."""
+
+
+class EhrInvalidResourceError(EhrError):
+    """A resource was rejected (HTTP 400/422) or a payload from the EHR is not valid FHIR.
+
+    ``issues`` holds the OperationOutcome issues as ``severity/code: diagnostics`` strings (values
+    the client sent are redacted from them before they get here).
+    """
+
+    def __init__(self, message: str, issues: tuple[str, ...] = ()) -> None:
+        super().__init__(message, issues)
+        self.issues = issues
+
+    def __str__(self) -> str:
+        message = str(self.args[0])
+        return f"{message} [{'; '.join(self.issues)}]" if self.issues else message
+
+
+class EhrUnavailableError(EhrError):
+    """The EHR cannot be reached, timed out or kept answering 429/5xx after retries."""

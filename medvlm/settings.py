@@ -198,6 +198,119 @@ class PacsSettings(BaseModel):
     folder: Path | None = Field(
         default=None, description="DICOM folder source (files or DICOMDIR). Unset: HOME/dicom."
     )
+    # -- DICOMweb (kind = "dicomweb") ----------------------------------------------------------
+    dicomweb_url: str | None = Field(
+        default=None,
+        description="DICOMweb root (QIDO/WADO/STOW share it), e.g. https://pacs/dicom-web.",
+    )
+    auth: Literal["none", "basic", "bearer"] = Field(
+        default="none", description="HTTP authentication towards the PACS (DICOMweb, REST)."
+    )
+    username: str | None = Field(default=None, description="User for basic auth.")
+    password: SecretStr | None = Field(default=None, description="Password for basic auth.")
+    token: SecretStr | None = Field(default=None, description="Bearer token (auth = bearer).")
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token, re-read for every new client (rotation).",
+    )
+    verify_tls: bool = Field(
+        default=True, description="Verify the PACS TLS certificate. Leave on outside loopback."
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the PACS certificate with."
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds to open a connection to the PACS."
+    )
+    read_timeout_s: float = Field(
+        default=120.0, gt=0, description="Seconds to wait for data between bytes of an answer."
+    )
+    retry_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Attempts per request on connection errors and 429/502/503/504.",
+    )
+    retry_max_wait_s: float = Field(
+        default=10.0, gt=0, description="Longest back-off between two attempts (exponential)."
+    )
+    page_size: int = Field(
+        default=100, ge=1, le=10000, description="QIDO results per page (limit/offset)."
+    )
+    wado_transfer_syntax: str = Field(
+        default="*",
+        description=(
+            "Transfer syntax asked for in WADO-RS retrieves: `*` keeps what the PACS stored "
+            "(compressed stays compressed), or a UID such as 1.2.840.10008.1.2.1."
+        ),
+    )
+    qido_filter_modalities_client_side: bool = Field(
+        default=False,
+        description=(
+            "Do not send ModalitiesInStudy to QIDO; filter modalities after each page instead "
+            "(PACS whose paging breaks with that key, e.g. Orthanc 1.10 + DICOMweb 1.7)."
+        ),
+    )
+    new_study_detection: Literal["qido", "orthanc_changes"] = Field(
+        default="qido",
+        description=(
+            "How new studies are found: a QIDO StudyDate window with a seen-UID set (any PACS) "
+            "or Orthanc's /changes feed acting on StableStudy."
+        ),
+    )
+    qido_watermark_lookback_days: int = Field(
+        default=1,
+        ge=0,
+        le=365,
+        description="Days before the newest seen StudyDate that QIDO detection keeps re-querying.",
+    )
+    orthanc_url: str | None = Field(
+        default=None,
+        description="Orthanc REST root for /changes (new_study_detection = orthanc_changes).",
+    )
+    # -- DIMSE (kind = "dimse") ----------------------------------------------------------------
+    dimse_host: str | None = Field(default=None, description="PACS DIMSE host.")
+    dimse_port: int = Field(default=104, ge=1, le=65535, description="PACS DIMSE port.")
+    called_aet: str = Field(
+        default="ANY-SCP", min_length=1, max_length=16, description="AE title of the PACS."
+    )
+    calling_aet: str = Field(
+        default="MEDVLM", min_length=1, max_length=16, description="Our AE title towards the PACS."
+    )
+    scp_aet: str = Field(
+        default="MEDVLM_SCP",
+        min_length=1,
+        max_length=16,
+        description="AE title of our storage SCP (C-MOVE destination, known to the PACS).",
+    )
+    scp_host: str = Field(
+        default="127.0.0.1", description="Address our storage SCP listens on (C-MOVE)."
+    )
+    scp_port: int = Field(
+        default=4343, ge=1, le=65535, description="Port our storage SCP listens on (C-MOVE)."
+    )
+    dimse_retrieve: Literal["get", "move"] = Field(
+        default="get", description="How instances are retrieved over DIMSE: C-GET or C-MOVE."
+    )
+    dimse_timeout_s: float = Field(
+        default=60.0, gt=0, description="DIMSE, ACSE and network timeout in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _check_pacs(self) -> PacsSettings:
+        if self.kind == "dicomweb" and not self.dicomweb_url:
+            raise ValueError("pacs.dicomweb_url is required when pacs.kind is 'dicomweb'")
+        if self.kind == "dimse" and not self.dimse_host:
+            raise ValueError("pacs.dimse_host is required when pacs.kind is 'dimse'")
+        if self.new_study_detection == "orthanc_changes" and not self.orthanc_url:
+            raise ValueError("pacs.orthanc_url is required for new_study_detection=orthanc_changes")
+        if self.auth == "basic" and (self.username is None or self.password is None):
+            raise ValueError("pacs.auth 'basic' needs pacs.username and pacs.password")
+        if self.auth == "bearer" and self.token is None and self.token_file is None:
+            raise ValueError("pacs.auth 'bearer' needs pacs.token or pacs.token_file")
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ValueError(f"pacs.ca_bundle {self.ca_bundle} is not a file")
+        return self
 
 
 class EhrSettings(BaseModel):
@@ -211,6 +324,152 @@ class EhrSettings(BaseModel):
     )
     folder: Path | None = Field(
         default=None, description="FHIR Bulk Data style folder (NDJSON). Unset: HOME/ehr."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description=(
+            "FHIR R4 base URL (e.g. https://ehr.example.org/fhir/R4); needed for kind=fhir."
+        ),
+    )
+    auth: Literal["none", "bearer", "smart"] = Field(
+        default="none",
+        description=(
+            "How to authenticate to the FHIR server: none, a static bearer token, or SMART "
+            "Backend Services (OAuth2 client credentials with a signed JWT assertion)."
+        ),
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Static bearer token (auth=bearer). Prefer token_file."
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token (auth=bearer); re-read per request (rotation).",
+    )
+    smart_client_id: str | None = Field(
+        default=None, description="SMART Backend Services client_id (iss and sub of the assertion)."
+    )
+    smart_private_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key that signs the client assertion (RSA, or EC P-384).",
+    )
+    smart_key_id: str | None = Field(
+        default=None, description="`kid` of the signing key, as published in the client's JWK Set."
+    )
+    smart_algorithm: Literal["RS384", "ES384"] = Field(
+        default="RS384", description="JWS algorithm of the client assertion."
+    )
+    smart_scopes: str = Field(
+        default=(
+            "system/Patient.read system/ServiceRequest.read system/Condition.read "
+            "system/DiagnosticReport.read system/ImagingStudy.read system/DiagnosticReport.write "
+            "system/Observation.write system/Device.write system/Provenance.write"
+        ),
+        description="Space-separated SMART system scopes requested with each token.",
+    )
+    smart_token_url: str | None = Field(
+        default=None,
+        description=(
+            "OAuth2 token endpoint. Unset: discovered from BASE/.well-known/smart-configuration."
+        ),
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="TCP/TLS connect timeout.")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="Timeout waiting for a response.")
+    write_timeout_s: float = Field(default=30.0, gt=0, description="Timeout sending a request.")
+    pool_timeout_s: float = Field(
+        default=10.0, gt=0, description="Timeout waiting for a free pooled connection."
+    )
+    retry_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Attempts per request on 429/502/503/504 and connection errors.",
+    )
+    retry_initial_backoff_s: float = Field(
+        default=0.5, ge=0, description="First backoff; doubles per attempt, plus jitter."
+    )
+    retry_max_backoff_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="Upper bound of one backoff, also of an honoured Retry-After.",
+    )
+    verify_tls: bool = Field(
+        default=True, description="Verify the server's TLS certificate. Leave on outside tests."
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM CA bundle for the hospital's own CA. Unset: system CAs."
+    )
+    accession_system: str | None = Field(
+        default=None,
+        description=(
+            "ServiceRequest.identifier system of accession numbers at this site (FHIR token "
+            "search system|value). Unset: match the value in any system."
+        ),
+    )
+    page_size: int = Field(default=100, ge=1, le=1000, description="`_count` of searches.")
+    max_pages: int = Field(
+        default=50,
+        ge=1,
+        description="Pages of one search followed at most (bounds a runaway search).",
+    )
+
+    @model_validator(mode="after")
+    def _check_ehr(self) -> EhrSettings:
+        if self.kind == "fhir" and not self.base_url:
+            raise ValueError("ehr.kind 'fhir' needs ehr.base_url")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("ehr.base_url must be an http(s) URL")
+        if self.auth == "bearer" and self.token is None and self.token_file is None:
+            raise ValueError("ehr.auth 'bearer' needs ehr.token or ehr.token_file")
+        if self.auth == "smart" and not (
+            self.smart_client_id and self.smart_private_key_file and self.smart_key_id
+        ):
+            raise ValueError(
+                "ehr.auth 'smart' needs ehr.smart_client_id, ehr.smart_private_key_file and "
+                "ehr.smart_key_id"
+            )
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ValueError(f"ehr.ca_bundle {self.ca_bundle} is not a file")
+        return self
+
+
+class JobSettings(BaseModel):
+    """The drafting job: batching, retries, where drafts go, the ledger."""
+
+    ledger_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the job ledger (PostgreSQL in production). "
+        "Unset: SQLite at HOME/ledger.db.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Failed attempts before a study is dead-lettered."
+    )
+    chunk_size: int = Field(
+        default=8, ge=1, le=500, description="Studies per Prefect task (orchestration batching)."
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=256, description="Studies in flight to the model at once."
+    )
+    max_image_side: int = Field(
+        default=1024, ge=64, description="Longest image side sent to the model, in pixels."
+    )
+    write_target: Literal["diagnostic_report", "document_reference"] = Field(
+        default="diagnostic_report",
+        description="How drafts enter the EHR: a DiagnosticReport transaction (with "
+        "Observations, Device, Provenance) or one preliminary DocumentReference (Epic-style).",
+    )
+    identifier_system: str = Field(
+        default="urn:medvlm-pipeline:draft",
+        description="Identifier system of the project's resources (stable draft ids).",
+    )
+    model_endpoint: Literal["local", "http", "openai"] = Field(
+        default="local",
+        description="How the flow reaches the model: `local` starts Ray Serve in-process "
+        "(demo, tests); `http` calls a running Serve app's /v1/reports; `openai` any "
+        "OpenAI-compatible server.",
+    )
+    model_url: str | None = Field(
+        default=None,
+        description="Base URL for `http` (Serve root) or `openai` (…/v1) model endpoints.",
     )
 
 
@@ -233,6 +492,7 @@ class MedvlmSettings(BaseSettings):
     dev: DevServerSettings = Field(default_factory=DevServerSettings)
     pacs: PacsSettings = Field(default_factory=PacsSettings)
     ehr: EhrSettings = Field(default_factory=EhrSettings)
+    job: JobSettings = Field(default_factory=JobSettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> MedvlmSettings:
@@ -244,6 +504,8 @@ class MedvlmSettings(BaseSettings):
             self.pacs.folder = self.home / "dicom"
         if self.ehr.folder is None:
             self.ehr.folder = self.home / "ehr"
+        if self.job.ledger_url is None:
+            self.job.ledger_url = f"sqlite:///{self.home / 'ledger.db'}"
         return self
 
     @property

@@ -1,0 +1,212 @@
+"""The EHR interface: what the pipeline may ask of a hospital's EHR, and the context it gets back.
+
+``Ehr`` is a small ``typing.Protocol`` with two implementations: ``connectors.fhir.FhirEhr`` (FHIR
+R4 REST) and ``connectors.ndjson.NdjsonEhr`` (a FHIR Bulk Data style NDJSON folder, the embedded
+default). ``build_ehr`` picks one from ``EhrSettings``. Resources are ``fhir.resources.R4B`` models
+(R4B is wire-compatible with R4 for the resources used here).
+
+This module must not do I/O itself, and nothing here may put a patient name, MRN, accession number
+or birth date into a message: references are logical ids or ``identifier_ref`` hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
+from urllib.parse import urlencode
+
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
+from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.resource import Resource
+from fhir.resources.R4B.servicerequest import ServiceRequest
+from pydantic import ValidationError
+
+from medvlm.errors import ConfigurationError, EhrInvalidResourceError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from medvlm.settings import EhrSettings
+
+R = TypeVar("R", bound=Resource)
+
+__all__ = [
+    "Ehr",
+    "EhrContext",
+    "WriteResult",
+    "build_ehr",
+    "conditional_entry",
+    "identifier_query",
+    "identifier_ref",
+    "identifier_token",
+    "parse_resource",
+]
+
+
+@dataclass(frozen=True)
+class EhrContext:
+    """Clinical context of one imaging order, as read from the EHR.
+
+    ``conditions`` are the patient's active Conditions (``Condition.clinicalStatus`` = active);
+    ``prior_reports`` the final DiagnosticReports (``DiagnosticReport.status`` = final), latest
+    first by ``effectiveDateTime``/``issued``; ``imaging_studies`` the patient's ImagingStudies,
+    latest first by ``started``.
+    """
+
+    patient: Patient
+    service_request: ServiceRequest | None
+    conditions: tuple[Condition, ...]
+    prior_reports: tuple[DiagnosticReport, ...]
+    imaging_studies: tuple[ImagingStudy, ...]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The server's copy of a written resource and whether this write created it."""
+
+    resource: Resource
+    created: bool
+
+    @property
+    def version_id(self) -> str | None:
+        meta = self.resource.meta
+        return None if meta is None or meta.versionId is None else str(meta.versionId)
+
+
+@runtime_checkable
+class Ehr(Protocol):
+    """What the pipeline needs from an EHR. Implementations raise ``medvlm.errors.EhrError``s."""
+
+    def read_patient(self, patient_id: str) -> Patient:
+        """``GET Patient/{id}``; ``EhrNotFoundError`` if absent."""
+        ...
+
+    def find_service_request(self, accession_number: str) -> ServiceRequest | None:
+        """The order with this accession number (``ServiceRequest.identifier``), or None."""
+        ...
+
+    def gather_context(self, accession_number: str, patient_id: str | None = None) -> EhrContext:
+        """Patient, order, active Conditions, prior final reports and ImagingStudies.
+
+        ``patient_id`` is used when no order carries the accession number (e.g. an unscheduled
+        study); with neither, ``EhrNotFoundError``.
+        """
+        ...
+
+    def transaction(self, bundle: Bundle) -> Bundle:
+        """Apply a ``transaction`` Bundle atomically; return the ``transaction-response``."""
+        ...
+
+    def conditional_create(self, resource: Resource, identifier: Identifier) -> WriteResult:
+        """Create ``resource`` unless one with ``identifier`` exists (then return that one)."""
+        ...
+
+    def update(self, resource: Resource, if_match: str) -> Resource:
+        """``PUT`` with ``If-Match: W/"{if_match}"``; ``EhrConflictError`` if the version moved."""
+        ...
+
+
+def identifier_ref(identifier_value: str, system: str | None = None) -> str:
+    """A non-identifying reference to an identifier (accession number, MRN) for messages/logs."""
+    digest = hashlib.sha256(f"{system or ''}|{identifier_value}".encode()).hexdigest()
+    return f"identifier-{digest[:12]}"
+
+
+def _escape_token(value: str) -> str:
+    # FHIR R4 search 3.1.1.4.4 (escaping): \ , $ | are escaped with a backslash in token values.
+    for ch in ("\\", ",", "$", "|"):
+        value = value.replace(ch, "\\" + ch)
+    return value
+
+
+def identifier_token(value: str, system: str | None = None) -> str:
+    """The token search value ``system|value`` (or ``value`` in any system), not URL-encoded."""
+    return _escape_token(value) if system is None else f"{system}|{_escape_token(value)}"
+
+
+def identifier_query(value: str, system: str | None = None) -> str:
+    """``identifier=system|value`` (URL-encoded) for ``If-None-Exist`` and ``ifNoneExist``."""
+    return urlencode({"identifier": identifier_token(value, system)})
+
+
+def conditional_entry(resource: Resource, identifier: Identifier, full_url: str) -> BundleEntry:
+    """A transaction entry that creates ``resource`` only if ``identifier`` matches nothing.
+
+    FHIR R4 ``Bundle.entry.request.ifNoneExist``: replaying the same Bundle creates nothing new.
+    """
+    if identifier.value is None:
+        raise ValueError("conditional create needs Identifier.value")
+    return BundleEntry(
+        fullUrl=full_url,
+        resource=resource,
+        request=BundleEntryRequest(
+            method="POST",
+            url=resource.get_resource_type(),
+            ifNoneExist=identifier_query(identifier.value, identifier.system),
+        ),
+    )
+
+
+@overload
+def parse_resource(data: Any, expected: type[R], *, where: str = "") -> R: ...
+@overload
+def parse_resource(data: Any, expected: None = None, *, where: str = "") -> Resource: ...
+def parse_resource(
+    data: Any, expected: type[Resource] | None = None, *, where: str = ""
+) -> Resource:
+    """Validate a JSON object as an R4B model; errors name only type, id and element paths.
+
+    Pydantic's own message echoes input values (names, birth dates), so it is never passed on.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise EhrInvalidResourceError(
+            f"{where or 'payload'}: not a FHIR resource (no resourceType)"
+        )
+    rtype = data["resourceType"]
+    rid = data.get("id") if isinstance(data.get("id"), str) else None
+    ref = f"{rtype}/{rid}" if rid else rtype
+    if expected is not None and rtype != expected.get_resource_type():
+        raise EhrInvalidResourceError(
+            f"{ref}{where}: expected {expected.get_resource_type()}, got {rtype}"
+        )
+    try:
+        model = expected if expected is not None else get_fhir_model_class(rtype)
+    except (KeyError, ValueError) as exc:
+        raise EhrInvalidResourceError(f"{ref}{where}: unknown resource type") from exc
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as exc:
+        problems = tuple(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['type']}"
+            for err in exc.errors(include_input=False, include_url=False, include_context=False)
+        )
+        raise EhrInvalidResourceError(f"{ref}{where}: not valid FHIR R4", problems[:10]) from None
+    if not isinstance(parsed, Resource):
+        raise EhrInvalidResourceError(f"{ref}{where}: not a resource type")
+    return parsed
+
+
+def build_ehr(settings: EhrSettings, client: httpx.Client | None = None) -> Ehr:
+    """The EHR named by ``settings.kind``.
+
+    For ``fhir``, pass the one long-lived pooled ``httpx.Client`` (``connectors.fhir.
+    build_http_client(settings)`` makes one with timeouts, TLS and auth from settings); without
+    it one is built and owned by the returned ``FhirEhr`` (close it with ``.close()``).
+    """
+    if settings.kind == "folder":
+        from connectors.ndjson import NdjsonEhr
+
+        if settings.folder is None:
+            raise ConfigurationError("ehr.folder is not set (MEDVLM_EHR__FOLDER)")
+        return NdjsonEhr(settings.folder, accession_system=settings.accession_system)
+    from connectors.fhir import FhirEhr, build_http_client
+
+    if client is None:
+        return FhirEhr(build_http_client(settings), settings, owns_client=True)
+    return FhirEhr(client, settings)

@@ -1,0 +1,824 @@
+"""The FHIR R4 EHR connector against the real FHIR server (sekmet) of the test session.
+
+Faults the real server cannot be made to show (503 with Retry-After, a bearer-token gate, a
+SMART token endpoint, a malformed payload) come from small real HTTP servers on loopback that
+stand in front of it and forward to it. All data is synthetic (ids like ``SYN-…``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fhir.resources.R4B.bundle import Bundle, BundleEntry
+from fhir.resources.R4B.humanname import HumanName
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.patient import Patient
+from pydantic import SecretStr
+
+from connectors.ehr import EhrContext, build_ehr, conditional_entry, parse_resource
+from connectors.fhir import FhirEhr, build_http_client, error_for_status
+from connectors.fhir_auth import CLIENT_ASSERTION_TYPE, SmartBackendAuth
+from medvlm.errors import (
+    EhrConflictError,
+    EhrError,
+    EhrInvalidResourceError,
+    EhrNotFoundError,
+    EhrUnauthorizedError,
+    EhrUnavailableError,
+)
+from medvlm.settings import EhrSettings
+
+pytestmark = pytest.mark.integration
+
+ACCESSION_SYSTEM = "urn:oid:2.25.1234567890.7"  # made-up accession number system
+MRN_SYSTEM = "urn:oid:2.25.1234567890.1"  # made-up MRN system for test patients
+TEST_SYSTEM = "urn:oid:2.25.1234567890.9"  # identifiers of other synthetic resources
+SYNTHETIC_NAME = "Synthetica"  # family name of every test patient: must never reach an error
+
+
+# -- synthetic data --------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticPatient:
+    """One synthetic patient's record, as a transaction Bundle of conditional creates."""
+
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def mrn(self) -> str:
+        return f"SYN-MRN-{self.run}"
+
+    @property
+    def accession(self) -> str:
+        return f"SYN-ACC-{self.run}"
+
+    def resources(self) -> list[tuple[str, dict[str, Any]]]:
+        p = "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, self.run))
+        subject = {"reference": p}
+
+        def ident(kind: str) -> list[dict[str, str]]:
+            return [{"system": TEST_SYSTEM, "value": f"SYN-{kind}-{self.run}"}]
+
+        def condition(kind: str, status: str) -> dict[str, Any]:
+            clinical = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+            return {
+                "resourceType": "Condition",
+                "identifier": ident(kind),
+                "clinicalStatus": {"coding": [{"system": clinical, "code": status}]},
+                "code": {"text": f"synthetic {kind}"},
+                "subject": subject,
+            }
+
+        def report(kind: str, status: str, when: str) -> dict[str, Any]:
+            return {
+                "resourceType": "DiagnosticReport",
+                "identifier": ident(kind),
+                "status": status,
+                "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
+                "subject": subject,
+                "effectiveDateTime": when,
+            }
+
+        return [
+            (
+                p,
+                {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": MRN_SYSTEM, "value": self.mrn}],
+                    "name": [{"family": SYNTHETIC_NAME, "given": ["Ada"]}],
+                    "gender": "female",
+                    "birthDate": "1970-01-01",
+                },
+            ),
+            (
+                f"urn:uuid:{uuid.uuid4()}",
+                {
+                    "resourceType": "ServiceRequest",
+                    "identifier": [{"system": ACCESSION_SYSTEM, "value": self.accession}],
+                    "status": "active",
+                    "intent": "order",
+                    "code": {"text": "XR chest 2 views"},
+                    "subject": subject,
+                },
+            ),
+            (f"urn:uuid:{uuid.uuid4()}", condition("COND-A", "active")),
+            (f"urn:uuid:{uuid.uuid4()}", condition("COND-B", "active")),
+            (f"urn:uuid:{uuid.uuid4()}", condition("COND-R", "resolved")),
+            (f"urn:uuid:{uuid.uuid4()}", report("DR-OLD", "final", "2021-03-01T10:00:00Z")),
+            (f"urn:uuid:{uuid.uuid4()}", report("DR-NEW", "final", "2024-06-01T10:00:00Z")),
+            (f"urn:uuid:{uuid.uuid4()}", report("DR-PRE", "preliminary", "2025-01-01T10:00:00Z")),
+            (
+                f"urn:uuid:{uuid.uuid4()}",
+                {
+                    "resourceType": "ImagingStudy",
+                    "identifier": ident("STUDY"),
+                    "status": "available",
+                    "subject": subject,
+                    "started": "2024-06-01T09:00:00Z",
+                },
+            ),
+        ]
+
+    def bundle(self) -> Bundle:
+        entries = []
+        for full_url, data in self.resources():
+            resource = parse_resource(data)
+            identifier = Identifier.model_validate(data["identifier"][0])
+            entries.append(conditional_entry(resource, identifier, full_url))
+        return Bundle(type="transaction", entry=entries)
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+def _settings(base_url: str, **overrides: Any) -> EhrSettings:
+    values: dict[str, Any] = {
+        "kind": "fhir",
+        "base_url": base_url,
+        "accession_system": ACCESSION_SYSTEM,
+        "retry_initial_backoff_s": 0.01,
+        "retry_max_backoff_s": 2.0,
+        "read_timeout_s": 10.0,
+    }
+    return EhrSettings.model_validate(values | overrides)
+
+
+@pytest.fixture
+def ehr_for() -> Iterator[Callable[..., FhirEhr]]:
+    """Builds ``FhirEhr``s on one pooled client each, all closed at the end of the test."""
+    clients: list[httpx.Client] = []
+
+    def make(base_url: str, **overrides: Any) -> FhirEhr:
+        settings = _settings(base_url, **overrides)
+        client = build_http_client(settings)
+        clients.append(client)
+        return FhirEhr(client, settings)
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def ehr(ehr_for: Callable[..., FhirEhr], fhir_base_url: str) -> FhirEhr:
+    return ehr_for(fhir_base_url)
+
+
+@pytest.fixture
+def seeded(ehr: FhirEhr) -> SyntheticPatient:
+    patient = SyntheticPatient()
+    ehr.transaction(patient.bundle())
+    return patient
+
+
+def _first_identifier(resource: Any) -> str:
+    """``identifier[0].value`` of a resource (typed models make every element optional)."""
+    assert resource.identifier, f"{resource.get_resource_type()}/{resource.id} has no identifier"
+    return str(resource.identifier[0].value)
+
+
+def _statuses(bundle: Bundle) -> list[str]:
+    return [str(e.response.status) if e.response else "" for e in bundle.entry or []]
+
+
+def _ids(bundle: Bundle) -> list[str | None]:
+    return [e.resource.id if e.resource else None for e in bundle.entry or []]
+
+
+def _count(base_url: str, rtype: str) -> int:
+    with httpx.Client(timeout=10.0, trust_env=False) as http:
+        answer = http.get(f"{base_url}/{rtype}", params={"_summary": "count"})
+        answer.raise_for_status()
+        return int(answer.json()["total"])
+
+
+# -- a loopback HTTP server in a thread (proxy to the real server, token endpoint) ------------
+
+
+Handler = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]
+
+
+class LoopbackServer:
+    """A real HTTP/1.1 server on 127.0.0.1 that answers with ``handle``, counting requests."""
+
+    def __init__(self, handle: Handler) -> None:
+        self.requests: list[tuple[str, str]] = []
+        outer = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                outer.requests.append((self.command, self.path))
+                status, headers, payload = handle(
+                    self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+                )
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: no request lines in test output
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> LoopbackServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class FhirProxy:
+    """Forwards ``/fhir/...`` to the real FHIR server; faults are injected before forwarding.
+
+    - ``fail_next``: answers to give instead of forwarding, one per request, first in first out;
+    - ``valid_tokens``: when not None, requests without ``Authorization: Bearer <one of them>``
+      get 401 (the real server runs without auth in the session);
+    - ``rewrite``: changes a forwarded answer body (to serve a malformed resource);
+    - ``smart_configuration``: served at ``/fhir/.well-known/smart-configuration``.
+    """
+
+    FORWARDED = ("content-type", "accept", "if-match", "if-none-exist", "prefer")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.fail_next: list[tuple[int, dict[str, str]]] = []
+        self.valid_tokens: set[str] | None = None
+        self.rewrite: Callable[[bytes], bytes] | None = None
+        self.smart_configuration: dict[str, Any] | None = None
+        self.forwarded = 0
+        self._http = httpx.Client(timeout=10.0, trust_env=False)
+        self.server = LoopbackServer(self._handle)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.url}/fhir"
+
+    @property
+    def seen(self) -> int:
+        return len(self.server.requests)
+
+    def _handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        fhir_json = {"Content-Type": "application/fhir+json"}
+        if path.endswith("/.well-known/smart-configuration") and self.smart_configuration:
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                json.dumps(self.smart_configuration).encode(),
+            )
+        if self.fail_next:
+            status, extra = self.fail_next.pop(0)
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "transient", "diagnostics": "injected"}],
+            }
+            return status, fhir_json | extra, json.dumps(outcome).encode()
+        if self.valid_tokens is not None:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token not in self.valid_tokens:
+                outcome = {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "login", "diagnostics": "token required"}
+                    ],
+                }
+                return 401, fhir_json | {"WWW-Authenticate": "Bearer"}, json.dumps(outcome).encode()
+        self.forwarded += 1
+        answer = self._http.request(
+            method,
+            self.upstream + path.removeprefix("/fhir"),
+            content=body or None,
+            headers={k: v for k, v in headers.items() if k in self.FORWARDED},
+        )
+        payload = answer.content
+        if self.rewrite is not None:
+            payload = self.rewrite(payload)
+        keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "etag")}
+        return answer.status_code, keep, payload
+
+    def __enter__(self) -> FhirProxy:
+        self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+        self._http.close()
+
+
+@pytest.fixture
+def proxy(fhir_base_url: str) -> Iterator[FhirProxy]:
+    with FhirProxy(fhir_base_url) as running:
+        yield running
+
+
+# -- reading context -------------------------------------------------------------------------
+
+
+def test_gather_context_returns_order_patient_active_conditions_and_latest_final_reports(
+    ehr_for: Callable[..., FhirEhr], fhir_base_url: str, seeded: SyntheticPatient
+) -> None:
+    # page_size=1: every list is paged, so Bundle.link[next] must be followed to the end.
+    ehr = ehr_for(fhir_base_url, page_size=1)
+    context = ehr.gather_context(seeded.accession)
+
+    assert isinstance(context, EhrContext)
+    assert context.service_request is not None
+    assert _first_identifier(context.service_request) == seeded.accession
+    assert _first_identifier(context.patient) == seeded.mrn
+    assert sorted(_first_identifier(c) for c in context.conditions) == [
+        f"SYN-COND-A-{seeded.run}",
+        f"SYN-COND-B-{seeded.run}",
+    ]
+    assert [_first_identifier(r) for r in context.prior_reports] == [
+        f"SYN-DR-NEW-{seeded.run}",
+        f"SYN-DR-OLD-{seeded.run}",
+    ]
+    assert [_first_identifier(s) for s in context.imaging_studies] == [f"SYN-STUDY-{seeded.run}"]
+
+
+def test_paging_behind_a_reverse_proxy_stays_on_the_configured_origin(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    # The real server links next pages on its own origin; the client must not leave the proxy's.
+    ehr = ehr_for(proxy.base_url, page_size=1)
+    context = ehr.gather_context(seeded.accession)
+    assert len(context.conditions) == 2 and len(context.prior_reports) == 2
+    assert proxy.forwarded == proxy.seen >= 6  # 1 order + 3 Condition pages + 3 report pages …
+
+
+def test_find_service_request_by_accession_and_unknown_accession_is_none(
+    ehr: FhirEhr, seeded: SyntheticPatient
+) -> None:
+    order = ehr.find_service_request(seeded.accession)
+    assert order is not None and _first_identifier(order) == seeded.accession
+    assert ehr.find_service_request(f"SYN-ACC-NONE-{uuid.uuid4().hex[:8]}") is None
+
+
+def test_context_without_order_uses_the_given_patient(
+    ehr: FhirEhr, seeded: SyntheticPatient
+) -> None:
+    patient_id = ehr.gather_context(seeded.accession).patient.id
+    assert patient_id is not None
+    context = ehr.gather_context("SYN-ACC-UNSCHEDULED", patient_id=patient_id)
+    assert context.service_request is None
+    assert context.patient.id == patient_id
+    assert len(context.prior_reports) == 2
+    with pytest.raises(EhrNotFoundError):
+        ehr.gather_context("SYN-ACC-UNSCHEDULED")
+
+
+def test_build_ehr_from_settings_alone_reads_the_server(
+    fhir_base_url: str, seeded: SyntheticPatient
+) -> None:
+    ehr = build_ehr(_settings(fhir_base_url))
+    try:
+        assert ehr.find_service_request(seeded.accession) is not None
+    finally:
+        assert isinstance(ehr, FhirEhr)
+        ehr.close()
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def test_replayed_transaction_creates_nothing_new(ehr: FhirEhr, fhir_base_url: str) -> None:
+    patient = SyntheticPatient()
+    types = ["Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy"]
+    first = ehr.transaction(patient.bundle())
+    assert all(status.startswith("201") for status in _statuses(first))
+    before = {t: _count(fhir_base_url, t) for t in types}
+
+    replay = ehr.transaction(patient.bundle())
+
+    assert {t: _count(fhir_base_url, t) for t in types} == before
+    assert all(status.startswith("200") for status in _statuses(replay))
+    assert _ids(replay) == _ids(first)
+
+
+def test_conditional_create_returns_the_existing_resource_on_replay(ehr: FhirEhr) -> None:
+    mrn = Identifier(system=MRN_SYSTEM, value=f"SYN-MRN-{uuid.uuid4().hex[:8]}")
+    patient = Patient(identifier=[mrn], gender="other")
+    first = ehr.conditional_create(patient, mrn)
+    again = ehr.conditional_create(patient, mrn)
+    assert first.created and not again.created
+    assert again.resource.id == first.resource.id
+    assert first.version_id is not None
+
+
+def test_update_with_stale_version_raises_conflict(ehr: FhirEhr, seeded: SyntheticPatient) -> None:
+    patient = ehr.gather_context(seeded.accession).patient
+    assert patient.meta is not None and patient.meta.versionId is not None
+    stale = str(patient.meta.versionId)
+    patient.gender = "unknown"
+    updated = ehr.update(patient, stale)
+    assert updated.meta is not None and str(updated.meta.versionId) != stale
+
+    with pytest.raises(EhrConflictError) as raised:
+        ehr.update(patient, stale)
+    assert "412" in str(raised.value)
+    assert SYNTHETIC_NAME not in str(raised.value) and seeded.mrn not in str(raised.value)
+
+
+def test_deleted_or_unknown_patient_is_not_found(ehr: FhirEhr, fhir_base_url: str) -> None:
+    mrn = Identifier(system=MRN_SYSTEM, value=f"SYN-MRN-{uuid.uuid4().hex[:8]}")
+    created = ehr.conditional_create(Patient(identifier=[mrn]), mrn).resource
+    with httpx.Client(timeout=10.0, trust_env=False) as http:
+        http.delete(f"{fhir_base_url}/Patient/{created.id}").raise_for_status()
+    with pytest.raises(EhrNotFoundError):  # sekmet says 410 here, others 404
+        ehr.read_patient(str(created.id))
+    with pytest.raises(EhrNotFoundError, match="Patient/SYN-0001"):
+        ehr.read_patient("SYN-0001")
+
+
+def test_rejected_write_is_invalid_resource_with_server_issues(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy
+) -> None:
+    ehr = ehr_for(proxy.base_url)
+    broken = Bundle(type="transaction", entry=[BundleEntry(resource=Patient(gender="male"))])
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        ehr.transaction(broken)
+    assert raised.value.issues, "the server's OperationOutcome is surfaced"
+    assert proxy.seen == 1, "400 is not retried"
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retry_after", ["0", "1"])
+def test_503_is_retried_honouring_retry_after(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, retry_after: str
+) -> None:
+    ehr = ehr_for(proxy.base_url)
+    proxy.fail_next.append((503, {"Retry-After": retry_after}))
+    started = time.monotonic()
+    order = ehr.find_service_request(seeded.accession)
+    elapsed = time.monotonic() - started
+    assert order is not None
+    assert proxy.seen == 2
+    assert elapsed >= float(retry_after)
+
+
+def test_persistent_503_becomes_unavailable_after_the_configured_attempts(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    ehr = ehr_for(proxy.base_url, retry_attempts=3)
+    proxy.fail_next.extend([(503, {"Retry-After": "0"})] * 3)
+    with pytest.raises(EhrUnavailableError, match="503"):
+        ehr.find_service_request(seeded.accession)
+    assert proxy.seen == 3
+
+
+def test_unreachable_server_is_unavailable(ehr_for: Callable[..., FhirEhr]) -> None:
+    with LoopbackServer(lambda *a: (200, {}, b"")) as server:
+        dead = server.url  # closed when the block ends: nothing listens there any more
+    ehr = ehr_for(f"{dead}/fhir", retry_attempts=2)
+    with pytest.raises(EhrUnavailableError, match="ConnectError after 2"):
+        ehr.read_patient("SYN-0001")
+
+
+# -- auth ------------------------------------------------------------------------------------
+
+
+def test_missing_bearer_token_is_unauthorized_and_a_token_file_is_used(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, tmp_path: Path
+) -> None:
+    proxy.valid_tokens = {"synthetic-test-token"}
+    with pytest.raises(EhrUnauthorizedError, match="401"):
+        ehr_for(proxy.base_url).find_service_request(seeded.accession)
+    assert proxy.seen == 1, "401 is not retried"
+
+    token_file = tmp_path / "token"
+    token_file.write_text("synthetic-test-token\n")
+    ehr = ehr_for(proxy.base_url, auth="bearer", token_file=token_file)
+    assert ehr.find_service_request(seeded.accession) is not None
+
+
+class TokenEndpoint:
+    """A SMART Backend Services token endpoint on loopback: verifies the JWT client assertion
+    (signature with the client's public key, kid, iss = sub, aud, jti unique, exp <= 5 min) and
+    issues bearer tokens it registers with the FHIR proxy."""
+
+    def __init__(self, public_key: Any, algorithm: str, proxy: FhirProxy) -> None:
+        self.public_key = public_key
+        self.algorithm = algorithm
+        self.proxy = proxy
+        self.issued: list[str] = []
+        self.jtis: set[str] = set()
+        self.register = True  # whether issued tokens are accepted by the proxy
+        self.unavailable = 0  # answer this many token requests with 503 first
+        self.server = LoopbackServer(self._handle)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.server.url}/auth/token"
+
+    def _handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        def refuse(error: str) -> tuple[int, dict[str, str], bytes]:
+            payload = json.dumps({"error": "invalid_client", "error_description": error})
+            return 400, {"Content-Type": "application/json"}, payload.encode()
+
+        if self.unavailable:
+            self.unavailable -= 1
+            return 503, {"Retry-After": "0"}, b""
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if method != "POST" or form.get("grant_type") != "client_credentials":
+            return refuse("grant_type")
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            return refuse("client_assertion_type")
+        assertion = form.get("client_assertion", "")
+        if jwt.get_unverified_header(assertion).get("kid") != "synthetic-kid-1":
+            return refuse("kid")
+        try:
+            claims = jwt.decode(
+                assertion,
+                self.public_key,
+                algorithms=[self.algorithm],
+                audience=self.token_url,
+                issuer="synthetic-client",
+                options={"require": ["exp", "iat", "jti", "sub", "iss", "aud"]},
+            )
+        except jwt.PyJWTError as exc:
+            return refuse(type(exc).__name__)
+        if claims["sub"] != "synthetic-client" or claims["exp"] - time.time() > 300:
+            return refuse("sub/exp")
+        if claims["jti"] in self.jtis:
+            return refuse("jti replay")
+        self.jtis.add(claims["jti"])
+        if "system/ServiceRequest.read" not in form.get("scope", ""):
+            return refuse("scope")
+        token = f"synthetic-access-{len(self.issued)}"
+        self.issued.append(token)
+        if self.register and self.proxy.valid_tokens is not None:
+            self.proxy.valid_tokens.add(token)
+        answer = {"access_token": token, "token_type": "bearer", "expires_in": 300}
+        return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+
+
+def _write_key(tmp_path: Path, algorithm: str) -> tuple[Path, Any]:
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if algorithm == "RS384":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+    path = tmp_path / "client-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path, key.public_key()
+
+
+@pytest.mark.parametrize("algorithm", ["RS384", "ES384"])
+def test_smart_backend_services_token_is_discovered_cached_and_refreshed_once_on_401(
+    ehr_for: Callable[..., FhirEhr],
+    proxy: FhirProxy,
+    seeded: SyntheticPatient,
+    tmp_path: Path,
+    algorithm: str,
+) -> None:
+    key_file, public_key = _write_key(tmp_path, algorithm)
+    proxy.valid_tokens = set()
+    token_endpoint = TokenEndpoint(public_key, algorithm, proxy)
+    with token_endpoint.server:
+        proxy.smart_configuration = {
+            "token_endpoint": token_endpoint.token_url,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        }
+        ehr = ehr_for(
+            proxy.base_url,
+            auth="smart",
+            smart_client_id="synthetic-client",
+            smart_private_key_file=key_file,
+            smart_key_id="synthetic-kid-1",
+            smart_algorithm=algorithm,
+        )
+        assert ehr.find_service_request(seeded.accession) is not None
+        assert ehr.find_service_request(seeded.accession) is not None
+        assert len(token_endpoint.issued) == 1, "the token is cached between requests"
+        discovery = [p for _, p in proxy.server.requests if "smart-configuration" in p]
+        assert len(discovery) == 1
+
+        proxy.valid_tokens.clear()  # the EHR revokes the token: one 401, one refresh
+        assert ehr.find_service_request(seeded.accession) is not None
+        assert len(token_endpoint.issued) == 2
+
+        # The token endpoint now issues tokens the EHR does not accept: refresh only once.
+        token_endpoint.register = False
+        proxy.valid_tokens.clear()
+        with pytest.raises(EhrUnauthorizedError):
+            ehr.find_service_request(seeded.accession)
+        assert len(token_endpoint.issued) == 3
+
+
+def test_smart_token_endpoint_503_is_retried(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, tmp_path: Path
+) -> None:
+    key_file, public_key = _write_key(tmp_path, "RS384")
+    proxy.valid_tokens = set()
+    token_endpoint = TokenEndpoint(public_key, "RS384", proxy)
+    token_endpoint.unavailable = 1
+    with token_endpoint.server:
+        ehr = ehr_for(
+            proxy.base_url,
+            auth="smart",
+            smart_client_id="synthetic-client",
+            smart_private_key_file=key_file,
+            smart_key_id="synthetic-kid-1",
+            smart_token_url=token_endpoint.token_url,
+        )
+        assert ehr.find_service_request(seeded.accession) is not None
+    assert len(token_endpoint.server.requests) == 2 and len(token_endpoint.issued) == 1
+
+
+def test_smart_token_endpoint_refusal_is_unauthorized(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, tmp_path: Path
+) -> None:
+    key_file, _ = _write_key(tmp_path, "RS384")
+    other = tmp_path / "other"
+    other.mkdir()
+    _, wrong_public_key = _write_key(other, "RS384")  # not the client's key
+    proxy.valid_tokens = set()
+    token_endpoint = TokenEndpoint(wrong_public_key, "RS384", proxy)
+    with token_endpoint.server:
+        ehr = ehr_for(
+            proxy.base_url,
+            auth="smart",
+            smart_client_id="synthetic-client",
+            smart_private_key_file=key_file,
+            smart_key_id="synthetic-kid-1",
+            smart_token_url=token_endpoint.token_url,
+        )
+        with pytest.raises(EhrUnauthorizedError, match="invalid_client"):
+            ehr.find_service_request(seeded.accession)
+    assert token_endpoint.issued == []
+
+
+# -- malformed payloads and PHI --------------------------------------------------------------
+
+
+def test_malformed_resource_from_the_server_is_invalid_resource_without_phi(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    patient_id = ehr_for(proxy.base_url).gather_context(seeded.accession).patient.id
+
+    def corrupt(payload: bytes) -> bytes:
+        data = json.loads(payload)
+        if data.get("resourceType") == "Patient":
+            data["birthDate"] = f"{SYNTHETIC_NAME}-not-a-date"
+        return json.dumps(data).encode()
+
+    proxy.rewrite = corrupt
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        ehr_for(proxy.base_url).read_patient(str(patient_id))
+    text = str(raised.value)
+    assert f"Patient/{patient_id}" in text and "birthDate" in text
+    assert SYNTHETIC_NAME not in text and seeded.mrn not in text and "1970" not in text
+
+
+def test_errors_name_orders_by_identifier_hash_never_by_accession_or_mrn(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    ehr = ehr_for(proxy.base_url, retry_attempts=1)
+    proxy.fail_next.append((503, {}))
+    with pytest.raises(EhrUnavailableError) as raised:
+        ehr.gather_context(seeded.accession)
+    text = str(raised.value)
+    assert "identifier-" in text
+    assert seeded.accession not in text and seeded.mrn not in text and SYNTHETIC_NAME not in text
+
+
+# -- pure parts ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, EhrNotFoundError),
+        (410, EhrNotFoundError),
+        (401, EhrUnauthorizedError),
+        (403, EhrUnauthorizedError),
+        (409, EhrConflictError),
+        (412, EhrConflictError),
+        (400, EhrInvalidResourceError),
+        (422, EhrInvalidResourceError),
+        (503, EhrUnavailableError),
+        (500, EhrUnavailableError),
+        (418, EhrError),
+    ],
+)
+def test_http_status_maps_to_one_error_class(status: int, error: type[EhrError]) -> None:
+    assert type(error_for_status(status, "Patient/SYN-0001")) is error
+
+
+@pytest.mark.unit
+def test_errors_survive_pickling_for_ray() -> None:
+    import pickle
+
+    original = EhrInvalidResourceError("Patient/SYN-0001: rejected", ("error/invalid: x",))
+    copy = pickle.loads(pickle.dumps(original))
+    assert str(copy) == str(original) and copy.issues == original.issues
+
+
+@pytest.mark.unit
+def test_server_diagnostics_echoing_sent_values_are_redacted() -> None:
+    """A fake transport: no server here echoes a rejected value back in diagnostics on demand."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)
+        echoed = f"family '{sent['name'][0]['family']}' id {sent['identifier'][0]['value']}"
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "invalid", "diagnostics": echoed}],
+        }
+        return httpx.Response(422, json=outcome)
+
+    settings = _settings("http://127.0.0.1:9/fhir")
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        ehr = FhirEhr(client, settings)
+        mrn = Identifier(system=MRN_SYSTEM, value="SYN-MRN-ECHO")
+        patient = Patient(identifier=[mrn], name=[HumanName(family=SYNTHETIC_NAME)])
+        with pytest.raises(EhrInvalidResourceError) as raised:
+            ehr.conditional_create(patient, mrn)
+    text = str(raised.value)
+    assert "[redacted]" in text
+    assert SYNTHETIC_NAME not in text and "SYN-MRN-ECHO" not in text
+
+
+@pytest.mark.unit
+def test_smart_client_assertion_has_the_required_claims(tmp_path: Path) -> None:
+    key_file, public_key = _write_key(tmp_path, "RS384")
+    auth = SmartBackendAuth(
+        fhir_base_url="https://ehr.invalid/fhir",
+        client_id="synthetic-client",
+        private_key_file=key_file,
+        key_id="synthetic-kid-1",
+    )
+    first = auth.client_assertion("https://ehr.invalid/token")
+    second = auth.client_assertion("https://ehr.invalid/token")
+    header = jwt.get_unverified_header(first)
+    claims = jwt.decode(
+        first, public_key, algorithms=["RS384"], audience="https://ehr.invalid/token"
+    )
+    assert header["alg"] == "RS384" and header["kid"] == "synthetic-kid-1"
+    assert claims["iss"] == claims["sub"] == "synthetic-client"
+    assert 0 < claims["exp"] - claims["iat"] <= 300
+    assert jwt.decode(second, options={"verify_signature": False})["jti"] != claims["jti"]
+    assert "BEGIN" not in repr(auth)
+
+
+@pytest.mark.unit
+def test_fhir_settings_fail_at_load_when_incomplete() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="base_url"):
+        EhrSettings(kind="fhir")
+    with pytest.raises(ValidationError, match="token"):
+        EhrSettings(kind="fhir", base_url="https://ehr.invalid/fhir", auth="bearer")
+    with pytest.raises(ValidationError, match="smart_client_id"):
+        EhrSettings(kind="fhir", base_url="https://ehr.invalid/fhir", auth="smart")
+    secret = EhrSettings(
+        kind="fhir", base_url="https://ehr.invalid/fhir", token=SecretStr("s3cr3t-token")
+    )
+    assert "s3cr3t-token" not in repr(secret)
