@@ -91,6 +91,13 @@ class Ehr(Protocol):
         """The order with this accession number (``ServiceRequest.identifier``), or None."""
         ...
 
+    def find_patient(self, identifier_value: str, system: str | None = None) -> Patient | None:
+        """The Patient with this identifier (e.g. the MRN in DICOM PatientID), or None.
+
+        Used when a study has no order in the EHR; more than one match is an ``EhrError``.
+        """
+        ...
+
     def gather_context(self, accession_number: str, patient_id: str | None = None) -> EhrContext:
         """Patient, order, active Conditions, prior final reports and ImagingStudies.
 

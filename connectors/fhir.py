@@ -432,6 +432,22 @@ class FhirEhr:
         orders, _ = self._accession_search(accession_number, include_subject=False)
         return orders[0] if orders else None
 
+    def find_patient(self, identifier_value: str, system: str | None = None) -> Patient | None:
+        ref = f"Patient {identifier_ref(identifier_value, system)}"
+        found = [
+            resource
+            for mode, resource in self._search(
+                "Patient",
+                [("identifier", identifier_token(identifier_value, system))],
+                ref=ref,
+                sensitive=[identifier_value],
+            )
+            if isinstance(resource, Patient) and mode == "match"
+        ]
+        if len(found) > 1:
+            raise EhrError(f"{ref}: {len(found)} patients carry this identifier")
+        return found[0] if found else None
+
     def gather_context(self, accession_number: str, patient_id: str | None = None) -> EhrContext:
         """One search for the order with its patient (``_include=ServiceRequest:subject``), then
         one filtered, paged search per list.

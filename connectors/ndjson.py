@@ -181,6 +181,17 @@ class NdjsonEhr:
             raise EhrError(f"ServiceRequest {ref}: {len(found)} orders carry this accession number")
         return self._parsed(found[0], ServiceRequest) if found else None
 
+    def find_patient(self, identifier_value: str, system: str | None = None) -> Patient | None:
+        found = [
+            data
+            for data in self._raw("Patient")
+            if _has_identifier(data, system, identifier_value)
+        ]
+        if len(found) > 1:
+            ref = identifier_ref(identifier_value, system)
+            raise EhrError(f"Patient {ref}: {len(found)} patients carry this identifier")
+        return self._parsed(found[0], Patient) if found else None
+
     def gather_context(self, accession_number: str, patient_id: str | None = None) -> EhrContext:
         order = self.find_service_request(accession_number)
         if order is not None:

@@ -401,6 +401,15 @@ def test_context_without_order_uses_the_given_patient(
         ehr.gather_context("SYN-ACC-UNSCHEDULED")
 
 
+def test_patient_is_found_by_mrn_when_the_study_has_no_order(
+    ehr: FhirEhr, seeded: SyntheticPatient
+) -> None:
+    patient = ehr.find_patient(seeded.mrn)
+    assert patient is not None
+    assert patient.id == ehr.gather_context(seeded.accession).patient.id
+    assert ehr.find_patient("SYN-MRN-nobody") is None
+
+
 def test_build_ehr_from_settings_alone_reads_the_server(
     fhir_base_url: str, seeded: SyntheticPatient
 ) -> None:

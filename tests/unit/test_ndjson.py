@@ -222,3 +222,12 @@ def test_malformed_line_names_file_and_line_not_content(folder: Path) -> None:
     for raised in (bad_value, bad_json):
         assert SYNTHETIC_NAME not in str(raised.value)
         assert "SYN-MRN-0001" not in str(raised.value)
+
+
+def test_patient_found_by_mrn_for_a_study_without_an_order(folder: Path) -> None:
+    ehr = NdjsonEhr(folder)
+    patient = ehr.find_patient("SYN-MRN-0001", MRN_SYSTEM)
+    assert patient is not None and patient.id == "SYN-0001"
+    assert ehr.find_patient("SYN-MRN-0001") is not None  # any system
+    assert ehr.find_patient("SYN-MRN-0001", "urn:other") is None
+    assert ehr.find_patient("SYN-MRN-9999", MRN_SYSTEM) is None
