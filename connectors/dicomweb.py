@@ -1,0 +1,427 @@
+"""DICOMweb image source (PS3.18): QIDO-RS search, WADO-RS retrieve, STOW-RS store.
+
+Built on ``dicomweb-client``'s ``DICOMwebClient`` over one long-lived ``requests.Session``
+(auth none/basic/bearer, TLS verification on by default with an optional CA bundle, finite
+connect/read timeouts). Retries (tenacity) live only at the I/O edge, in ``HttpEdge``: connection
+errors, timeouts and HTTP 429/502/503/504; never other 4xx. Library exceptions are translated to
+``medvlm.errors`` in ``HttpEdge.translate`` and nowhere else.
+
+Server quirks are handled by settings, not by server names: query values are exact (wildcards are
+refused, since some servers do not decode percent-encoded values: Orthanc quirk 1);
+``qido_filter_modalities_client_side`` pages by date and filters modalities here (Orthanc quirk 2);
+frames are asked for with an explicit media type (quirk 3); stored datasets get a preamble
+(quirk 4).
+
+What this module must not do: log URLs or query values (they may carry a patient ID), or hold a
+whole study in memory (WADO-RS responses are streamed part by part).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from connectors.pacs import (
+    InstanceRef,
+    SeriesRef,
+    StudyQuery,
+    StudyRef,
+    Watermark,
+    advance_date_watermark,
+    check_instance,
+)
+from medvlm.errors import (
+    ConfigurationError,
+    InvalidDicomError,
+    PacsError,
+    PacsNotFoundError,
+    PacsUnauthorizedError,
+    PacsUnavailableError,
+)
+from medvlm.settings import PacsSettings
+from pipeline.imaging import study_reference
+
+T = TypeVar("T")
+
+# dicomweb-client logs request URLs (with query values such as PatientID) at DEBUG/INFO.
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+
+RETRY_STATUS: Final = frozenset({429, 502, 503, 504})
+EXPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"
+FRAME_MEDIA_TYPES: Final = (("application/octet-stream", EXPLICIT_VR_LITTLE_ENDIAN),)
+STUDY_FIELDS: Final = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "StudyDescription",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "PatientID",
+)
+SERIES_FIELDS: Final = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "NumberOfSeriesRelatedInstances",
+)
+INSTANCE_FIELDS: Final = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "NumberOfFrames")
+_WILDCARDS: Final = frozenset("*?\\")
+_PARSE_ERRORS: Final = (PydicomInvalidDicomError, ValueError, EOFError, struct.error, KeyError)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return int(exc.response.status_code)
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another attempt: network trouble or 429/502/503/504 (never other 4xx)."""
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    return _status_of(exc) in RETRY_STATUS
+
+
+class HttpEdge:
+    """Retries and exception translation for every HTTP call to the PACS, in one place."""
+
+    def __init__(self, attempts: int, max_wait_s: float) -> None:
+        self._attempts = attempts
+        self._max_wait_s = max_wait_s
+
+    def call(self, fn: Callable[[], T], *, study_uid: str | None, what: str) -> T:
+        """Run ``fn`` with retries; library errors come out as ``PacsError`` subclasses."""
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_exponential(multiplier=0.2, max=self._max_wait_s),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except (requests.RequestException, *_PARSE_ERRORS) as exc:
+            raise self.translate(exc, study_uid=study_uid, what=what) from exc
+
+    @staticmethod
+    def translate(exc: BaseException, *, study_uid: str | None, what: str) -> PacsError:
+        """The one mapping from requests/pydicom exceptions to the project's PACS errors."""
+        ref = study_reference(study_uid) if study_uid else "pacs"
+        status = _status_of(exc)
+        if status in (401, 403):
+            return PacsUnauthorizedError(f"{ref}: {what}: PACS refused the credentials ({status})")
+        if status == 404:
+            return PacsNotFoundError(f"{ref}: {what}: not found on the PACS")
+        if status is not None and (status in RETRY_STATUS or status >= 500):
+            return PacsUnavailableError(f"{ref}: {what}: PACS answered {status}")
+        if status is not None:
+            return PacsError(f"{ref}: {what}: PACS answered {status}")
+        if isinstance(exc, requests.ConnectionError | requests.Timeout):
+            return PacsUnavailableError(f"{ref}: {what}: {type(exc).__name__}")
+        if isinstance(exc, requests.RequestException):
+            return PacsError(f"{ref}: {what}: {type(exc).__name__}")
+        return InvalidDicomError(f"{ref}: {what}: malformed DICOM payload ({type(exc).__name__})")
+
+
+def build_session(settings: PacsSettings) -> requests.Session:
+    """One pooled session with auth and TLS settings; environment variables are ignored."""
+    session = requests.Session()
+    session.trust_env = False  # no proxy or CA bundle from the environment: settings decide
+    session.verify = str(settings.ca_bundle) if settings.ca_bundle else settings.verify_tls
+    if settings.auth == "basic":
+        if settings.username is None or settings.password is None:
+            raise ConfigurationError("pacs.auth 'basic' needs pacs.username and pacs.password")
+        session.auth = (settings.username, settings.password.get_secret_value())
+    elif settings.auth == "bearer":
+        session.headers["Authorization"] = f"Bearer {_bearer_token(settings)}"
+    return session
+
+
+def _bearer_token(settings: PacsSettings) -> str:
+    if settings.token is not None:
+        return settings.token.get_secret_value()
+    if settings.token_file is None:
+        raise ConfigurationError("pacs.auth 'bearer' needs pacs.token or pacs.token_file")
+    try:
+        return Path(settings.token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"pacs.token_file unreadable: {exc.strerror}") from exc
+
+
+def _exact(key: str, value: str) -> str:
+    """A QIDO matching value used for exact matching; wildcards are refused (quirk 1)."""
+    if any(c in _WILDCARDS for c in value):
+        raise ValueError(f"{key}: wildcard or multi-value matching is not supported")
+    return value
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """STOW-RS outcome (PS3.18 §10.5.3): stored and failed SOP Instance UIDs."""
+
+    stored: tuple[str, ...]
+    failed: tuple[tuple[str, int], ...]
+    """(SOP Instance UID, FailureReason) per refused instance."""
+
+
+class DicomWebSource:
+    """``ImageSource`` over DICOMweb. Receives a client (and its session) built elsewhere."""
+
+    def __init__(
+        self,
+        client: DICOMwebClient,
+        *,
+        page_size: int = 100,
+        transfer_syntax: str = "*",
+        filter_modalities_client_side: bool = False,
+        lookback_days: int = 1,
+        edge: HttpEdge | None = None,
+        change_feed: Any = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        client.set_http_retry_params(retry=False)  # retries are ours (HttpEdge), not doubled
+        self._client = client
+        self._page_size = page_size
+        self._media_types = (("application/dicom", transfer_syntax),)
+        self._client_side_modalities = filter_modalities_client_side
+        self._lookback_days = lookback_days
+        self._edge = edge or HttpEdge(attempts=3, max_wait_s=5.0)
+        self._change_feed = change_feed
+        self._session = session
+
+    @classmethod
+    def from_settings(
+        cls, settings: PacsSettings, *, session: requests.Session | None = None
+    ) -> DicomWebSource:
+        if not settings.dicomweb_url:
+            raise ConfigurationError("pacs.dicomweb_url is required for DICOMweb")
+        owned = session is None
+        http = build_session(settings) if session is None else session
+        client = DICOMwebClient(
+            settings.dicomweb_url,
+            session=http,
+            timeout=(settings.connect_timeout_s, settings.read_timeout_s),
+        )
+        edge = HttpEdge(settings.retry_attempts, settings.retry_max_wait_s)
+        feed = None
+        if settings.new_study_detection == "orthanc_changes":
+            from connectors.orthanc import OrthancChangeFeed
+
+            if not settings.orthanc_url:
+                raise ConfigurationError("pacs.orthanc_url is required for orthanc_changes")
+            feed = OrthancChangeFeed(
+                http,
+                settings.orthanc_url,
+                timeout=(settings.connect_timeout_s, settings.read_timeout_s),
+                edge=edge,
+            )
+        return cls(
+            client,
+            page_size=settings.page_size,
+            transfer_syntax=settings.wado_transfer_syntax,
+            filter_modalities_client_side=settings.qido_filter_modalities_client_side,
+            lookback_days=settings.qido_watermark_lookback_days,
+            edge=edge,
+            change_feed=feed,
+            session=http if owned else None,
+        )
+
+    def close(self) -> None:
+        """Close the session if this source built it."""
+        if self._session is not None:
+            self._session.close()
+
+    # -- QIDO-RS ------------------------------------------------------------------------------
+
+    def _filters(self, query: StudyQuery) -> tuple[dict[str, str], bool]:
+        """QIDO filters for ``query`` and whether modalities must be checked client-side."""
+        filters: dict[str, str] = {}
+        if (dates := query.date_range()) is not None:
+            filters["StudyDate"] = dates
+        if (times := query.time_range()) is not None:
+            filters["StudyTime"] = times
+        if query.accession_number:
+            filters["AccessionNumber"] = _exact("AccessionNumber", query.accession_number)
+        if query.patient_id:
+            filters["PatientID"] = _exact("PatientID", query.patient_id)
+        if query.study_uid:
+            filters["StudyInstanceUID"] = _exact("StudyInstanceUID", query.study_uid)
+        client_side = bool(query.modalities) and (
+            self._client_side_modalities or len(query.modalities) > 1
+        )
+        if query.modalities and not client_side:
+            filters["ModalitiesInStudy"] = _exact("ModalitiesInStudy", next(iter(query.modalities)))
+        return filters, client_side
+
+    def _pages(
+        self, search: Callable[[int, int], list[dict[str, Any]]], *, study_uid: str | None
+    ) -> Iterator[Dataset]:
+        offset = 0
+        while True:
+            page = self._edge.call(
+                partial(search, self._page_size, offset), study_uid=study_uid, what="QIDO-RS"
+            )
+            for item in page:
+                try:
+                    yield Dataset.from_json(item)
+                except _PARSE_ERRORS as exc:
+                    raise self._edge.translate(exc, study_uid=study_uid, what="QIDO-RS") from exc
+            if len(page) < self._page_size:
+                return
+            offset += len(page)
+
+    def find_studies(self, query: StudyQuery) -> Iterator[StudyRef]:
+        """QIDO-RS SearchForStudies paged with limit/offset; ``query.limit/offset`` apply here."""
+        filters, client_side = self._filters(query)
+
+        def search(limit: int, offset: int) -> list[dict[str, Any]]:
+            return self._client.search_for_studies(
+                limit=limit, offset=offset, fields=list(STUDY_FIELDS), search_filters=filters
+            )
+
+        skipped = yielded = 0
+        if query.limit == 0:
+            return
+        for ds in self._pages(search, study_uid=query.study_uid):
+            study = StudyRef.from_dataset(ds)
+            if client_side and not query.matches(study):
+                continue
+            if skipped < query.offset:
+                skipped += 1
+                continue
+            yield study
+            yielded += 1
+            if query.limit is not None and yielded >= query.limit:
+                return
+
+    def list_series(self, study_uid: str) -> list[SeriesRef]:
+        def search(limit: int, offset: int) -> list[dict[str, Any]]:
+            return self._client.search_for_series(
+                study_uid, limit=limit, offset=offset, fields=list(SERIES_FIELDS)
+            )
+
+        return [
+            SeriesRef.from_dataset(ds, study_uid) for ds in self._pages(search, study_uid=study_uid)
+        ]
+
+    def list_instances(self, study_uid: str, series_uid: str) -> list[InstanceRef]:
+        def search(limit: int, offset: int) -> list[dict[str, Any]]:
+            return self._client.search_for_instances(
+                study_uid, series_uid, limit=limit, offset=offset, fields=list(INSTANCE_FIELDS)
+            )
+
+        return [
+            InstanceRef.from_dataset(ds, study_uid, series_uid)
+            for ds in self._pages(search, study_uid=study_uid)
+        ]
+
+    # -- WADO-RS ------------------------------------------------------------------------------
+
+    def iter_instances(self, study_uid: str, series_uid: str | None = None) -> Iterator[Dataset]:
+        """WADO-RS RetrieveStudy/RetrieveSeries, streamed one multipart part at a time."""
+        if series_uid is None:
+            stream = self._edge.call(
+                lambda: self._client.iter_study(study_uid, media_types=self._media_types),
+                study_uid=study_uid,
+                what="WADO-RS study",
+            )
+        else:
+            stream = self._edge.call(
+                lambda: self._client.iter_series(
+                    study_uid, series_uid, media_types=self._media_types
+                ),
+                study_uid=study_uid,
+                what="WADO-RS series",
+            )
+        yield from self._checked(stream, study_uid)
+
+    def _checked(self, stream: Iterator[Dataset], study_uid: str) -> Iterator[Dataset]:
+        what = "WADO-RS"
+        while True:
+            try:
+                ds = next(stream)
+                check_instance(ds, study_uid)
+            except StopIteration:
+                return
+            except (requests.RequestException, *_PARSE_ERRORS) as exc:
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+            yield ds
+
+    def retrieve_frames(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str, frames: Sequence[int]
+    ) -> list[bytes]:
+        """WADO-RS RetrieveFrames (1-based numbers), uncompressed little endian bytes."""
+        return self._edge.call(
+            lambda: self._client.retrieve_instance_frames(
+                study_uid,
+                series_uid,
+                sop_instance_uid,
+                frame_numbers=list(frames),
+                media_types=FRAME_MEDIA_TYPES,
+            ),
+            study_uid=study_uid,
+            what="WADO-RS frames",
+        )
+
+    # -- STOW-RS ------------------------------------------------------------------------------
+
+    def store(self, datasets: Sequence[Dataset]) -> StoreResult:
+        """STOW-RS StoreInstances in one request (a study at a time is the intended unit)."""
+        prepared = [_with_preamble(ds) for ds in datasets]
+        study_uid = str(prepared[0].StudyInstanceUID) if prepared else None
+        answer = self._edge.call(
+            lambda: self._client.store_instances(prepared), study_uid=study_uid, what="STOW-RS"
+        )
+        stored = tuple(
+            str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])
+        )
+        failed = tuple(
+            (str(item.ReferencedSOPInstanceUID), int(item.get("FailureReason", 0)))
+            for item in answer.get("FailedSOPSequence", [])
+        )
+        return StoreResult(stored=stored, failed=failed)
+
+    # -- new studies --------------------------------------------------------------------------
+
+    def new_studies_since(self, watermark: Watermark | None) -> tuple[list[StudyRef], Watermark]:
+        """Orthanc /changes when configured, else a QIDO StudyDate window + seen UIDs."""
+        if self._change_feed is not None:
+            since = watermark.change_seq if watermark else None
+            uids, last = self._change_feed.stable_studies_since(since)
+            studies: list[StudyRef] = []
+            for uid in uids:
+                found = next(iter(self.find_studies(StudyQuery(study_uid=uid, limit=1))), None)
+                if found is not None:  # deleted since it became stable: nothing to do
+                    studies.append(found)
+            return studies, Watermark(change_seq=last)
+        floor = watermark.floor_date if watermark else None
+        found_all = self.find_studies(StudyQuery(date_from=floor))
+        return advance_date_watermark(watermark, found_all, self._lookback_days)
+
+
+def _with_preamble(ds: Dataset) -> Dataset:
+    """A shallow copy with a 128-byte preamble (PS3.10 §7.1; Orthanc quirk 4)."""
+    if getattr(ds, "preamble", None) is not None:
+        return ds
+    out = copy.copy(ds)
+    out.preamble = b"\0" * 128
+    return out
