@@ -70,6 +70,7 @@ class LedgerStore:
                 "flags": [],
                 "timings": {},
                 "fhir_ids": {},
+                "links": {},
                 "attempts": 0,
             }
             for s in studies

@@ -398,6 +398,11 @@ class EhrSettings(BaseModel):
     ca_bundle: Path | None = Field(
         default=None, description="PEM CA bundle for the hospital's own CA. Unset: system CAs."
     )
+    patient_identifier_system: str | None = Field(
+        default=None,
+        description="Identifier system of the MRN that DICOM PatientID carries; used to find "
+        "the Patient of a study that has no order. Unset: match the value in any system.",
+    )
     accession_system: str | None = Field(
         default=None,
         description=(

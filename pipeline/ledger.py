@@ -75,6 +75,14 @@ class DraftJob(SQLModel, table=True):
     timings: dict[str, float] = Field(
         default_factory=dict, sa_column=Column(JSON), description="Seconds per stage."
     )
+    links: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column(JSON),
+        description="FHIR references the draft points to (patient, order, imaging study).",
+    )
+    draft: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON), description="The validated draft report."
+    )
     output_sha256: str | None = Field(default=None, max_length=64)
     draft_id: str | None = Field(default=None, max_length=64)
     fhir_ids: dict[str, Any] = Field(

@@ -13,7 +13,9 @@ Retries on overload (429/503) and connection errors live here, at the I/O edge.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from typing import Any, Protocol
 
 import httpx
@@ -55,18 +57,33 @@ class HandleDrafter:
 
 
 class _HttpBase:
+    """``client`` is used when given; otherwise one pooled client per event loop is made on
+    first use (a Prefect task runs each chunk in its own loop, and an httpx.AsyncClient
+    belongs to the loop it was first used in)."""
+
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None = None,
         *,
         api_key: str | None = None,
         attempts: int = 4,
         timeout_s: float = 300.0,
     ) -> None:
-        self._client = client
+        self._given = client
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._per_loop = weakref.WeakKeyDictionary()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._attempts = attempts
         self._timeout = timeout_s
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._given is not None:
+            return self._given
+        loop = asyncio.get_running_loop()
+        client = self._per_loop.get(loop)
+        if client is None:
+            client = self._per_loop[loop] = httpx.AsyncClient()
+        return client
 
     async def _post(
         self, url: str, *, reference: str, headers: dict[str, str] | None = None, **kwargs: Any
@@ -80,7 +97,7 @@ class _HttpBase:
                 reraise=True,
             ):
                 with attempt:
-                    response = await self._client.post(
+                    response = await self._client().post(
                         url, headers=headers, timeout=self._timeout, **kwargs
                     )
                     response.raise_for_status()
@@ -103,7 +120,7 @@ class _HttpBase:
 class HttpDrafter(_HttpBase):
     """Through the Serve application's report route (``POST {base}/v1/reports``)."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str, **kwargs: Any) -> None:
+    def __init__(self, client: httpx.AsyncClient | None, base_url: str, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._url = base_url.rstrip("/") + "/v1/reports"
 
@@ -122,7 +139,7 @@ class OpenAIChatDrafter(_HttpBase):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None,
         base_url: str,
         model: str,
         *,

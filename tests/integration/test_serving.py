@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import jsonschema
@@ -15,25 +14,18 @@ from flows.demo import sample_model_input
 from medvlm.settings import MedvlmSettings
 from pipeline.prompts import ModelInput, png_data_url
 from pipeline.report import DraftReport, DraftResult, report_json_schema
-from serving.app import run_app
-from serving.ray_runtime import init_ray, shutdown_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def handle(settings: MedvlmSettings) -> Iterator[DeploymentHandle]:
-    init_ray(settings.serving, num_cpus=2)
-    try:
-        assert settings.model.source is not None
-        yield run_app(settings, settings.model.source)
-    finally:
-        shutdown_ray()
+def handle(serve_handle: DeploymentHandle) -> DeploymentHandle:
+    return serve_handle
 
 
 @pytest.fixture(scope="module")
-def base_url(settings: MedvlmSettings, handle: DeploymentHandle) -> str:
-    return f"http://127.0.0.1:{settings.serving.port}"
+def base_url(serve_url: str) -> str:
+    return serve_url
 
 
 @pytest.fixture(scope="module")
