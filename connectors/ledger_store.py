@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from pipeline.ledger import TERMINAL, DraftJob, JobState
@@ -33,6 +34,9 @@ class NewStudy:
 def open_engine(url: str) -> Engine:
     """Create the engine and the tables; SQLite gets WAL and a busy timeout."""
     is_sqlite = url.startswith("sqlite")
+    database = make_url(url).database
+    if is_sqlite and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         connect_args={"timeout": 30} if is_sqlite else {},

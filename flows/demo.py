@@ -1,7 +1,11 @@
-"""The demo job: draft a report for a real chest radiograph with real vLLM inside Ray Serve.
+"""The demo: the main job on a sample cohort, with real servers or folders, and the tiny model.
 
-Runs on embedded defaults only: the sample radiograph from ``pydicom-data``, the tiny model
-built locally (or ``MEDVLM_MODEL__SOURCE``), a private Ray on loopback. No PACS or EHR needed.
+``medvlm demo`` starts the local Orthanc and FHIR server (``medvlm dev up``), loads the sample
+cohort (the real chest radiograph from ``pydicom-data`` plus generated CR, CT and US studies,
+with synthetic Patients, ServiceRequests, Conditions and prior reports), runs ``draft_reports``
+with the model served in-process by Ray Serve + vLLM, and leaves the servers up so the drafts
+can be read. ``--folders`` does the same on the embedded folder sources, without servers.
+``run_demo`` (one draft for the radiograph through a DeploymentHandle) is the quick check.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from medvlm.settings import MedvlmSettings
 from pipeline.imaging import image_to_png, instance_to_images, study_reference
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftResult
+from pipeline.sample_cohort import SampleCase, sample_cohort
 from serving.app import run_app
 from serving.model_source import ResolvedModel, resolve_model
 from serving.ray_runtime import init_ray, shutdown_ray
@@ -48,3 +53,81 @@ def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
     finally:
         shutdown_ray()
     return resolved, result
+
+
+def demo_settings(settings: MedvlmSettings, *, use_servers: bool) -> MedvlmSettings:
+    """The demo's settings: the dev servers (or folders under HOME/demo), a demo ledger, and
+    the model served in-process."""
+    from medvlm.devservers import DevServers, dev_settings_from
+    from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+
+    demo_home = settings.home / "demo"
+    update: dict[str, object] = {
+        "job": settings.job.model_copy(
+            update={"model_endpoint": "local", "ledger_url": f"sqlite:///{demo_home / 'ledger.db'}"}
+        ),
+    }
+    ehr_common = {"accession_system": ACCESSION_SYSTEM, "patient_identifier_system": MRN_SYSTEM}
+    if use_servers:
+        servers = DevServers(dev_settings_from(settings))
+        servers.up()
+        orthanc, fhir = servers.orthanc, servers.fhir
+        update["pacs"] = settings.pacs.model_copy(
+            update={
+                "kind": "dicomweb",
+                "dicomweb_url": orthanc.dicomweb_url,
+                "auth": "basic",
+                "username": orthanc.username,
+                "password": orthanc.password,
+                "qido_filter_modalities_client_side": True,
+            }
+        )
+        update["ehr"] = settings.ehr.model_copy(
+            update={"kind": "fhir", "base_url": fhir.base_url, **ehr_common}
+        )
+    else:
+        update["pacs"] = settings.pacs.model_copy(
+            update={"kind": "folder", "folder": demo_home / "dicom"}
+        )
+        update["ehr"] = settings.ehr.model_copy(
+            update={"kind": "folder", "folder": demo_home / "ehr", **ehr_common}
+        )
+    return settings.model_copy(update=update)
+
+
+def load_sample_cohort(settings: MedvlmSettings) -> list[SampleCase]:
+    """Put the sample studies into the configured PACS and their records into the EHR."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    from connectors.ehr import build_ehr
+    from connectors.pacs import build_image_source
+
+    chest = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
+    cases = sample_cohort(chest)
+    if settings.pacs.kind == "folder":
+        assert settings.pacs.folder is not None
+        for case in cases:
+            for ds in case.datasets:
+                path = settings.pacs.folder / case.study_uid / f"{ds.SOPInstanceUID}.dcm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(path, enforce_file_format=True)
+    else:
+        from connectors.dicomweb import DicomWebSource
+
+        source = build_image_source(settings.pacs)
+        try:
+            assert isinstance(source, DicomWebSource)
+            for case in cases:
+                source.store(case.datasets)
+        finally:
+            source.close()
+    ehr = build_ehr(settings.ehr)
+    try:
+        for case in cases:
+            if case.bundle is not None:
+                ehr.transaction(Bundle.model_validate(case.bundle))
+    finally:
+        close = getattr(ehr, "close", None)
+        if close is not None:
+            close()
+    return cases

@@ -7,20 +7,31 @@ message and exit code 1, without a traceback and without patient data.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.syntax import Syntax
+from rich.table import Table
 
+from connectors.pacs import StudyQuery
 from medvlm.cli_dev import app as dev_app
 from medvlm.errors import MedvlmError
 from medvlm.settings import MedvlmSettings, TinyArchitecture
+from medvlm.telemetry import disable_third_party_telemetry
+
+if TYPE_CHECKING:
+    from flows.draft_reports import RunSummary
+    from pipeline.ledger import DraftJob
+
+disable_third_party_telemetry()
 
 app = typer.Typer(
     name="medvlm",
@@ -96,9 +107,115 @@ def serve() -> None:
         shutdown_ray()
 
 
+def _run_flow(settings: MedvlmSettings, query: StudyQuery, *, dry_run: bool) -> RunSummary:
+    """Run ``draft_reports`` with a progress bar, then print the summary table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    from flows.draft_reports import draft_reports
+    from flows.services import open_services
+
+    # The first flow run starts Prefect's temporary API server: ~25 s on 2 cores, over the
+    # 20 s default timeout once measured.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("drafting (model start-up first)", total=None)
+
+        def advance(job: DraftJob) -> None:
+            progress.update(bar, advance=1, description=f"{job.study_ref} {job.state}")
+
+        with open_services(settings, on_progress=advance) as services:
+            summary: RunSummary = draft_reports(services, query, dry_run=dry_run)
+    table = Table(title=f"draft_reports — model {services.model.version}")
+    table.add_column("state")
+    table.add_column("studies", justify="right")
+    for state, count in summary.counts.items():
+        if count:
+            table.add_row(state, str(count))
+    console.print(table)
+    for reference, reason in summary.failures:
+        console.print(f"[red]{reference}[/red] {reason}")
+    return summary
+
+
 @app.command()
-def demo() -> None:
-    """Draft a report for a real chest radiograph: real vLLM in Ray Serve, embedded defaults."""
+def run(
+    since: Annotated[str | None, typer.Option(help="First study date (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(help="Last study date (YYYY-MM-DD).")] = None,
+    modality: Annotated[
+        list[str] | None, typer.Option(help="Modality to include (repeatable).")
+    ] = None,
+    accession: Annotated[str | None, typer.Option(help="One accession number.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Draft but do not write to the EHR.")] = False,
+) -> None:
+    """Draft preliminary reports for the studies of a window, against the configured PACS/EHR.
+
+    Exit code 3 when some studies failed or were dead-lettered (listed, with reasons).
+    """
+    settings = _settings()
+    query = StudyQuery(
+        date_from=dt.date.fromisoformat(since) if since else None,
+        date_to=dt.date.fromisoformat(until) if until else None,
+        modalities=frozenset(modality or ()),
+        accession_number=accession,
+    )
+    try:
+        summary = _run_flow(settings, query, dry_run=dry_run)
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    if summary.failures:
+        raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    folders: Annotated[
+        bool, typer.Option("--folders", help="Use folder sources instead of the dev servers.")
+    ] = False,
+) -> None:
+    """Run the main job on the sample cohort: dev Orthanc + FHIR server, tiny model, Ray Serve."""
+    from flows.demo import demo_settings, load_sample_cohort
+    from pipeline.sample_cohort import DEMO_STUDY_DATE
+
+    settings = _settings()
+    try:
+        demo = demo_settings(settings, use_servers=not folders)
+        cases = load_sample_cohort(demo)
+        console.print(f"loaded {len(cases)} sample studies and their EHR records")
+        summary = _run_flow(
+            demo, StudyQuery(date_from=DEMO_STUDY_DATE, date_to=DEMO_STUDY_DATE), dry_run=False
+        )
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    if demo.ehr.kind == "fhir":
+        console.print(
+            "drafts (status preliminary) are in the FHIR server:\n"
+            f"  curl '{demo.ehr.base_url}/DiagnosticReport?status=preliminary'\n"
+            f"  curl '{demo.ehr.base_url}/Provenance?target=DiagnosticReport/<id>'"
+            "   (AI provenance)\n"
+            "presentedForm[0].data is the draft text (base64). Stop the servers with "
+            "`medvlm dev down`."
+        )
+    else:
+        console.print(f"drafts are in {demo.ehr.folder}/DiagnosticReport.ndjson")
+    console.print(
+        "[yellow]note:[/yellow] the tiny random-weight model proves the machinery, not "
+        "medicine: its findings are meaningless. Set MEDVLM_MODEL__SOURCE to a real checkpoint."
+    )
+    if summary.counts.get("written", 0) != len(cases):
+        raise typer.Exit(3)
+
+
+@app.command("draft-one")
+def draft_one() -> None:
+    """Draft one report for the sample chest radiograph through Ray Serve (a quick check)."""
     from flows.demo import run_demo
 
     settings = _settings()
@@ -120,11 +237,6 @@ def demo() -> None:
         f"{result.completion_tokens} tokens in {result.latency_s:.2f}s "
         f"({tokens_per_s:.0f} tokens/s)"
     )
-    if resolved.is_tiny:
-        console.print(
-            "[yellow]note:[/yellow] the tiny random-weight model proves the machinery, not "
-            "medicine: its findings are meaningless. Set MEDVLM_MODEL__SOURCE to a real checkpoint."
-        )
 
 
 @app.command("settings")

@@ -22,6 +22,7 @@ from pipeline.synthetic_dicom import make_study
 
 MRN_SYSTEM = "urn:medvlm-pipeline:synthetic-mrn"
 ACCESSION_SYSTEM = "urn:medvlm-pipeline:synthetic-accession"
+DEMO_STUDY_DATE = dt.date(2026, 11, 2)
 SEX_BY_CASE = ("female", "male", "female", "male", "unknown")
 
 
@@ -153,17 +154,22 @@ def _uuid(*parts: str) -> str:
 
 
 def _relabel(datasets: list[Dataset], *, accession: str, mrn: str, date: str) -> list[Dataset]:
-    """Copies with this case's accession, patient id and fresh study/series/instance UIDs."""
-    study_uid = generate_uid()
-    series_uids: dict[str, str] = {}
+    """Copies with this case's accession, patient id and new UIDs derived from them.
+
+    Derived, not random: loading the same cohort twice gives the same studies, so a re-run of
+    the demo finds them already drafted.
+    """
+
+    def uid(*parts: str) -> str:
+        return str(generate_uid(entropy_srcs=[accession, mrn, date, *parts]))
+
+    study_uid = uid("study")
     out = []
     for ds in datasets:
         copy_ds = copy.deepcopy(ds)
         copy_ds.StudyInstanceUID = study_uid
-        copy_ds.SeriesInstanceUID = series_uids.setdefault(
-            str(ds.SeriesInstanceUID), generate_uid()
-        )
-        copy_ds.SOPInstanceUID = generate_uid()
+        copy_ds.SeriesInstanceUID = uid("series", str(ds.SeriesInstanceUID))
+        copy_ds.SOPInstanceUID = uid("instance", str(ds.SOPInstanceUID))
         copy_ds.file_meta.MediaStorageSOPInstanceUID = copy_ds.SOPInstanceUID
         copy_ds.AccessionNumber = accession
         copy_ds.PatientID = mrn
@@ -178,7 +184,7 @@ def sample_cohort(
     chest_radiograph: Dataset | None = None,
     *,
     prefix: str = "DEMO",  # up to 8 characters: the accession number is a DICOM SH (16)
-    study_date: dt.date = dt.date(2026, 11, 2),
+    study_date: dt.date = DEMO_STUDY_DATE,
 ) -> list[SampleCase]:
     """The demo cohort: the real chest radiograph (if given) and generated CR, CT and US.
 

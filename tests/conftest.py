@@ -23,6 +23,9 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 pytest_plugins = ["tests.integration.conftest_servers"]
 
 from medvlm.settings import MedvlmSettings  # noqa: E402
+from medvlm.telemetry import disable_third_party_telemetry  # noqa: E402
+
+disable_third_party_telemetry()
 
 
 @pytest.fixture(scope="session")

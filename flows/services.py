@@ -1,0 +1,97 @@
+"""Building the flow's ``Services`` from settings: the one place connectors are constructed.
+
+``open_services`` is a context manager: it builds the image source, the EHR client (one pooled
+HTTP client), the ledger and the model drafter from one ``MedvlmSettings``, and closes them
+(and a local Ray, when it started one) on exit. Tests and other callers may build ``Services``
+directly with their own connectors instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from connectors.ehr import build_ehr
+from connectors.fhir import build_http_client
+from connectors.ledger_store import LedgerStore, open_engine
+from connectors.pacs import build_image_source
+from flows.draft_reports import Services
+from medvlm.errors import ConfigurationError
+from medvlm.settings import MedvlmSettings
+from pipeline.fhir_resources import ModelIdentity
+from pipeline.ledger import DraftJob
+from serving.clients import Drafter, HandleDrafter, HttpDrafter, OpenAIChatDrafter
+
+
+def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]:
+    """The model's identity for the ledger and FHIR Device, and the source to serve locally."""
+    job = settings.job
+    if job.model_endpoint == "local":
+        from serving.model_source import resolve_model
+        from serving.tiny_model import weights_sha256
+
+        resolved = resolve_model(settings)
+        local = Path(resolved.source)
+        weights = weights_sha256(local) if local.is_dir() else None
+        name = local.name if local.is_dir() else resolved.source
+        return ModelIdentity(name=name, version=resolved.version, weights_sha256=weights), (
+            resolved.source
+        )
+    if not settings.model.version:
+        raise ConfigurationError(
+            "MEDVLM_MODEL__VERSION must be set when the model is remote "
+            f"(job.model_endpoint={job.model_endpoint}): it keys the ledger and the draft ids"
+        )
+    name = settings.model.source or settings.model.served_name
+    return ModelIdentity(name=name, version=settings.model.version), None
+
+
+@contextmanager
+def open_services(
+    settings: MedvlmSettings, *, on_progress: Callable[[DraftJob], None] | None = None
+) -> Iterator[Services]:
+    model, local_source = model_identity(settings)
+    job = settings.job
+    api_key = (
+        settings.serving.api_key.get_secret_value() if settings.serving.api_key else None
+    )
+    with ExitStack() as stack:
+        drafter: Drafter
+        if job.model_endpoint == "local":
+            from serving.app import run_app
+            from serving.ray_runtime import init_ray, shutdown_ray
+
+            assert local_source is not None
+            init_ray(settings.serving, bind_shim=settings.bind_shim)
+            stack.callback(shutdown_ray)
+            drafter = HandleDrafter(run_app(settings, local_source))
+        elif job.model_url is None:
+            raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
+        elif job.model_endpoint == "http":
+            drafter = HttpDrafter(None, job.model_url, api_key=api_key)
+        else:
+            drafter = OpenAIChatDrafter(
+                None,
+                job.model_url,
+                settings.model.served_name,
+                max_tokens=settings.model.max_tokens,
+                api_key=api_key,
+            )
+        source = build_image_source(settings.pacs)
+        stack.callback(source.close)
+        client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
+        if client is not None:
+            stack.callback(client.close)
+        assert job.ledger_url is not None
+        yield Services(
+            source=source,
+            ehr=build_ehr(settings.ehr, client),
+            drafter=drafter,
+            ledger=LedgerStore(open_engine(job.ledger_url)),
+            model=model,
+            job=job,
+            max_images=settings.model.max_images_per_prompt,
+            patient_identifier_system=settings.ehr.patient_identifier_system,
+            on_progress=on_progress,
+        )
