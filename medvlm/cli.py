@@ -239,6 +239,17 @@ def draft_one() -> None:
     )
 
 
+@app.command()
+def deploy(
+    timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule.")] = "UTC",
+) -> None:
+    """Serve the nightly and on-demand Prefect deployments of the main job (blocks)."""
+    from flows.deployments import serve_deployments
+
+    _settings()  # invalid settings fail now, not at 1 a.m.
+    serve_deployments(timezone)
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print the effective settings (secrets masked)."""

