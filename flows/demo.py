@@ -72,16 +72,7 @@ def demo_settings(settings: MedvlmSettings, *, use_servers: bool) -> MedvlmSetti
         servers = DevServers(dev_settings_from(settings))
         servers.up()
         orthanc, fhir = servers.orthanc, servers.fhir
-        update["pacs"] = settings.pacs.model_copy(
-            update={
-                "kind": "dicomweb",
-                "dicomweb_url": orthanc.dicomweb_url,
-                "auth": "basic",
-                "username": orthanc.username,
-                "password": orthanc.password,
-                "qido_filter_modalities_client_side": True,
-            }
-        )
+        update["pacs"] = orthanc.pacs_settings()
         update["ehr"] = settings.ehr.model_copy(
             update={"kind": "fhir", "base_url": fhir.base_url, **ehr_common}
         )

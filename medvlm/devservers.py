@@ -34,13 +34,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import httpx
 from pydantic import SecretStr
 
 from medvlm.errors import ConfigurationError, DevServerError
-from medvlm.settings import DevServerSettings, MedvlmSettings
+from medvlm.settings import DevServerSettings, MedvlmSettings, PacsSettings
 
 ServerName = Literal["orthanc", "fhir"]
 SERVER_NAMES: Final[tuple[ServerName, ...]] = ("orthanc", "fhir")
@@ -70,6 +70,20 @@ class OrthancInfo:
     def auth(self) -> tuple[str, str]:
         """Basic-auth pair for HTTP clients (httpx ``auth=``, requests ``auth=``)."""
         return (self.username, self.password.get_secret_value())
+
+    def pacs_settings(self, **extra: Any) -> PacsSettings:
+        """DICOMweb source settings for this Orthanc (``extra`` overrides fields)."""
+        return PacsSettings.model_validate(
+            {
+                "kind": "dicomweb",
+                "dicomweb_url": self.dicomweb_url,
+                "auth": "basic",
+                "username": self.username,
+                "password": self.password,
+                "qido_filter_modalities_client_side": True,  # Orthanc quirk: paged modality QIDO
+            }
+            | extra
+        )
 
 
 @dataclass(frozen=True)

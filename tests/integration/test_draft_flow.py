@@ -74,19 +74,6 @@ class World:
         )
 
 
-def _pacs(orthanc: OrthancInfo) -> PacsSettings:
-    return PacsSettings.model_validate(
-        {
-            "kind": "dicomweb",
-            "dicomweb_url": orthanc.dicomweb_url,
-            "auth": "basic",
-            "username": orthanc.username,
-            "password": orthanc.password.get_secret_value(),
-            "qido_filter_modalities_client_side": True,
-        }
-    )
-
-
 @pytest.fixture
 def world(
     orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path, prefect_api: None
@@ -100,7 +87,7 @@ def world(
     for ds in broken:
         ds.StudyDate = study_date.strftime("%Y%m%d")
         ds.PixelData = ds.PixelData[:64]
-    pacs = _pacs(orthanc)
+    pacs = orthanc.pacs_settings()
     source = build_image_source(pacs)
     assert isinstance(source, DicomWebSource)
     try:

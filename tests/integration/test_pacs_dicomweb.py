@@ -34,20 +34,8 @@ pytestmark = pytest.mark.integration
 
 
 def _settings(orthanc: OrthancInfo, **extra: Any) -> PacsSettings:
-    return PacsSettings.model_validate(
-        {
-            "kind": "dicomweb",
-            "dicomweb_url": orthanc.dicomweb_url,
-            "auth": "basic",
-            "username": orthanc.username,
-            "password": orthanc.password.get_secret_value(),
-            "page_size": 5,
-            "qido_filter_modalities_client_side": True,  # Orthanc quirk 2
-            "retry_attempts": 2,
-            "connect_timeout_s": 5,
-            "read_timeout_s": 30,
-        }
-        | extra
+    return orthanc.pacs_settings(
+        page_size=5, retry_attempts=2, connect_timeout_s=5, read_timeout_s=30, **extra
     )
 
 
