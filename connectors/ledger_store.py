@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -19,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from pipeline.ledger import TERMINAL, DraftJob, JobState
+from pipeline.ledger import TERMINAL, DiscoveryWatermark, DraftJob, JobState
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,15 @@ class LedgerStore:
         for job in self.jobs(model_version):
             result[job.state] += 1
         return result
+
+    def watermark(self, source: str) -> dict[str, Any] | None:
+        """The saved new-study watermark of ``source``, or None before the first run."""
+        with Session(self._engine) as session:
+            row = session.get(DiscoveryWatermark, source)
+            return dict(row.value) if row is not None else None
+
+    def save_watermark(self, source: str, value: dict[str, Any]) -> None:
+        """Save it; call only after the studies it covers are registered (nothing is lost)."""
+        with Session(self._engine) as session:
+            session.merge(DiscoveryWatermark(source=source, value=value))
+            session.commit()

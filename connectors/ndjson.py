@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +80,17 @@ def _has_identifier(data: dict[str, Any], system: str | None, value: str) -> boo
             isinstance(ident, dict)
             and ident.get("value") == value
             and (system is None or ident.get("system") == system)
+        ):
+            return True
+    return False
+
+
+def _has_tag(data: dict[str, Any], system: str | None, code: str) -> bool:
+    for tag in (data.get("meta") or {}).get("tag") or []:
+        if (
+            isinstance(tag, dict)
+            and tag.get("code") == code
+            and (system is None or tag.get("system") == system)
         ):
             return True
     return False
@@ -183,9 +194,7 @@ class NdjsonEhr:
 
     def find_patient(self, identifier_value: str, system: str | None = None) -> Patient | None:
         found = [
-            data
-            for data in self._raw("Patient")
-            if _has_identifier(data, system, identifier_value)
+            data for data in self._raw("Patient") if _has_identifier(data, system, identifier_value)
         ]
         if len(found) > 1:
             ref = identifier_ref(identifier_value, system)
@@ -254,10 +263,18 @@ class NdjsonEhr:
         return parse_resource(match, type(resource))
 
     def _create_in(
-        self, lines: list[dict[str, Any]], resource: Resource, system: str | None, value: str
+        self,
+        lines: list[dict[str, Any]],
+        resource: Resource,
+        system: str | None,
+        value: str,
+        match: Callable[[dict[str, Any], str | None, str], bool] = _has_identifier,
     ) -> dict[str, Any] | None:
-        """Append ``resource`` to ``lines`` unless the identifier matches (then None)."""
-        matches = [d for d in lines if _has_identifier(d, system, value)]
+        """Append ``resource`` to ``lines`` unless one matches (then None).
+
+        ``match`` is the conditional-create criterion: by identifier (default) or by tag.
+        """
+        matches = [d for d in lines if match(d, system, value)]
         if len(matches) > 1:
             ref = identifier_ref(value, system)
             raise EhrConflictError(
@@ -362,14 +379,17 @@ class NdjsonEhr:
                 f"transaction entry {index}: POST without ifNoneExist would not be idempotent"
             )
         query = dict(parse_qsl(if_none_exist))
-        if set(query) != {"identifier"}:
+        criteria = {"identifier": _has_identifier, "_tag": _has_tag}
+        if len(query) != 1 or next(iter(query)) not in criteria:
             raise EhrInvalidResourceError(
-                f"transaction entry {index}: ifNoneExist supports identifier=… only"
+                f"transaction entry {index}: ifNoneExist supports identifier=… or _tag=… only"
             )
-        system, value = _split_token(query["identifier"])
-        created = self._create_in(lines, resource, system, value)
+        ((name, token),) = query.items()
+        match = criteria[name]
+        system, value = _split_token(token)
+        created = self._create_in(lines, resource, system, value, match)
         if created is None:
-            return next(d for d in lines if _has_identifier(d, system, value)), False
+            return next(d for d in lines if match(d, system, value)), False
         return created, True
 
     def _put_entry(

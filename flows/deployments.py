@@ -39,14 +39,16 @@ def scheduled_draft_reports(
     modalities: list[str] | None = None,
     model_endpoint: Literal["local", "http", "openai"] | None = None,
     dry_run: bool = False,
+    since_watermark: bool = False,
 ) -> RunSummary:
-    """Draft reports for the last ``days_back`` days of studies, settings from the environment."""
+    """Draft reports for the last ``days_back`` days of studies (or, with ``since_watermark``,
+    the studies new since the last run); settings from the environment."""
     settings = MedvlmSettings()
     if model_endpoint is not None:
         settings = settings.model_copy(
             update={"job": settings.job.model_copy(update={"model_endpoint": model_endpoint})}
         )
-    query = window_query(days_back, modalities or [], dt.date.today())
+    query = None if since_watermark else window_query(days_back, modalities or [], dt.date.today())
     with open_services(settings) as services:
         return draft_reports(services, query, dry_run=dry_run)
 

@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from connectors.ehr import Ehr, EhrContext
 from connectors.ledger_store import LedgerStore, NewStudy
-from connectors.pacs import ImageSource, StudyQuery, StudyRef, sort_instances
+from connectors.pacs import ImageSource, StudyQuery, StudyRef, Watermark, sort_instances
 from medvlm.errors import EhrNotFoundError, MedvlmError
 from medvlm.settings import JobSettings
 from pipeline.context import study_context
@@ -66,11 +66,13 @@ class Services:
     job: JobSettings
     max_images: int = 4
     patient_identifier_system: str | None = None
+    source_name: str = "default"
     on_progress: Callable[[DraftJob], None] | None = None
 
 
 @dataclass(frozen=True)
 class RunSummary:
+    model_version: str
     discovered: int
     attempted: int
     counts: dict[str, int]
@@ -88,13 +90,27 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def discover(services: Services, query: StudyQuery) -> list[StudyRef]:
-    """Find studies and register one ledger row per (study, model version)."""
-    studies = list(services.source.find_studies(query))
+def discover(services: Services, query: StudyQuery | None) -> list[StudyRef]:
+    """Find studies and register one ledger row per (study, model version).
+
+    ``query`` None: the studies new since the saved watermark of this source (the first run
+    sees every study the source holds). The watermark moves only after registration.
+    """
+    watermark = None
+    if query is None:
+        saved = services.ledger.watermark(services.source_name)
+        found, watermark = services.source.new_studies_since(
+            Watermark.from_dict(saved) if saved is not None else None
+        )
+        studies = list(found)
+    else:
+        studies = list(services.source.find_studies(query))
     services.ledger.register(
         (NewStudy(s.study_uid, study_reference(s.study_uid), s.accession_number) for s in studies),
         services.model.version,
     )
+    if watermark is not None:
+        services.ledger.save_watermark(services.source_name, watermark.to_dict())
     return studies
 
 
@@ -288,7 +304,7 @@ async def process_chunk(
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE)
-def discover_task(services: Services, query: StudyQuery) -> int:
+def discover_task(services: Services, query: StudyQuery | None) -> int:
     return len(discover(services, query))
 
 
@@ -301,10 +317,12 @@ def draft_chunk_task(services: Services, jobs: list[DraftJob], dry_run: bool) ->
 @flow(name="draft-reports", validate_parameters=False, log_prints=True)
 def draft_reports(
     services: Any,
-    query: StudyQuery,
+    query: StudyQuery | None,
     dry_run: bool = False,
 ) -> RunSummary:
     """Discover → draft in chunks → summary. Studies already written are skipped.
+
+    ``query`` None discovers the studies new since the source's saved watermark.
 
     ``services`` is a ``Services``; typed ``Any`` because Prefect derives a parameter schema
     from the signature and cannot for Protocol-typed fields.
@@ -324,4 +342,4 @@ def draft_reports(
         for job in jobs
         if job.state in (JobState.FAILED, JobState.DEAD_LETTERED)
     ]
-    return RunSummary(discovered, len(pending), counts, failures)
+    return RunSummary(services.model.version, discovered, len(pending), counts, failures)

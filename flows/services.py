@@ -47,15 +47,24 @@ def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]
     return ModelIdentity(name=name, version=settings.model.version), None
 
 
+def source_name(settings: MedvlmSettings) -> str:
+    """Names the image source in the ledger's watermark table (no credentials)."""
+    pacs = settings.pacs
+    where = {
+        "folder": str(pacs.folder),
+        "dicomweb": str(pacs.dicomweb_url),
+        "dimse": f"{pacs.called_aet}@{pacs.dimse_host}:{pacs.dimse_port}",
+    }[pacs.kind]
+    return f"{pacs.kind}:{where}"[:200]
+
+
 @contextmanager
 def open_services(
     settings: MedvlmSettings, *, on_progress: Callable[[DraftJob], None] | None = None
 ) -> Iterator[Services]:
     model, local_source = model_identity(settings)
     job = settings.job
-    api_key = (
-        settings.serving.api_key.get_secret_value() if settings.serving.api_key else None
-    )
+    api_key = settings.serving.api_key.get_secret_value() if settings.serving.api_key else None
     with ExitStack() as stack:
         drafter: Drafter
         if job.model_endpoint == "local":
@@ -93,5 +102,6 @@ def open_services(
             job=job,
             max_images=settings.model.max_images_per_prompt,
             patient_identifier_system=settings.ehr.patient_identifier_system,
+            source_name=source_name(settings),
             on_progress=on_progress,
         )

@@ -107,7 +107,7 @@ def serve() -> None:
         shutdown_ray()
 
 
-def _run_flow(settings: MedvlmSettings, query: StudyQuery, *, dry_run: bool) -> RunSummary:
+def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bool) -> RunSummary:
     """Run ``draft_reports`` with a progress bar, then print the summary table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
@@ -131,7 +131,7 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery, *, dry_run: bool) -> 
 
         with open_services(settings, on_progress=advance) as services:
             summary: RunSummary = draft_reports(services, query, dry_run=dry_run)
-    table = Table(title=f"draft_reports — model {services.model.version}")
+    table = Table(title=f"draft_reports — model {summary.model_version}")
     table.add_column("state")
     table.add_column("studies", justify="right")
     for state, count in summary.counts.items():
@@ -151,6 +151,9 @@ def run(
         list[str] | None, typer.Option(help="Modality to include (repeatable).")
     ] = None,
     accession: Annotated[str | None, typer.Option(help="One accession number.")] = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="Studies new since the last run (watermark).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Draft but do not write to the EHR.")] = False,
 ) -> None:
     """Draft preliminary reports for the studies of a window, against the configured PACS/EHR.
@@ -158,11 +161,15 @@ def run(
     Exit code 3 when some studies failed or were dead-lettered (listed, with reasons).
     """
     settings = _settings()
-    query = StudyQuery(
-        date_from=dt.date.fromisoformat(since) if since else None,
-        date_to=dt.date.fromisoformat(until) if until else None,
-        modalities=frozenset(modality or ()),
-        accession_number=accession,
+    query = (
+        None
+        if new
+        else StudyQuery(
+            date_from=dt.date.fromisoformat(since) if since else None,
+            date_to=dt.date.fromisoformat(until) if until else None,
+            modalities=frozenset(modality or ()),
+            accession_number=accession,
+        )
     )
     try:
         summary = _run_flow(settings, query, dry_run=dry_run)
@@ -171,6 +178,25 @@ def run(
         return
     if summary.failures:
         raise typer.Exit(3)
+
+
+def _print_sample_draft(settings: MedvlmSettings, model_version: str, study_uid: str) -> None:
+    """Show the validated draft of one study, as the ledger recorded it."""
+    from connectors.ledger_store import LedgerStore, open_engine
+    from pipeline.report import DraftReport
+
+    assert settings.job.ledger_url is not None
+    (job,) = LedgerStore(open_engine(settings.job.ledger_url)).jobs(model_version, [study_uid])
+    if job.draft is None:
+        console.print(f"[red]{job.study_ref}: no draft[/red] {job.reason or ''}")
+        return
+    report = DraftReport.model_validate(job.draft)  # schema-valid, or this raises
+    console.print(
+        Panel(
+            Syntax(json.dumps(report.model_dump(mode="json"), indent=2), "json"),
+            title=f"DRAFT of the chest radiograph — preliminary, AI-generated ({job.study_ref})",
+        )
+    )
 
 
 @app.command()
@@ -194,6 +220,7 @@ def demo(
     except MedvlmError as exc:
         _fail(exc)
         return
+    _print_sample_draft(demo, summary.model_version, cases[0].study_uid)
     if demo.ehr.kind == "fhir":
         console.print(
             "drafts (status preliminary) are in the FHIR server:\n"

@@ -127,3 +127,13 @@ def resume_stage(job: DraftJob) -> JobState | None:
     if job.state is JobState.FAILED:
         return job.failed_stage or JobState.DISCOVERED
     return job.state
+
+
+class DiscoveryWatermark(SQLModel, table=True):
+    """Where new-study detection stopped, per image source (``ImageSource.new_studies_since``)."""
+
+    __tablename__ = "discovery_watermark"
+
+    source: str = Field(primary_key=True, max_length=200, description="Which image source.")
+    value: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    updated_at: datetime = Field(default_factory=_now)

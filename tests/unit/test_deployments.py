@@ -26,7 +26,13 @@ def test_nightly_runs_on_cron_and_on_demand_has_no_schedule() -> None:
 def test_deployment_parameters_are_plain_values_the_ui_can_set() -> None:
     (nightly, _) = deployments()
     properties = nightly._parameter_openapi_schema.properties
-    assert set(properties) == {"days_back", "modalities", "model_endpoint", "dry_run"}
+    assert set(properties) == {
+        "days_back",
+        "modalities",
+        "model_endpoint",
+        "dry_run",
+        "since_watermark",
+    }
 
 
 def test_window_covers_days_back_through_today() -> None:

@@ -231,3 +231,49 @@ def test_patient_found_by_mrn_for_a_study_without_an_order(folder: Path) -> None
     assert ehr.find_patient("SYN-MRN-0001") is not None  # any system
     assert ehr.find_patient("SYN-MRN-0001", "urn:other") is None
     assert ehr.find_patient("SYN-MRN-9999", MRN_SYSTEM) is None
+
+
+def test_the_projects_draft_bundle_replays_on_the_folder_sink_without_duplicates(
+    folder: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.fhir_resources import ModelIdentity, StudyLinks, build_draft_bundle
+    from pipeline.report import DraftReport
+
+    report = DraftReport.model_validate(
+        {
+            "rationale": "r",
+            "findings": [
+                {
+                    "name": "edema",
+                    "presence": "absent",
+                    "laterality": "bilateral",
+                    "location": "lungs",
+                    "severity": "not_applicable",
+                    "detail": "No edema.",
+                }
+            ],
+            "impression": "Normal.",
+            "critical": False,
+            "recommendation": "none",
+        }
+    )
+    bundle = build_draft_bundle(
+        report,
+        StudyLinks(accession_number="SYN-ACC-0001", patient="Patient/SYN-0001"),
+        ModelIdentity(name="m", version="v1"),
+        issued=datetime(2026, 11, 2, tzinfo=UTC),
+    )
+    ehr = NdjsonEhr(folder)
+    first = ehr.transaction(bundle)
+    again = ehr.transaction(bundle)
+    assert [e.response.location for e in first.entry] == [e.response.location for e in again.entry]
+    for rtype in ("Device", "Observation", "Provenance"):
+        assert len((folder / f"{rtype}.ndjson").read_text().splitlines()) == 1
+    reports = [
+        json.loads(line)
+        for line in (folder / "DiagnosticReport.ndjson").read_text().splitlines()
+        if "meta" in json.loads(line) and json.loads(line)["meta"].get("tag")
+    ]
+    assert len(reports) == 1
