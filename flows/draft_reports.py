@@ -300,7 +300,10 @@ async def process_chunk(
         async with semaphore:
             return await process_job(services, job, dry_run=dry_run)
 
-    return list(await asyncio.gather(*(bounded(job) for job in jobs)))
+    try:
+        return list(await asyncio.gather(*(bounded(job) for job in jobs)))
+    finally:
+        await services.drafter.aclose()
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE)

@@ -38,6 +38,10 @@ class Drafter(Protocol):
 
     async def draft(self, model_input: ModelInput) -> DraftResult: ...
 
+    async def aclose(self) -> None:
+        """Release what this drafter holds in the running event loop (pooled connections)."""
+        ...
+
 
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
@@ -54,6 +58,9 @@ class HandleDrafter:
     async def draft(self, model_input: ModelInput) -> DraftResult:
         result: DraftResult = await self._handle.draft.remote(model_input)
         return result
+
+    async def aclose(self) -> None:
+        return None
 
 
 class _HttpBase:
@@ -84,6 +91,12 @@ class _HttpBase:
         if client is None:
             client = self._per_loop[loop] = httpx.AsyncClient()
         return client
+
+    async def aclose(self) -> None:
+        """Close the client made for the running loop (a client passed in is the caller's)."""
+        client = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     async def _post(
         self, url: str, *, reference: str, headers: dict[str, str] | None = None, **kwargs: Any

@@ -48,7 +48,8 @@ def engine(
             seed=0,
             max_model_len=4096,
             # On the CPU backend this is the share of RAM given to the KV cache (0.92 fails).
-            gpu_memory_utilization=0.3,
+            # Small: the session's Serve engine may be up at the same time.
+            gpu_memory_utilization=0.05,
             # Without this a random model fills the grammar's optional JSON whitespace until
             # max_tokens; per-request disable_any_whitespace does not take effect.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},

@@ -33,6 +33,9 @@ class _NeverCalled:
     async def draft(self, model_input: Any) -> Any:
         raise AssertionError("discovery drafted something")
 
+    async def aclose(self) -> None:
+        return None
+
 
 def test_watermark_discovery_registers_only_new_studies(tmp_path: Path) -> None:
     dicom = tmp_path / "dicom"
