@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from pipeline.ledger import TERMINAL, DiscoveryWatermark, DraftJob, JobState
+from pipeline.ledger import TERMINAL, DiscoveryWatermark, DraftJob, JobState, count_states
 
 
 @dataclass(frozen=True)
@@ -122,10 +122,7 @@ class LedgerStore:
             session.commit()
 
     def counts(self, model_version: str) -> dict[JobState, int]:
-        result = dict.fromkeys(JobState, 0)
-        for job in self.jobs(model_version):
-            result[job.state] += 1
-        return result
+        return count_states(self.jobs(model_version))
 
     def watermark(self, source: str) -> dict[str, Any] | None:
         """The saved new-study watermark of ``source``, or None before the first run."""

@@ -43,7 +43,7 @@ from pipeline.fhir_resources import (
     draft_id,
 )
 from pipeline.imaging import PixelBudget, image_to_png, study_images, study_reference
-from pipeline.ledger import DraftJob, JobState, advance, fail, resume_stage
+from pipeline.ledger import DraftJob, JobState, advance, count_states, fail, resume_stage
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftReport
 from serving.clients import Drafter
@@ -337,9 +337,7 @@ def draft_reports(
     for start in range(0, len(pending), size):
         draft_chunk_task(services, pending[start : start + size], dry_run)
     jobs = services.ledger.jobs(services.model.version)
-    counts = {state.value: 0 for state in JobState}
-    for job in jobs:
-        counts[job.state.value] += 1
+    counts = {state.value: n for state, n in count_states(jobs).items()}
     failures = [
         (job.study_ref, job.reason or "")
         for job in jobs

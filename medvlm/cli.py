@@ -30,6 +30,7 @@ from medvlm.telemetry import disable_third_party_telemetry
 if TYPE_CHECKING:
     from flows.draft_reports import RunSummary
     from pipeline.ledger import DraftJob
+    from pipeline.report import DraftReport
 
 disable_third_party_telemetry()
 
@@ -180,6 +181,12 @@ def run(
         raise typer.Exit(3)
 
 
+def _print_draft(report: DraftReport, title: str) -> None:
+    console.print(
+        Panel(Syntax(json.dumps(report.model_dump(mode="json"), indent=2), "json"), title=title)
+    )
+
+
 def _print_sample_draft(settings: MedvlmSettings, model_version: str, study_uid: str) -> None:
     """Show the validated draft of one study, as the ledger recorded it."""
     from connectors.ledger_store import LedgerStore, open_engine
@@ -191,11 +198,8 @@ def _print_sample_draft(settings: MedvlmSettings, model_version: str, study_uid:
         console.print(f"[red]{job.study_ref}: no draft[/red] {job.reason or ''}")
         return
     report = DraftReport.model_validate(job.draft)  # schema-valid, or this raises
-    console.print(
-        Panel(
-            Syntax(json.dumps(report.model_dump(mode="json"), indent=2), "json"),
-            title=f"DRAFT of the chest radiograph — preliminary, AI-generated ({job.study_ref})",
-        )
+    _print_draft(
+        report, f"DRAFT of the chest radiograph — preliminary, AI-generated ({job.study_ref})"
     )
 
 
@@ -253,11 +257,9 @@ def draft_one() -> None:
         _fail(exc)
         return
     tokens_per_s = result.completion_tokens / result.latency_s if result.latency_s else 0.0
-    console.print(
-        Panel(
-            Syntax(json.dumps(result.report.model_dump(mode="json"), indent=2), "json"),
-            title=f"DRAFT — preliminary, AI-generated, for radiologist review ({result.reference})",
-        )
+    _print_draft(
+        result.report,
+        f"DRAFT — preliminary, AI-generated, for radiologist review ({result.reference})",
     )
     console.print(
         f"model {result.model} ({resolved.version}); schema-valid draft; "

@@ -13,6 +13,7 @@ Models and transition rules only; sessions and engines are opened by the caller 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -118,6 +119,14 @@ def fail(job: DraftJob, reason: str, *, max_attempts: int) -> DraftJob:
     if job.attempts >= max_attempts:
         job.state = JobState.DEAD_LETTERED
     return job
+
+
+def count_states(jobs: Iterable[DraftJob]) -> dict[JobState, int]:
+    """How many jobs are in each state (every state present, zero included)."""
+    result = dict.fromkeys(JobState, 0)
+    for job in jobs:
+        result[job.state] += 1
+    return result
 
 
 def resume_stage(job: DraftJob) -> JobState | None:
