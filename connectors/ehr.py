@@ -12,7 +12,9 @@ or birth date into a message: references are logical ids or ``identifier_ref`` h
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
 from urllib.parse import urlencode
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Resource)
 
 __all__ = [
+    "FINAL_REPORT_STATUSES",
     "Ehr",
     "EhrContext",
     "WriteResult",
@@ -45,8 +48,13 @@ __all__ = [
     "identifier_query",
     "identifier_ref",
     "identifier_token",
+    "latest_final_report",
     "parse_resource",
 ]
+
+# DiagnosticReport.status values of a signed report (FHIR R4 diagnostic-report-status): the
+# radiologist's report is final, or was amended/corrected after it was final.
+FINAL_REPORT_STATUSES = ("final", "amended", "corrected")
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,17 @@ class Ehr(Protocol):
         """
         ...
 
+    def find_final_report(
+        self, accession_number: str | None, service_request: str | None = None
+    ) -> DiagnosticReport | None:
+        """The radiologist's signed report for this order, or None if not (yet) signed.
+
+        A DiagnosticReport with status final, amended or corrected that is ``basedOn`` the order
+        (``service_request``, a reference like "ServiceRequest/123"), else one whose identifier
+        carries the accession number. When several match, the latest by ``issued`` wins.
+        """
+        ...
+
     def transaction(self, bundle: Bundle) -> Bundle:
         """Apply a ``transaction`` Bundle atomically; return the ``transaction-response``."""
         ...
@@ -140,6 +159,33 @@ def identifier_token(value: str, system: str | None = None) -> str:
 def identifier_query(value: str, system: str | None = None) -> str:
     """``identifier=system|value`` (URL-encoded) for ``If-None-Exist`` and ``ifNoneExist``."""
     return urlencode({"identifier": identifier_token(value, system)})
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def _aware(value: datetime | None) -> datetime:
+    if value is None:
+        return _EARLIEST
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def latest_final_report(reports: Iterable[DiagnosticReport]) -> DiagnosticReport | None:
+    """Of ``reports``, the latest by ``issued`` whose status is in ``FINAL_REPORT_STATUSES``.
+
+    Reports without ``issued`` rank below those with one; ties go to the later
+    ``meta.lastUpdated``, then to the first seen. None if no report is final.
+    """
+    best: DiagnosticReport | None = None
+    best_key: tuple[datetime, datetime] | None = None
+    for report in reports:
+        if report.status not in FINAL_REPORT_STATUSES:
+            continue
+        updated = report.meta.lastUpdated if report.meta is not None else None
+        key = (_aware(report.issued), _aware(updated))
+        if best_key is None or key > best_key:
+            best, best_key = report, key
+    return best
 
 
 def conditional_entry(resource: Resource, identifier: Identifier, full_url: str) -> BundleEntry:

@@ -43,11 +43,13 @@ from tenacity import (
 )
 
 from connectors.ehr import (
+    FINAL_REPORT_STATUSES,
     EhrContext,
     WriteResult,
     identifier_query,
     identifier_ref,
     identifier_token,
+    latest_final_report,
     parse_resource,
 )
 from connectors.fhir_auth import build_auth
@@ -212,6 +214,19 @@ def _when(resource: Resource, *fields: str) -> str:
             start = getattr(value, "start", None)
             return str(start if start is not None else value)
     return ""
+
+
+def _carries(resource: DiagnosticReport, value: str, system: str | None) -> bool:
+    """Whether ``resource.identifier`` has ``value`` (in ``system``, when one is given)."""
+    return any(
+        i.value == value and (system is None or i.system == system)
+        for i in resource.identifier or []
+    )
+
+
+def _is_based_on(report: DiagnosticReport, order_id: str) -> bool:
+    """Whether ``report.basedOn`` names ``ServiceRequest/{order_id}`` (relative or absolute)."""
+    return any(_local_id(b.reference, "ServiceRequest") == order_id for b in report.basedOn or [])
 
 
 def _is_active(condition: Condition) -> bool:
@@ -504,6 +519,51 @@ class FhirEhr:
         ]
         studies.sort(key=lambda s: _when(s, "started"), reverse=True)
         return EhrContext(patient, order, tuple(conditions), tuple(reports), tuple(studies))
+
+    def find_final_report(
+        self, accession_number: str | None, service_request: str | None = None
+    ) -> DiagnosticReport | None:
+        """``DiagnosticReport?based-on=ServiceRequest/{id}&status=final,amended,corrected``; when
+        no order is given or that finds nothing, ``DiagnosticReport?identifier=system|accession``
+        with the same status filter. The latest by ``issued`` wins.
+
+        Everything is checked again here (status, ``basedOn`` or identifier, search mode
+        ``match``): servers differ on multi-value ``status`` and ``based-on``, and some ignore a
+        parameter they do not support with only a warning, which would otherwise hand back the
+        AI's preliminary draft or another order's report.
+        """
+        statuses = ("status", ",".join(FINAL_REPORT_STATUSES))
+        if service_request:
+            order_id = _local_id(service_request, "ServiceRequest")
+            if order_id is None or not _ID.match(order_id):
+                raise ValueError("find_final_report: service_request is not a ServiceRequest/id")
+            order = f"ServiceRequest/{order_id}"
+            found = latest_final_report(
+                r
+                for mode, r in self._search(
+                    "DiagnosticReport",
+                    [("based-on", order), statuses],
+                    ref=f"DiagnosticReport based on {order}",
+                )
+                if mode == "match" and isinstance(r, DiagnosticReport) and _is_based_on(r, order_id)
+            )
+            if found is not None:
+                return found
+        if not accession_number:
+            return None
+        system = self._settings.accession_system
+        return latest_final_report(
+            r
+            for mode, r in self._search(
+                "DiagnosticReport",
+                [("identifier", identifier_token(accession_number, system)), statuses],
+                ref=f"DiagnosticReport {identifier_ref(accession_number, system)}",
+                sensitive=[accession_number],
+            )
+            if mode == "match"
+            and isinstance(r, DiagnosticReport)
+            and _carries(r, accession_number, system)
+        )
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -36,7 +36,14 @@ from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from connectors.ehr import EhrContext, WriteResult, identifier_ref, parse_resource
+from connectors.ehr import (
+    FINAL_REPORT_STATUSES,
+    EhrContext,
+    WriteResult,
+    identifier_ref,
+    latest_final_report,
+    parse_resource,
+)
 from medvlm.errors import (
     EhrConflictError,
     EhrError,
@@ -101,6 +108,23 @@ def _subject_id(data: dict[str, Any], field: str = "subject") -> str | None:
     if isinstance(ref, str) and ref.startswith("Patient/"):
         return ref.split("/", 2)[1]
     return None
+
+
+def _local_id(reference: Any, rtype: str) -> str | None:
+    """``ServiceRequest/1`` or ``https://…/ServiceRequest/1`` → ``1`` (None for other types)."""
+    if not isinstance(reference, str) or not reference:
+        return None
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == rtype and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def _based_on(data: dict[str, Any], order_id: str) -> bool:
+    return any(
+        isinstance(ref, dict) and _local_id(ref.get("reference"), "ServiceRequest") == order_id
+        for ref in data.get("basedOn") or []
+    )
 
 
 def _now() -> str:
@@ -242,6 +266,29 @@ class NdjsonEhr:
             reverse=True,
         )
         return EhrContext(patient, order, conditions, tuple(reports), tuple(studies))
+
+    def find_final_report(
+        self, accession_number: str | None, service_request: str | None = None
+    ) -> DiagnosticReport | None:
+        if service_request:
+            order_id = _local_id(service_request, "ServiceRequest")
+            if order_id is None:
+                raise ValueError("find_final_report: service_request is not a ServiceRequest/id")
+            found = latest_final_report(
+                self._parsed(d, DiagnosticReport)
+                for d in self._raw("DiagnosticReport")
+                if d.get("status") in FINAL_REPORT_STATUSES and _based_on(d, order_id)
+            )
+            if found is not None:
+                return found
+        if not accession_number:
+            return None
+        return latest_final_report(
+            self._parsed(d, DiagnosticReport)
+            for d in self._raw("DiagnosticReport")
+            if d.get("status") in FINAL_REPORT_STATUSES
+            and _has_identifier(d, self.accession_system, accession_number)
+        )
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -143,6 +143,96 @@ class SyntheticPatient:
         return Bundle(type="transaction", entry=entries)
 
 
+@dataclass
+class ReportedOrder:
+    """One synthetic order (accession number, fresh per test) and the reports about it.
+
+    ``report`` adds a DiagnosticReport identified by ``SYN-DR-{kind}-{run}`` (first identifier),
+    ``basedOn`` the order and/or carrying the accession number as a second identifier; ``post``
+    writes all of it in one transaction and learns the order's logical id.
+    """
+
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    order: str = ""  # "ServiceRequest/{id}" once posted
+
+    @property
+    def accession(self) -> str:
+        return f"SYN-ACC-{self.run}"
+
+    def ident(self, kind: str) -> str:
+        return f"SYN-DR-{kind}-{self.run}"
+
+    @property
+    def _patient_url(self) -> str:
+        return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"patient-{self.run}"))
+
+    @property
+    def _order_url(self) -> str:
+        return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"order-{self.run}"))
+
+    def report(
+        self,
+        kind: str,
+        status: str,
+        issued: str | None = None,
+        *,
+        based_on: bool = True,
+        accession: bool = False,
+    ) -> ReportedOrder:
+        identifiers = [{"system": TEST_SYSTEM, "value": self.ident(kind)}]
+        if accession:
+            identifiers.append({"system": ACCESSION_SYSTEM, "value": self.accession})
+        data: dict[str, Any] = {
+            "resourceType": "DiagnosticReport",
+            "identifier": identifiers,
+            "status": status,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
+            "subject": {"reference": self._patient_url},
+        }
+        if based_on:
+            data["basedOn"] = [{"reference": self._order_url}]
+        if issued is not None:
+            data["issued"] = issued
+        self.reports.append(data)
+        return self
+
+    def post(self, ehr: FhirEhr) -> ReportedOrder:
+        resources: list[tuple[str, dict[str, Any]]] = [
+            (
+                self._patient_url,
+                {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": MRN_SYSTEM, "value": f"SYN-MRN-{self.run}"}],
+                    "name": [{"family": SYNTHETIC_NAME}],
+                },
+            ),
+            (
+                self._order_url,
+                {
+                    "resourceType": "ServiceRequest",
+                    "identifier": [{"system": ACCESSION_SYSTEM, "value": self.accession}],
+                    "status": "active",
+                    "intent": "order",
+                    "code": {"text": "XR chest 2 views"},
+                    "subject": {"reference": self._patient_url},
+                },
+            ),
+            *((f"urn:uuid:{uuid.uuid4()}", data) for data in self.reports),
+        ]
+        entries = [
+            conditional_entry(
+                parse_resource(data), Identifier.model_validate(data["identifier"][0]), url
+            )
+            for url, data in resources
+        ]
+        answer = ehr.transaction(Bundle(type="transaction", entry=entries))
+        order_id = _ids(answer)[1]
+        assert order_id is not None
+        self.order = f"ServiceRequest/{order_id}"
+        return self
+
+
 # -- fixtures --------------------------------------------------------------------------------
 
 
@@ -419,6 +509,160 @@ def test_build_ehr_from_settings_alone_reads_the_server(
     finally:
         assert isinstance(ehr, FhirEhr)
         ehr.close()
+
+
+# -- the signed report -----------------------------------------------------------------------
+
+
+def _report_queries(proxy: FhirProxy) -> list[dict[str, list[str]]]:
+    """Query parameters of the DiagnosticReport searches the proxy saw."""
+    return [
+        parse_qs(path.partition("?")[2])
+        for method, path in proxy.server.requests
+        if method == "GET" and path.startswith("/fhir/DiagnosticReport?")
+    ]
+
+
+def test_final_report_is_the_latest_signed_report_based_on_the_order(
+    ehr_for: Callable[..., FhirEhr], fhir_base_url: str, proxy: FhirProxy
+) -> None:
+    # page_size=1: the matches span pages, so the latest must be picked across all of them.
+    ehr = ehr_for(fhir_base_url, page_size=1)
+    order = (
+        ReportedOrder()
+        .report("DRAFT", "preliminary", "2026-01-01T00:00:00Z", accession=True)
+        # by instant B (09:00Z) is later than A (08:30Z); as text A would sort last
+        .report("FINAL-A", "final", "2025-01-02T10:30:00+02:00")
+        .report("FINAL-B", "final", "2025-01-02T09:00:00Z")
+        .report("VOID", "entered-in-error", "2025-12-01T00:00:00Z")
+        .post(ehr)
+    )
+    found = ehr.find_final_report(order.accession, order.order)
+    assert found is not None and _first_identifier(found) == order.ident("FINAL-B")
+    assert found.status == "final"
+    found = ehr.find_final_report(None, order.order)
+    assert found is not None and _first_identifier(found) == order.ident("FINAL-B")
+
+    # The queries on the wire: based-on first; no identifier search once that found a report.
+    via_proxy = ehr_for(proxy.base_url)
+    assert via_proxy.find_final_report(order.accession, order.order) is not None
+    assert _report_queries(proxy) == [
+        {
+            "based-on": [order.order],
+            "status": ["final,amended,corrected"],
+            "_count": [str(_settings(fhir_base_url).page_size)],
+        }
+    ]
+
+
+def test_order_with_only_the_ai_draft_has_no_final_report(ehr: FhirEhr) -> None:
+    order = ReportedOrder().report("DRAFT", "preliminary", accession=True).post(ehr)
+    assert ehr.find_final_report(order.accession, order.order) is None
+    assert ehr.find_final_report(None, order.order) is None
+    assert ehr.find_final_report(order.accession) is None
+
+
+def test_final_report_is_found_by_accession_when_not_based_on_the_order(
+    ehr: FhirEhr, ehr_for: Callable[..., FhirEhr], fhir_base_url: str, proxy: FhirProxy
+) -> None:
+    order = (
+        ReportedOrder()
+        .report("DRAFT", "preliminary", "2026-01-01T00:00:00Z", accession=True)
+        .report("SIGNED", "final", "2025-01-01T08:00:00Z", based_on=False, accession=True)
+        .report("ADDENDUM", "amended", "2025-01-03T08:00:00Z", based_on=False, accession=True)
+        .post(ehr)
+    )
+    found = ehr.find_final_report(order.accession)
+    assert found is not None and _first_identifier(found) == order.ident("ADDENDUM")
+    found = ehr.find_final_report(order.accession, order.order)  # nothing basedOn: fall back
+    assert found is not None and _first_identifier(found) == order.ident("ADDENDUM")
+    assert ehr.find_final_report(None, order.order) is None
+    # the accession number is searched in the configured system only
+    assert (
+        ehr_for(fhir_base_url, accession_system="urn:other").find_final_report(order.accession)
+        is None
+    )
+
+    via_proxy = ehr_for(proxy.base_url)
+    assert via_proxy.find_final_report(order.accession, order.order) is not None
+    statuses = ["final,amended,corrected"]
+    assert [{k: v for k, v in q.items() if k != "_count"} for q in _report_queries(proxy)] == [
+        {"based-on": [order.order], "status": statuses},
+        {"identifier": [f"{ACCESSION_SYSTEM}|{order.accession}"], "status": statuses},
+    ]
+
+
+def test_final_report_needs_an_accession_or_an_order(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy
+) -> None:
+    ehr = ehr_for(proxy.base_url)
+    assert ehr.find_final_report(None) is None
+    assert ehr.find_final_report(None, None) is None
+    assert ehr.find_final_report("", "") is None
+    with pytest.raises(ValueError, match="ServiceRequest"):
+        ehr.find_final_report(None, "Patient/SYN-0001")
+    assert proxy.seen == 0, "nothing to ask the server"
+
+
+def test_final_report_ignores_drafts_and_included_resources_a_server_sends_back(
+    ehr: FhirEhr, ehr_for: Callable[..., FhirEhr], fhir_base_url: str, proxy: FhirProxy
+) -> None:
+    """Servers differ: one that ignores ``status`` or ``based-on`` (with only a warning) answers
+    with the AI's draft or other orders' reports; ``_include``d entries are not matches."""
+    order = (
+        ReportedOrder()
+        .report("DRAFT", "preliminary", "2026-01-01T00:00:00Z")
+        .report("FINAL", "final", "2025-01-02T08:00:00Z")
+        .post(ehr)
+    )
+    other = ReportedOrder().report("OTHER", "final", "2026-02-01T00:00:00Z").post(ehr)
+    with httpx.Client(timeout=10.0, trust_env=False) as http:
+        answer = http.get(f"{fhir_base_url}/DiagnosticReport", params={"based-on": order.order})
+        answer.raise_for_status()
+        draft = next(
+            e["resource"] for e in answer.json()["entry"] if e["resource"]["status"] != "final"
+        )
+        answer = http.get(f"{fhir_base_url}/DiagnosticReport", params={"based-on": other.order})
+        answer.raise_for_status()
+        (other_final,) = (e["resource"] for e in answer.json()["entry"])
+
+    # a later signed report on this order, but only _include'd: not an answer to the search
+    included = {**other_final, "basedOn": [{"reference": order.order}]}
+
+    def lenient(payload: bytes) -> bytes:
+        data = json.loads(payload)
+        if data.get("resourceType") == "Bundle" and data.get("type") == "searchset":
+            data.setdefault("entry", []).extend(
+                [
+                    {"resource": draft, "search": {"mode": "match"}},
+                    {"resource": other_final, "search": {"mode": "match"}},
+                    {"resource": included, "search": {"mode": "include"}},
+                ]
+            )
+        return json.dumps(data).encode()
+
+    proxy.rewrite = lenient
+    via_proxy = ehr_for(proxy.base_url)
+    found = via_proxy.find_final_report(order.accession, order.order)
+    assert found is not None and _first_identifier(found) == order.ident("FINAL")
+    assert via_proxy.find_final_report(order.accession) is None  # the order's reports lack it
+
+
+def test_final_report_errors_name_the_accession_by_hash_only(
+    ehr: FhirEhr, ehr_for: Callable[..., FhirEhr], proxy: FhirProxy
+) -> None:
+    order = ReportedOrder().report("DRAFT", "preliminary").post(ehr)
+    via_proxy = ehr_for(proxy.base_url, retry_attempts=1)
+    proxy.fail_next.append((200, {}))  # the based-on search answers an OperationOutcome
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        via_proxy.find_final_report(order.accession, order.order)
+    assert order.order in str(raised.value)
+    proxy.fail_next.append((503, {}))
+    with pytest.raises(EhrUnavailableError) as unavailable:
+        via_proxy.find_final_report(order.accession)
+    text = str(unavailable.value)
+    assert "identifier-" in text and "503" in text
+    assert order.accession not in text and SYNTHETIC_NAME not in text
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -277,3 +277,123 @@ def test_the_projects_draft_bundle_replays_on_the_folder_sink_without_duplicates
         if "meta" in json.loads(line) and json.loads(line)["meta"].get("tag")
     ]
     assert len(reports) == 1
+
+
+def _signed_reports(folder: Path) -> None:
+    """Reports on order SYN-SR-1 (accession SYN-ACC-0001): the AI's draft, two signed ones,
+    a voided one; one on another order; and ones identified by accession number only."""
+    code = {"text": "XR chest"}
+    subject = {"reference": "Patient/SYN-0001"}
+
+    def report(rid: str, status: str, issued: str | None, **extra: Any) -> dict[str, Any]:
+        data = {"id": rid, "status": status, "code": code, "subject": subject, **extra}
+        return data if issued is None else {**data, "issued": issued}
+
+    order = {"basedOn": [{"reference": "ServiceRequest/SYN-SR-1"}]}
+    _write(
+        folder,
+        "DiagnosticReport",
+        report("SYN-DR-DRAFT", "preliminary", "2026-01-01T00:00:00Z", **order),
+        # by instant B (09:00Z) is later than A (08:30Z); as text A would sort last
+        report("SYN-DR-A", "final", "2025-01-02T10:30:00+02:00", **order),
+        report("SYN-DR-B", "final", "2025-01-02T09:00:00Z", **order),
+        report("SYN-DR-VOID", "entered-in-error", "2025-12-01T00:00:00Z", **order),
+        report(
+            "SYN-DR-OTHER",
+            "final",
+            "2026-02-01T00:00:00Z",
+            basedOn=[{"reference": "ServiceRequest/SYN-SR-2"}],
+        ),
+        report(
+            "SYN-DR-ACC-DRAFT",
+            "preliminary",
+            "2026-01-01T00:00:00Z",
+            identifier=[{"system": ACCESSION_SYSTEM, "value": "SYN-ACC-0003"}],
+        ),
+        report(
+            "SYN-DR-ACC-FINAL",
+            "final",
+            "2025-01-01T08:00:00Z",
+            identifier=[{"system": ACCESSION_SYSTEM, "value": "SYN-ACC-0003"}],
+        ),
+        report(
+            "SYN-DR-ACC-AMENDED",
+            "amended",
+            "2025-01-03T08:00:00Z",
+            identifier=[{"system": ACCESSION_SYSTEM, "value": "SYN-ACC-0003"}],
+        ),
+    )
+
+
+def test_final_report_is_the_latest_signed_report_based_on_the_order(folder: Path) -> None:
+    _signed_reports(folder)
+    ehr = NdjsonEhr(folder, accession_system=ACCESSION_SYSTEM)
+    for found in (
+        ehr.find_final_report("SYN-ACC-0001", "ServiceRequest/SYN-SR-1"),
+        ehr.find_final_report(None, "ServiceRequest/SYN-SR-1"),
+        ehr.find_final_report(None, "https://ehr.invalid/fhir/ServiceRequest/SYN-SR-1"),
+    ):
+        assert found is not None and found.id == "SYN-DR-B" and found.status == "final"
+
+
+def test_order_with_only_the_ai_draft_has_no_final_report(folder: Path) -> None:
+    _write(
+        folder,
+        "DiagnosticReport",
+        {
+            "id": "SYN-DR-DRAFT-9",
+            "status": "preliminary",
+            "code": {"text": "XR chest"},
+            "basedOn": [{"reference": "ServiceRequest/SYN-SR-9"}],
+            "identifier": [{"system": ACCESSION_SYSTEM, "value": "SYN-ACC-0009"}],
+            "issued": "2026-01-01T00:00:00Z",
+        },
+    )
+    ehr = NdjsonEhr(folder, accession_system=ACCESSION_SYSTEM)
+    assert ehr.find_final_report("SYN-ACC-0009", "ServiceRequest/SYN-SR-9") is None
+    assert ehr.find_final_report(None, "ServiceRequest/SYN-SR-9") is None
+    assert ehr.find_final_report("SYN-ACC-0009") is None
+
+
+def test_final_report_is_found_by_accession_when_not_based_on_the_order(folder: Path) -> None:
+    _signed_reports(folder)
+    ehr = NdjsonEhr(folder, accession_system=ACCESSION_SYSTEM)
+    found = ehr.find_final_report("SYN-ACC-0003")
+    assert found is not None and found.id == "SYN-DR-ACC-AMENDED"
+    found = ehr.find_final_report("SYN-ACC-0003", "ServiceRequest/SYN-SR-3")  # none basedOn it
+    assert found is not None and found.id == "SYN-DR-ACC-AMENDED"
+    assert ehr.find_final_report(None, "ServiceRequest/SYN-SR-3") is None
+    assert NdjsonEhr(folder).find_final_report("SYN-ACC-0003") is not None  # any system
+    assert NdjsonEhr(folder, accession_system="urn:other").find_final_report("SYN-ACC-0003") is None
+
+
+def test_final_report_needs_an_accession_or_an_order(folder: Path) -> None:
+    _signed_reports(folder)
+    ehr = NdjsonEhr(folder, accession_system=ACCESSION_SYSTEM)
+    assert ehr.find_final_report(None) is None
+    assert ehr.find_final_report(None, None) is None
+    assert ehr.find_final_report("", "") is None
+    with pytest.raises(ValueError, match="ServiceRequest"):
+        ehr.find_final_report("SYN-ACC-0001", "Patient/SYN-0001")
+    assert NdjsonEhr(folder / "empty").find_final_report("SYN-ACC-0001", "ServiceRequest/1") is None
+
+
+def test_final_report_from_a_malformed_line_names_the_report_not_its_content(
+    folder: Path,
+) -> None:
+    _write(
+        folder,
+        "DiagnosticReport",
+        {
+            "id": "SYN-DR-BAD",
+            "status": "final",
+            "code": {"text": "XR chest"},
+            "basedOn": [{"reference": "ServiceRequest/SYN-SR-1"}],
+            "issued": f"{SYNTHETIC_NAME}-not-an-instant",
+        },
+    )
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        NdjsonEhr(folder).find_final_report("SYN-ACC-0001", "ServiceRequest/SYN-SR-1")
+    text = str(raised.value)
+    assert "DiagnosticReport/SYN-DR-BAD" in text and "issued" in text
+    assert SYNTHETIC_NAME not in text and "SYN-ACC-0001" not in text
