@@ -9,18 +9,27 @@ rowcount of such an insert is -1, hence ``RETURNING``.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from pipeline.ledger import TERMINAL, DiscoveryWatermark, DraftJob, JobState, count_states
+from pipeline.ledger import (
+    TERMINAL,
+    DiscoveryWatermark,
+    DraftJob,
+    FairnessRun,
+    JobState,
+    SignedReportLabels,
+    count_states,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,27 @@ def open_engine(url: str) -> Engine:
             cursor.close()
 
     SQLModel.metadata.create_all(engine)
+    _add_new_columns(engine)
     return engine
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add columns introduced after a ledger was created (nullable JSON ones, e.g. subgroups).
+
+    ``create_all`` creates missing tables only; a ledger from an earlier release would otherwise
+    fail on its first query. Existing rows get NULL, which readers treat as empty.
+    """
+    table = DraftJob.__table__  # type: ignore[attr-defined]
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    missing = [c for c in table.columns if c.name not in present]
+    if not missing:
+        return
+    with engine.begin() as connection:
+        for column in missing:
+            if not column.nullable:
+                raise RuntimeError(f"ledger column {column.name} is missing and not nullable")
+            kind = column.type.compile(dialect=engine.dialect)
+            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 class LedgerStore:
@@ -76,6 +105,7 @@ class LedgerStore:
                 "timings": {},
                 "fhir_ids": {},
                 "links": {},
+                "subgroups": {},
                 "attempts": 0,
             }
             for s in studies
@@ -101,6 +131,22 @@ class LedgerStore:
             query = select(DraftJob).where(DraftJob.model_version == model_version)
             if study_uids is not None:
                 query = query.where(col(DraftJob.study_uid).in_(list(study_uids)))
+            return list(session.exec(query.order_by(col(DraftJob.id))).all())
+
+    def jobs_between(
+        self, since: dt.datetime, until: dt.datetime, model_version: str | None = None
+    ) -> list[DraftJob]:
+        """Jobs registered in ``[since, until)``, of one model version or all, oldest first.
+
+        Naive datetimes are taken as UTC (the ledger's clock).
+        """
+        since, until = (t if t.tzinfo is None else t.astimezone(dt.UTC) for t in (since, until))
+        with Session(self._engine) as session:
+            query = select(DraftJob).where(
+                col(DraftJob.created_at) >= since, col(DraftJob.created_at) < until
+            )
+            if model_version is not None:
+                query = query.where(DraftJob.model_version == model_version)
             return list(session.exec(query.order_by(col(DraftJob.id))).all())
 
     def pending(self, model_version: str) -> list[DraftJob]:
@@ -134,4 +180,34 @@ class LedgerStore:
         """Save it; call only after the studies it covers are registered (nothing is lost)."""
         with Session(self._engine) as session:
             session.merge(DiscoveryWatermark(source=source, value=value))
+            session.commit()
+
+    def signed_labels(
+        self, study_uids: Iterable[str], labeler: str
+    ) -> dict[str, SignedReportLabels]:
+        """Cached labels of signed reports for these studies (by study UID), for ``labeler``."""
+        uids = list(study_uids)
+        found: dict[str, SignedReportLabels] = {}
+        with Session(self._engine) as session:
+            for start in range(0, len(uids), 500):
+                query = select(SignedReportLabels).where(
+                    SignedReportLabels.labeler == labeler,
+                    col(SignedReportLabels.study_uid).in_(uids[start : start + 500]),
+                )
+                found.update((row.study_uid, row) for row in session.exec(query).all())
+        return found
+
+    def save_signed_labels(self, rows: Iterable[SignedReportLabels]) -> None:
+        with Session(self._engine) as session:
+            for row in rows:
+                session.merge(row)
+            session.commit()
+
+    def fairness_run(self, key: str) -> FairnessRun | None:
+        with Session(self._engine) as session:
+            return session.get(FairnessRun, key)
+
+    def save_fairness_run(self, run: FairnessRun) -> None:
+        with Session(self._engine) as session:
+            session.merge(run)
             session.commit()

@@ -46,6 +46,7 @@ from pipeline.imaging import PixelBudget, image_to_png, study_images, study_refe
 from pipeline.ledger import DraftJob, JobState, advance, count_states, fail, resume_stage
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftReport
+from pipeline.subgroups import SUBGROUP_HEADER_KEYWORDS, subgroup_attributes
 from serving.clients import Drafter
 
 log = logging.getLogger("medvlm.flows")
@@ -145,16 +146,23 @@ def fetch(services: Services, job: DraftJob) -> _Fetched:
     context, flags = _ehr_context(
         services, job, str(first.get("PatientID", "")) or None if first is not None else None
     )
+
+    def header(keyword: str) -> str | None:
+        value = first.get(keyword) if first is not None else None
+        return str(value) if value not in (None, "") else None
+
+    # Captured before the images are decoded, so a study that fails to decode is still counted
+    # in its groups' failure rates.
+    job.subgroups = subgroup_attributes(
+        context.patient if context is not None else None,
+        {keyword: header(keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
+    )
     images = study_images(
         by_series,
         reference=job.study_ref,
         max_images=services.max_images,
         budget=PixelBudget(max_side=services.job.max_image_side),
     )
-
-    def header(keyword: str) -> str | None:
-        value = first.get(keyword) if first is not None else None
-        return str(value) if value not in (None, "") else None
 
     modality = header("Modality") or "OT"
     if context is not None:

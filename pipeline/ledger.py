@@ -86,6 +86,11 @@ class DraftJob(SQLModel, table=True):
     )
     output_sha256: str | None = Field(default=None, max_length=64)
     draft_id: str | None = Field(default=None, max_length=64)
+    subgroups: dict[str, str] = Field(
+        default_factory=dict,
+        sa_column=Column(JSON),
+        description="Fairness attributes captured at draft time (pipeline.subgroups).",
+    )
     fhir_ids: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column(JSON), description="Resource type → ids written."
     )
@@ -146,3 +151,39 @@ class DiscoveryWatermark(SQLModel, table=True):
     source: str = Field(primary_key=True, max_length=200, description="Which image source.")
     value: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     updated_at: datetime = Field(default_factory=_now)
+
+
+class SignedReportLabels(SQLModel, table=True):
+    """Labels extracted from a study's signed (final) report, kept so the monitor asks once.
+
+    Keyed by study and labeler: every model version drafted for the study is compared with the
+    same signed report. Only labels and a reference are stored, not the report text.
+    """
+
+    __tablename__ = "signed_report_labels"
+
+    study_uid: str = Field(primary_key=True, max_length=64, description="Study Instance UID.")
+    labeler: str = Field(primary_key=True, max_length=64, description="Labeler name/version.")
+    report_ref: str = Field(max_length=200, description="DiagnosticReport/{id} that was read.")
+    status: str = Field(max_length=20, description="Its status then (final/amended/corrected).")
+    labels: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSON), description="Finding → presence mentioned."
+    )
+    fetched_at: datetime = Field(default_factory=_now)
+
+
+class FairnessRun(SQLModel, table=True):
+    """A fairness report written to the EHR, so a re-run for the same window writes nothing new.
+
+    ``key`` is the MeasureReport's stable identifier value (window and scope).
+    """
+
+    __tablename__ = "fairness_run"
+
+    key: str = Field(primary_key=True, max_length=64, description="MeasureReport identifier.")
+    since: datetime
+    until: datetime
+    scope: str = Field(max_length=200, description="Model version, or all versions.")
+    measure_report_id: str = Field(max_length=64, description="Id the EHR gave it.")
+    alerts: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=_now)

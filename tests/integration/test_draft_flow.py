@@ -37,9 +37,17 @@ from flows.draft_reports import (
 )
 from medvlm.devservers import OrthancInfo
 from medvlm.settings import EhrSettings, JobSettings, MedvlmSettings, PacsSettings
+from pipeline.fairness_types import ATTRIBUTES
 from pipeline.fhir_resources import ModelIdentity
 from pipeline.ledger import JobState
-from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, SampleCase, sample_cohort
+from pipeline.sample_cohort import (
+    ACCESSION_SYSTEM,
+    MRN_SYSTEM,
+    SEX_BY_CASE,
+    SampleCase,
+    sample_cohort,
+)
+from pipeline.subgroups import age_band
 from pipeline.synthetic_dicom import make_study
 from serving.clients import HandleDrafter, HttpDrafter
 
@@ -185,6 +193,14 @@ def test_batch_drafts_every_study_and_records_the_undecodable_one(
     assert len(with_order) == len(world.cases) - 1  # the US case has no order
     flagged = [job for job in jobs.values() if FLAG_NO_ORDER in job.flags]
     assert [job.study_uid for job in flagged] == [world.cases[-1].study_uid]
+    # Fairness attributes captured at draft time: the EHR's sex, an age band (no birth date).
+    for i, case in enumerate(world.cases):
+        groups = jobs[case.study_uid].subgroups
+        assert groups["sex"] == SEX_BY_CASE[i % len(SEX_BY_CASE)]
+        born = dt.date(1950 + 7 * i, 1, 1)
+        assert groups["age_band"] == age_band(born, world.study_date)
+        assert groups["modality"] == str(case.datasets[0].Modality)
+        assert set(groups) == set(ATTRIBUTES)
 
 
 def test_second_run_creates_nothing_new_and_dead_letters_the_broken_study(

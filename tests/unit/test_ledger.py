@@ -112,3 +112,35 @@ def test_pending_excludes_written_and_dead_lettered(tmp_path: Path) -> None:
     fail(dead, "undecodable pixels", max_attempts=1)
     store.save([done, dead])
     assert [j.study_uid for j in store.pending("v1")] == [open_job.study_uid]
+
+
+def test_a_ledger_from_before_subgroups_gains_the_column(tmp_path: Path) -> None:
+    from sqlalchemy import inspect, text
+
+    from connectors.ledger_store import LedgerStore, NewStudy, open_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    SQLModel.metadata.create_all(old)
+    with old.begin() as connection:  # the table as an earlier release created it
+        connection.execute(text("ALTER TABLE draft_job DROP COLUMN subgroups"))
+        connection.execute(
+            text(
+                "INSERT INTO draft_job (id, study_uid, study_ref, model_version, state, attempts, "
+                "flags, timings, links, fhir_ids, created_at, updated_at) VALUES (1, '1.2.9', "
+                "'study-old', 'v0', 'WRITTEN', 0, '[]', '{}', '{}', '{}', '2026-01-01', "
+                "'2026-01-01')"
+            )
+        )
+    old.dispose()
+    engine = open_engine(url)
+    assert "subgroups" in {c["name"] for c in inspect(engine).get_columns("draft_job")}
+    store = LedgerStore(engine)
+    (legacy,) = store.jobs("v0")
+    assert legacy.state is JobState.WRITTEN and not legacy.subgroups
+    store.register([NewStudy("1.2.10", "study-new", None)], "v1")
+    (fresh,) = store.jobs("v1")
+    fresh.subgroups = {"sex": "female"}
+    store.save([fresh])
+    assert store.jobs("v1")[0].subgroups == {"sex": "female"}
+    open_engine(url)  # idempotent: nothing left to add

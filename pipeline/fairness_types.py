@@ -1,0 +1,160 @@
+"""The values the fairness monitor computes: per-subgroup metric estimates, disparities, alerts.
+
+Computed by ``pipeline.fairness`` from ``FairnessRecord``s (one per drafted study); rendered by
+``pipeline.fairness_fhir`` (a FHIR MeasureReport) and ``pipeline.fairness_html`` (an HTML report).
+Plain frozen dataclasses, no I/O. A suppressed cell (a group smaller than the minimum size for that
+metric) has ``suppressed=True`` and no numbers: unstable figures are never shown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+#: Subgroup attributes captured per study at draft time (``DraftJob.subgroups``).
+ATTRIBUTES: tuple[str, ...] = (
+    "sex",
+    "age_band",
+    "race",
+    "ethnicity",
+    "site",
+    "manufacturer",
+    "scanner_model",
+    "modality",
+)
+#: The group of a study whose attribute is missing: reported like any other group, never dropped.
+UNKNOWN = "unknown"
+
+MetricKind = Literal["rate", "mean"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its bootstrap confidence interval; all None when not computable."""
+
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One metric in one subgroup (stratum), compared with the overall value."""
+
+    attribute: str
+    group: str
+    n: int  # studies in the metric's denominator within this group (the cell size)
+    numerator: float  # sum of the metric's numerator within this group
+    suppressed: bool  # n < minimum group size: no numbers reported
+    estimate: Estimate  # group value (None if suppressed)
+    ratio: Estimate  # group value / overall value
+    difference: Estimate  # group value - overall value
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric overall and per subgroup of every attribute."""
+
+    name: str  # e.g. "underdiagnosis_rate", "sensitivity:edema", "finding_rate:cardiomegaly"
+    title: str  # human-readable, e.g. "Sensitivity: edema"
+    kind: MetricKind  # "rate" (a proportion in [0, 1]) or "mean" (of a quantity with `unit`)
+    unit: str  # UCUM-style unit: "1" for rates, "s" for seconds, "{char}" for characters
+    population: str  # who is counted in the denominator, in words
+    overall_n: int
+    overall_numerator: float
+    overall: Estimate
+    groups: tuple[GroupResult, ...]
+
+    def by_attribute(self, attribute: str) -> tuple[GroupResult, ...]:
+        return tuple(g for g in self.groups if g.attribute == attribute)
+
+    def largest_ratio(self, attribute: str | None = None) -> GroupResult | None:
+        """The unsuppressed group whose ratio to the overall is furthest from 1 (either way)."""
+        return _furthest(self, attribute, lambda g: g.ratio.value, parity=1.0, log=True)
+
+    def largest_difference(self, attribute: str | None = None) -> GroupResult | None:
+        """The unsuppressed group whose difference to the overall is largest in size."""
+        return _furthest(self, attribute, lambda g: g.difference.value, parity=0.0, log=False)
+
+
+def _furthest(
+    metric: MetricResult,
+    attribute: str | None,
+    value: Callable[[GroupResult], float | None],
+    *,
+    parity: float,
+    log: bool,
+) -> GroupResult | None:
+    best: tuple[float, GroupResult] | None = None
+    for group in metric.groups:
+        if group.suppressed or (attribute is not None and group.attribute != attribute):
+            continue
+        v = value(group)
+        if v is None or (log and v <= 0):
+            continue
+        distance = abs(math.log(v)) if log else abs(v - parity)
+        if best is None or distance > best[0]:
+            best = (distance, group)
+    return None if best is None else best[1]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A fired alert rule: which metric, which attribute and group, and the evidence."""
+
+    rule: str  # the rule's name from settings
+    metric: str
+    attribute: str
+    group: str
+    n: int
+    estimate: Estimate
+    overall: Estimate
+    ratio: Estimate
+    difference: Estimate
+    message: str  # one line naming group and metric, no patient data
+
+
+@dataclass(frozen=True)
+class TrendPoint:
+    """A headline metric's point estimate for one group in one window (None when suppressed)."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    metric: str
+    attribute: str  # "overall" for the whole population
+    group: str
+    n: int
+    value: float | None
+
+
+@dataclass(frozen=True)
+class FairnessReport:
+    """Everything one monitoring run found, for one window."""
+
+    since: dt.datetime
+    until: dt.datetime
+    generated: dt.datetime
+    model_versions: tuple[str, ...]
+    studies: int  # ledger jobs in the window (all outcomes)
+    drafted: int  # of which a draft exists
+    with_final_report: int  # of which a signed final report was found and labelled
+    min_group_size: int
+    n_boot: int
+    confidence: float  # e.g. 0.95
+    attributes: tuple[str, ...]
+    metrics: tuple[MetricResult, ...]
+    alerts: tuple[Alert, ...]
+    trend: tuple[TrendPoint, ...] = ()
+
+    def metric(self, name: str) -> MetricResult:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(name)
