@@ -478,6 +478,108 @@ class JobSettings(BaseModel):
     )
 
 
+class AlertRule(BaseModel):
+    """A disparity that should alert: a metric, the groups it watches, and its thresholds.
+
+    It fires for an unsuppressed group when the group's value compared with the overall value
+    crosses a threshold (ratio = group / overall, difference = group - overall) and, with
+    ``require_ci``, the bootstrap confidence interval of that ratio or difference lies entirely
+    on the far side of parity (1 for ratios, 0 for differences).
+    """
+
+    name: str = Field(description="Name of the rule, quoted in alerts.")
+    metric: str = Field(
+        description="Metric name, or a shell-style pattern such as `sensitivity:*`."
+    )
+    attributes: list[str] | None = Field(
+        default=None, description="Attributes whose groups are checked. Unset: all of them."
+    )
+    ratio_above: float | None = Field(default=None, gt=0, description="Fire when ratio > this.")
+    ratio_below: float | None = Field(default=None, gt=0, description="Fire when ratio < this.")
+    difference_above: float | None = Field(
+        default=None, description="Fire when difference > this (in the metric's unit)."
+    )
+    difference_below: float | None = Field(
+        default=None, description="Fire when difference < this (in the metric's unit)."
+    )
+    require_ci: bool = Field(
+        default=True, description="Also require the confidence interval to exclude parity."
+    )
+
+    @model_validator(mode="after")
+    def _check_rule(self) -> AlertRule:
+        bounds = (self.ratio_above, self.ratio_below, self.difference_above, self.difference_below)
+        if all(bound is None for bound in bounds):
+            raise ValueError(f"alert rule {self.name!r} has no threshold")
+        return self
+
+
+def _default_alert_rules() -> list[AlertRule]:
+    return [
+        AlertRule(
+            name="underdiagnosis",
+            metric="underdiagnosis_rate",
+            ratio_above=1.25,
+        ),
+        AlertRule(name="sensitivity-gap", metric="sensitivity:*", ratio_below=0.8),
+        AlertRule(name="failure-gap", metric="failure_rate", difference_above=0.05),
+    ]
+
+
+class FairnessSettings(BaseModel):
+    """Fairness monitoring of drafts across patient and operational subgroups (issue 5)."""
+
+    window_days: int = Field(
+        default=30, ge=1, le=3650, description="Days of drafts one monitoring run looks at."
+    )
+    trend_windows: int = Field(
+        default=6,
+        ge=1,
+        le=52,
+        description="Windows of `window_days` (this one and earlier ones) shown as trends.",
+    )
+    attributes: list[str] = Field(
+        default_factory=lambda: [
+            "sex",
+            "age_band",
+            "race",
+            "ethnicity",
+            "site",
+            "manufacturer",
+            "scanner_model",
+            "modality",
+        ],
+        description="Subgroup attributes to stratify by (captured at draft time).",
+    )
+    min_group_size: int = Field(
+        default=30,
+        ge=1,
+        description="Smallest cell (group members in a metric's denominator) reported with "
+        "numbers; smaller cells are reported as suppressed.",
+    )
+    n_boot: int = Field(
+        default=500, ge=50, le=20000, description="Bootstrap resamples for confidence intervals."
+    )
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals."
+    )
+    seed: int = Field(default=0, description="Seed of the bootstrap (reproducible reports).")
+    rules: list[AlertRule] = Field(
+        default_factory=_default_alert_rules,
+        description="Alert rules; the defaults follow CheXclusion-style underdiagnosis checks.",
+    )
+    report_dir: Path | None = Field(
+        default=None, description="Where HTML reports are written. Unset: HOME/fairness."
+    )
+    write_measure_report: bool = Field(
+        default=True, description="Write the summary as a FHIR MeasureReport into the EHR."
+    )
+    measure_url: str = Field(
+        default="urn:medvlm-pipeline:Measure:draft-fairness",
+        description="Canonical of the Measure the MeasureReport reports on.",
+    )
+
+
 class MedvlmSettings(BaseSettings):
     """Root of the settings tree."""
 
@@ -498,6 +600,7 @@ class MedvlmSettings(BaseSettings):
     pacs: PacsSettings = Field(default_factory=PacsSettings)
     ehr: EhrSettings = Field(default_factory=EhrSettings)
     job: JobSettings = Field(default_factory=JobSettings)
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> MedvlmSettings:
@@ -509,6 +612,8 @@ class MedvlmSettings(BaseSettings):
             self.pacs.folder = self.home / "dicom"
         if self.ehr.folder is None:
             self.ehr.folder = self.home / "ehr"
+        if self.fairness.report_dir is None:
+            self.fairness.report_dir = self.home / "fairness"
         if self.job.ledger_url is None:
             self.job.ledger_url = f"sqlite:///{self.home / 'ledger.db'}"
         return self

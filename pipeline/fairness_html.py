@@ -1,0 +1,750 @@
+"""A fairness monitoring run as one self-contained HTML page. Pure: returns text, does no I/O.
+
+The page is meant to be opened on offline hospital machines: no scripts, no external stylesheets,
+fonts or images. Plots are drawn with matplotlib's object API (``Figure`` saved as SVG, never
+pyplot, so no GUI backend and no global figure registry) and inlined as SVG text.
+
+Content, top to bottom: the run's window, model versions, counts and method; the fired alerts (or a
+line saying none fired); for each headline metric a bar chart of the per-group values with their
+confidence intervals against the overall value, one panel per attribute; trend plots over the past
+windows when the report carries them; a table for every metric.
+
+A suppressed cell (a group smaller than the minimum group size) is shown as "suppressed", never
+with a number: neither its value nor its size is read. All text goes through jinja2's autoescape;
+text drawn in the plots is escaped by matplotlib's SVG writer and never parsed as mathtext.
+
+Rendering is deterministic for equal input: the SVG writer's ids come from a fixed hash salt and
+its date metadata is left out. ``matplotlib.rc_context`` sets the SVG options only while a figure
+is built and saved (rcParams are process-global, so concurrent renders in threads may interleave).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+import jinja2
+import matplotlib
+from markupsafe import Markup
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
+from matplotlib.figure import Figure
+from matplotlib.ticker import (
+    FixedLocator,
+    Formatter,
+    FuncFormatter,
+    Locator,
+    MaxNLocator,
+    PercentFormatter,
+)
+from matplotlib.transforms import blended_transform_factory
+
+from pipeline.fairness_types import (
+    Estimate,
+    FairnessReport,
+    GroupResult,
+    MetricResult,
+    TrendPoint,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+__all__ = ["DEFAULT_HEADLINE", "render_html"]
+
+#: The metrics that get plots (bar charts and trends); those missing from a report are skipped.
+DEFAULT_HEADLINE: tuple[str, ...] = (
+    "underdiagnosis_rate",
+    "no_finding_rate",
+    "failure_rate",
+    "critical_rate",
+)
+
+#: The attribute of the trend points that carry the whole population's value.
+_OVERALL = "overall"
+_DASH = "—"
+_BAR = "#4477aa"
+_BAR_FLAGGED = "#cc3311"
+_OVERALL_LINE = "#222222"
+_MUTED = "#777777"
+# Colour-blind-safe qualitative palette (Paul Tol's "vibrant", grey darkened so its legend
+# text stays readable), then the darker half of matplotlib's default cycle.
+_SERIES_COLOURS = (
+    "#0077bb",
+    "#ee7733",
+    "#009988",
+    "#cc3311",
+    "#33bbee",
+    "#ee3377",
+    "#666666",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_RC: dict[RcKeyType, object] = {
+    "svg.fonttype": "none",  # text stays text: small, searchable, selectable
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica", "Liberation Sans"],
+    "font.size": 8.0,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.unicode_minus": False,
+}
+# No Date (it would change on every render), no Creator/Type/Format (they carry URLs).
+_SVG_METADATA: dict[str, str | None] = {
+    "Date": None,
+    "Creator": None,
+    "Type": None,
+    "Format": None,
+}
+# Within a tag (matplotlib escapes "<" and ">" in attribute values and text): an id, a reference.
+_SVG_TAG = re.compile(r"<[^>]*>")
+_SVG_ID = re.compile(r'(\sid=")([^"]+)(")|(href="#)([^"]+)(")|(url\(#)([^)]+)(\))')
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _unit_label(unit: str) -> str:
+    """UCUM unit as shown after a mean: "1" is dimensionless, ``{char}`` annotations lose braces."""
+    if unit in ("", "1"):
+        return ""
+    if unit == "{char}":
+        return "characters"
+    return unit.replace("{", "").replace("}", "")
+
+
+def _format_value(metric: MetricResult, value: float | None, *, signed: bool = False) -> str:
+    v = _finite(value)
+    if v is None:
+        return _DASH
+    scale, decimals = (100, 1) if metric.kind == "rate" else (1, 2)
+    if round(v * scale, decimals) == 0:
+        v = 0.0  # no "-0.0"
+    sign = "+" if signed else ""
+    if metric.kind == "rate":
+        return f"{v * 100:{sign}.1f} pp" if signed else f"{v * 100:.1f}%"
+    unit = _unit_label(metric.unit)
+    text = f"{v:{sign},.2f}"
+    return f"{text} {unit}" if unit else text
+
+
+def _format_ratio(value: float | None) -> str:
+    v = _finite(value)
+    return _DASH if v is None else f"{v:.2f}"
+
+
+def _with_ci(estimate: Estimate, fmt: str, metric: MetricResult) -> str:
+    def one(v: float | None) -> str:
+        if fmt == "ratio":
+            return _format_ratio(v)
+        return _format_value(metric, v, signed=fmt == "difference")
+
+    text = one(estimate.value)
+    if text == _DASH:
+        return text
+    low, high = _finite(estimate.ci_low), _finite(estimate.ci_high)
+    if low is None or high is None:
+        return text
+    return f"{text} [{one(low)}, {one(high)}]"
+
+
+def _ratio_ci_excludes_one(ratio: Estimate) -> bool:
+    low, high = _finite(ratio.ci_low), _finite(ratio.ci_high)
+    return low is not None and high is not None and (low > 1.0 or high < 1.0)
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """Aware datetimes converted to UTC; naive ones are taken to be UTC already."""
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+
+
+def _format_time(moment: dt.datetime) -> str:
+    return f"{_utc(moment):%Y-%m-%d %H:%M}"
+
+
+def _plot_text(text: str) -> str:
+    """Literal text for a matplotlib label: dollar signs escaped so mathtext never parses it."""
+    return text.replace("$", r"\$")
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+# Fixed layout in inches (matplotlib's layout engines cost more than everything else here).
+_WIDTH = 7.5
+_ROW = 0.24  # one group's bar
+_HEADER = 0.3  # an attribute's name above its groups
+_CHAR = 0.068  # average width of one 8 pt character
+_LABEL_CHARS = 36  # longer group names are shortened in plots (never in the tables)
+
+
+def _svg(figure: Figure, key: str) -> Markup:
+    """The figure as an inline ``<svg>`` element whose ids are unique within the page."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata=_SVG_METADATA)
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: not valid inside HTML
+
+    def prefix(match: re.Match[str]) -> str:
+        before, name, after = (g for g in match.groups() if g is not None)
+        return f"{before}{key}-{name}{after}"
+
+    # Ids prefixed with the figure's key: several SVGs share the page's id space.
+    text = _SVG_TAG.sub(lambda tag: _SVG_ID.sub(prefix, tag.group()), text)
+    return Markup(text.strip())  # matplotlib escaped the text it drew
+
+
+def _rc(key: str) -> dict[RcKeyType, object]:
+    return {**_RC, "svg.hashsalt": f"medvlm-fairness-{key}"}
+
+
+def _short(text: str, limit: int = _LABEL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _value_formatter(metric: MetricResult) -> Formatter:
+    if metric.kind == "rate":
+        return PercentFormatter(xmax=1.0)
+    return FuncFormatter(lambda v, _pos: f"{v:,.4g}")
+
+
+def _margins(figure: Figure, *, left: float, right: float, top: float, bottom: float) -> None:
+    """Subplot margins in inches."""
+    width, height = figure.get_size_inches()
+    figure.subplots_adjust(
+        left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height
+    )
+
+
+def _bar_figure(metric: MetricResult, report: FairnessReport, key: str) -> Markup | None:
+    """A forest-style chart: per attribute, each group's value and interval on one axis."""
+    blocks = [(a, metric.by_attribute(a)) for a in _attributes(report, metric)]
+    blocks = [(a, g) for a, g in blocks if g]
+    if not blocks:
+        return None
+    # Vertical positions in row units, top to bottom: a header per attribute, then its groups.
+    headers: list[tuple[float, str]] = []
+    rows: list[tuple[float, GroupResult]] = []
+    y = 0.0
+    for attribute, groups in blocks:
+        headers.append((y, attribute))
+        y += _HEADER / _ROW
+        for g in groups:
+            rows.append((y, g))
+            y += 1.0
+    span = y
+    labels = [_short(g.group) for _, g in rows]
+    left = min(max(0.9, _CHAR * max(len(t) for t in labels) + 0.3), 3.0)
+    height = span * _ROW + 0.7
+
+    with matplotlib.rc_context(_rc(key)):
+        figure = Figure(figsize=(_WIDTH, height))
+        _margins(figure, left=left, right=0.25, top=0.1, bottom=0.45)
+        ax = figure.add_subplot()
+        ax.set_ylim(span - 0.4, -0.6)
+        ax.set_yticks([])
+        ax.spines[["left", "top", "right"]].set_visible(False)
+        ax.xaxis.set_major_formatter(_value_formatter(metric))
+        if metric.kind == "mean" and _unit_label(metric.unit):
+            ax.set_xlabel(_plot_text(_unit_label(metric.unit)))
+        ax.grid(axis="x", color="#dddddd", linewidth=0.6)
+        ax.set_axisbelow(True)
+
+        label_at = ax.get_yaxis_transform()  # x in axes fraction, y in rows
+        header_at = blended_transform_factory(figure.transFigure, ax.transData)
+        for position, attribute in headers:
+            figure.text(
+                0.1 / _WIDTH,
+                position,
+                _plot_text(attribute),
+                transform=header_at,
+                va="center",
+                fontweight="bold",
+            )
+            if position > 0:
+                ax.axhline(position - 0.5, color="#bbbbbb", linewidth=0.6)
+        for (position, _), label in zip(rows, labels, strict=True):
+            figure.text(
+                -0.01, position, _plot_text(label), transform=label_at, va="center", ha="right"
+            )
+
+        overall = metric.overall
+        low, high = _finite(overall.ci_low), _finite(overall.ci_high)
+        if low is not None and high is not None:
+            ax.axvspan(low, high, color=_OVERALL_LINE, alpha=0.08, linewidth=0)
+        overall_value = _finite(overall.value)
+        if overall_value is not None:
+            ax.axvline(overall_value, color=_OVERALL_LINE, linestyle="--", linewidth=1.0)
+
+        shown: list[tuple[float, float, str]] = []
+        errors: list[tuple[float, float, float, float]] = []
+        extent = [0.0, *(v for v in (overall_value, high) if v is not None)]
+        for position, group in rows:
+            value = None if group.suppressed else _finite(group.estimate.value)
+            if value is None:
+                note = (
+                    f"suppressed (n < {report.min_group_size})"
+                    if group.suppressed
+                    else "not computable"
+                )
+                figure.text(
+                    0.01,
+                    position,
+                    note,
+                    transform=label_at,
+                    va="center",
+                    color=_MUTED,
+                    style="italic",
+                )
+                continue
+            colour = _BAR_FLAGGED if _ratio_ci_excludes_one(group.ratio) else _BAR
+            shown.append((position, value, colour))
+            extent.append(value)
+            g_low, g_high = _finite(group.estimate.ci_low), _finite(group.estimate.ci_high)
+            if g_low is not None and g_high is not None:
+                errors.append((position, value, max(value - g_low, 0.0), max(g_high - value, 0.0)))
+                extent.extend((g_low, g_high))
+        if shown:
+            ys, values, colours = zip(*shown, strict=True)
+            ax.barh(ys, values, height=0.62, color=colours)
+        if errors:
+            ys, values, below, above = zip(*errors, strict=True)
+            ax.errorbar(
+                values,
+                ys,
+                xerr=[below, above],
+                fmt="none",
+                ecolor=_OVERALL_LINE,
+                elinewidth=0.9,
+                capsize=2.5,
+            )
+        top = max(extent)
+        ax.set_xlim(min(min(extent), 0.0), top * 1.06 if top > 0 else 1.0)
+        return _svg(figure, key)
+
+
+def _attributes(report: FairnessReport, metric: MetricResult) -> list[str]:
+    """The report's attributes in order, then any others the metric has groups for."""
+    names = list(report.attributes)
+    names.extend(g.attribute for g in metric.groups if g.attribute not in names)
+    return list(dict.fromkeys(names))
+
+
+def _tick_label(metric: MetricResult, value: float, step: float) -> str:
+    if metric.kind == "rate":
+        decimals = 0 if step * 100 >= 1 - 1e-9 else 1
+        return f"{value * 100:.{decimals}f}%"
+    return f"{value:,.4g}"
+
+
+def _nice_ticks(metric: MetricResult, values: Sequence[float]) -> list[float]:
+    """Three or four round tick values covering `values` (from 0 for rates and positive means)."""
+    finite = [v for v in values if math.isfinite(v)]
+    low, high = min(finite, default=0.0), max(finite, default=1.0)
+    if metric.kind == "rate" or low >= 0:
+        low = min(low, 0.0)
+    if high <= low:
+        high = low + (abs(low) or 1.0)
+    return [float(t) for t in MaxNLocator(nbins=3).tick_values(low, high)]
+
+
+def _series_colour(number: int) -> str:
+    return _SERIES_COLOURS[number % len(_SERIES_COLOURS)]
+
+
+def _legend_label(group: str, values: Sequence[float]) -> str:
+    shown = any(math.isfinite(v) for v in values)
+    return _short(group, 24) + ("" if shown else " (no value)")
+
+
+def _rescale(
+    values: Sequence[float], ticks: Sequence[float], base: float, height: float
+) -> list[float]:
+    """Values mapped onto a panel: the first tick at `base`, the last `height` above it."""
+    span = (ticks[-1] - ticks[0]) or 1.0
+    return [base + (v - ticks[0]) / span * height for v in values]
+
+
+def _trend_figure(
+    metric: MetricResult, points: Sequence[TrendPoint], report: FairnessReport, key: str
+) -> Markup | None:
+    """Per attribute, the overall value and each group's value over the windows.
+
+    Small multiples drawn on one Axes (a panel per attribute, each with its own value scale):
+    matplotlib's fixed cost per Axes would otherwise dominate the page's rendering time. The
+    y data unit is the inch, so panels, gaps and legends are laid out in inches.
+    """
+    points = [p for p in points if p.metric == metric.name]
+    if not points:
+        return None
+    ends = sorted({_utc(p.window_end) for p in points})
+    column = {end: index for index, end in enumerate(ends)}
+    xs = [float(x) for x in date2num(ends)]  # type: ignore[no-untyped-call]
+    series: dict[tuple[str, str], list[float]] = {}
+    for p in points:
+        values = series.setdefault((p.attribute, p.group), [math.nan] * len(ends))
+        value = _finite(p.value)
+        values[column[_utc(p.window_end)]] = math.nan if value is None else value
+    overall = next((v for (a, _g), v in series.items() if a == _OVERALL), None)
+    present = {a for a, _g in series if a != _OVERALL}
+    attributes = [a for a in report.attributes if a in present]
+    attributes += sorted(present - set(attributes))
+    panels: list[tuple[str, list[str]]] = [
+        (a, [g for (b, g) in series if b == a]) for a in attributes
+    ]
+    if not panels and overall is not None:
+        panels = [(_OVERALL, [])]
+    if not panels:
+        return None
+
+    legend_chars = max(
+        [len("overall")] + [len(_legend_label(g, series[(a, g)])) for a, gs in panels for g in gs]
+    )
+    right = min(0.5 + legend_chars * _CHAR * 0.9, 2.4)
+    entry = 0.125  # inches per legend line
+    gap = 0.4  # inches above each panel, for its title
+    heights = [max(1.1, entry * (len(groups) + 1) + 0.1) for _, groups in panels]
+    plot_height = sum(heights) + gap * len(panels)
+    with matplotlib.rc_context(_rc(key)):
+        figure = Figure(figsize=(_WIDTH, plot_height + 0.45))
+        _margins(figure, left=0.7, right=right, top=0.0, bottom=0.45)
+        ax = figure.add_subplot()
+        ax.set_ylim(0.0, plot_height)
+        ax.set_yticks([])
+        ax.spines[["left", "top", "right"]].set_visible(False)
+        label_at = ax.get_yaxis_transform()  # x in axes fraction, y in inches from the bottom
+        top = plot_height
+        grid_y: list[float] = []
+        for (attribute, groups), height in zip(panels, heights, strict=True):
+            top -= gap
+            base = top - height
+            named = [("overall", overall)] if overall is not None else []
+            named += [(g, series[(attribute, g)]) for g in groups]
+            ticks = _nice_ticks(metric, [v for _, values in named for v in values])
+            tick_y = _rescale(ticks, ticks, base, height)
+            grid_y.extend(tick_y)
+            step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+            for tick, y in zip(ticks, tick_y, strict=True):
+                label = _tick_label(metric, tick, step)
+                figure.text(-0.01, y, label, transform=label_at, ha="right", va="center")
+            figure.text(
+                0.0,
+                top + 0.08,
+                _plot_text(attribute),
+                transform=label_at,
+                fontweight="bold",
+                va="bottom",
+            )
+            for number, (name, values) in enumerate(named):
+                is_overall = overall is not None and number == 0
+                colour = (
+                    _OVERALL_LINE
+                    if is_overall
+                    else _series_colour(number - len(named) + len(groups))
+                )
+                ax.plot(
+                    xs,
+                    _rescale(values, ticks, base, height),
+                    color=colour,
+                    linewidth=2.0 if is_overall else 1.2,
+                    marker="o",
+                    markersize=3.0 if is_overall else 2.5,
+                    clip_on=False,
+                )
+                # A legend of coloured labels: matplotlib's Legend costs more than the panel.
+                figure.text(
+                    1.02,
+                    top - entry * number,
+                    "\u2501 " + _plot_text(_legend_label(name, values)),
+                    transform=label_at,
+                    color=colour,
+                    fontsize=7.0,
+                    va="top",
+                )
+            top = base
+        ax.hlines(grid_y, 0.0, 1.0, transform=label_at, color="#dddddd", linewidth=0.6, zorder=0)
+        # Few windows: a tick at each window's end; many: round dates.
+        if len(xs) <= 8:
+            locator: Locator = FixedLocator(xs)
+        else:
+            locator = AutoDateLocator(maxticks=7)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        formatter = ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_formatter(formatter)
+        ax.grid(axis="x", color="#eeeeee", linewidth=0.6)
+        ax.set_axisbelow(True)
+        if len(xs) == 1:
+            ax.set_xlim(xs[0] - 1.0, xs[0] + 1.0)
+        return _svg(figure, key)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    group: str
+    n: str
+    value: str
+    ratio: str
+    difference: str
+    flagged: bool
+    suppressed: bool
+
+
+@dataclass(frozen=True)
+class _Block:
+    attribute: str
+    rows: tuple[_Row, ...]
+
+
+@dataclass(frozen=True)
+class _Table:
+    anchor: str
+    title: str
+    name: str
+    population: str
+    overall: str
+    overall_n: str
+    blocks: tuple[_Block, ...]
+
+
+def _row(metric: MetricResult, group: GroupResult, min_n: int) -> _Row:
+    if group.suppressed:
+        return _Row(group.group, "suppressed", f"n < {min_n}", _DASH, _DASH, False, True)
+    return _Row(
+        group=group.group,
+        n=f"{group.n:,}",
+        value=_with_ci(group.estimate, "value", metric),
+        ratio=_with_ci(group.ratio, "ratio", metric),
+        difference=_with_ci(group.difference, "difference", metric),
+        flagged=_ratio_ci_excludes_one(group.ratio),
+        suppressed=False,
+    )
+
+
+def _table(metric: MetricResult, report: FairnessReport, anchor: str) -> _Table:
+    blocks = []
+    for attribute in _attributes(report, metric):
+        groups = metric.by_attribute(attribute)
+        if groups:
+            rows = tuple(_row(metric, g, report.min_group_size) for g in groups)
+            blocks.append(_Block(attribute, rows))
+    return _Table(
+        anchor=anchor,
+        title=metric.title,
+        name=metric.name,
+        population=metric.population,
+        overall=_with_ci(metric.overall, "value", metric),
+        overall_n=f"{metric.overall_n:,}",
+        blocks=tuple(blocks),
+    )
+
+
+# --- page -------------------------------------------------------------------------------------
+
+_TEMPLATE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Draft fairness report, {{ window }}</title>
+<style>
+body { font-family: "DejaVu Sans", Arial, Helvetica, sans-serif; font-size: 14px;
+  color: #222; margin: 1.5em auto; max-width: 60em; padding: 0 1em; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.3em; }
+h2 { font-size: 1.3em; border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
+h3 { font-size: 1.1em; margin-bottom: 0.2em; }
+dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dl.meta dt { font-weight: bold; }
+dl.meta dd { margin: 0; }
+.alerts { border: 2px solid #b00020; background: #fdecee; color: #700014;
+  padding: 0.6em 1em; margin: 1em 0; border-radius: 4px; }
+.alerts h2 { border: 0; margin: 0 0 0.3em; font-size: 1.15em; }
+.alerts ul { margin: 0; padding-left: 1.3em; }
+.alerts .rule { color: #555; font-size: 0.85em; }
+.no-alerts { border: 2px solid #1b7a2f; background: #e9f6ec; color: #124d1f;
+  padding: 0.6em 1em; margin: 1em 0; border-radius: 4px; font-weight: bold; }
+figure { margin: 1em 0 2em; }
+figcaption { font-weight: bold; margin-bottom: 0.3em; }
+figcaption .note { font-weight: normal; color: #555; font-size: 0.9em; }
+figure svg { max-width: 100%; height: auto; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; width: 100%; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #e2e2e2; padding: 0.25em 0.5em; text-align: right;
+  vertical-align: top; }
+th:first-child, td:first-child { text-align: left; }
+tbody th.attribute { text-align: left; background: #f3f3f3; font-weight: bold; }
+td.flag { background: #fde0dc; color: #8a1000; font-weight: bold; }
+tr.suppressed td { color: #777; font-style: italic; }
+p.population, p.overall { margin: 0.2em 0; }
+.legend-note { color: #555; font-size: 0.9em; }
+</style>
+</head>
+<body>
+<header>
+<h1>Draft fairness report</h1>
+<dl class="meta">
+<dt>Window</dt><dd>{{ window }}</dd>
+<dt>Generated</dt><dd>{{ generated }}</dd>
+<dt>Model versions</dt><dd>{{ models }}</dd>
+<dt>Studies</dt><dd>{{ studies }} in the window; {{ drafted }} drafted; \
+{{ with_final }} with a signed final report</dd>
+<dt>Method</dt><dd>{{ method }}</dd>
+</dl>
+</header>
+{% if alerts %}
+<section class="alerts" id="alerts">
+<h2>{{ alerts | length }} alert{{ "s" if alerts | length != 1 }} fired</h2>
+<ul>
+{% for alert in alerts %}
+<li>{{ alert.message }} <span class="rule">(rule: {{ alert.rule }})</span></li>
+{% endfor %}
+</ul>
+</section>
+{% else %}
+<p class="no-alerts" id="alerts">No alert rule fired in this window.</p>
+{% endif %}
+{% if bars %}
+<section id="headline">
+<h2>Headline metrics by subgroup</h2>
+<p class="legend-note">Bars: group value with its {{ confidence }} confidence interval. \
+Dashed line: overall value (shaded: its interval). Red bars: the interval of the ratio to the \
+overall excludes 1. Groups smaller than {{ min_group_size }} are suppressed and drawn without \
+a bar.</p>
+{% for fig in bars %}
+<figure id="plot-{{ fig.anchor }}">
+<figcaption>{{ fig.title }} <span class="note">overall {{ fig.overall }}; {{ fig.population }}\
+</span></figcaption>
+{{ fig.svg }}
+</figure>
+{% endfor %}
+</section>
+{% endif %}
+{% if trends %}
+<section id="trend">
+<h2>Trend over windows</h2>
+<p class="legend-note">Point estimates per window (by window end, UTC); the thick black line is \
+the overall value. Gaps are windows where the group was suppressed or had no studies.</p>
+{% for fig in trends %}
+<figure id="trend-{{ fig.anchor }}">
+<figcaption>{{ fig.title }}</figcaption>
+{{ fig.svg }}
+</figure>
+{% endfor %}
+</section>
+{% endif %}
+<section id="tables">
+<h2>All metrics</h2>
+<p class="legend-note">Value, ratio to the overall value and difference from it (for rates in \
+percentage points, pp), each with its {{ confidence }} bootstrap confidence interval. \
+Highlighted: the ratio's interval excludes 1.</p>
+{% for table in tables %}
+<section class="metric" id="metric-{{ table.anchor }}">
+<h3>{{ table.title }}</h3>
+<p class="population">Population: {{ table.population }} <code>{{ table.name }}</code></p>
+<p class="overall">Overall: <strong>{{ table.overall }}</strong> (n = {{ table.overall_n }})</p>
+{% if table.blocks %}
+<table>
+<thead><tr><th>Group</th><th>n</th><th>Value [CI]</th><th>Ratio to overall [CI]</th>\
+<th>Difference [CI]</th></tr></thead>
+{% for block in table.blocks %}
+<tbody>
+<tr><th class="attribute" colspan="5">{{ block.attribute }}</th></tr>
+{% for row in block.rows %}
+<tr{% if row.suppressed %} class="suppressed"{% endif %}><td>{{ row.group }}</td>\
+<td>{{ row.n }}</td><td>{{ row.value }}</td>\
+<td{% if row.flagged %} class="flag" title="confidence interval excludes 1"{% endif %}>\
+{{ row.ratio }}</td><td>{{ row.difference }}</td></tr>
+{% endfor %}
+</tbody>
+{% endfor %}
+</table>
+{% endif %}
+</section>
+{% endfor %}
+</section>
+</body>
+</html>
+"""
+
+
+@dataclass(frozen=True)
+class _Plot:
+    anchor: str
+    title: str
+    overall: str
+    population: str
+    svg: Markup
+
+
+@cache
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return environment.from_string(_TEMPLATE)
+
+
+def _anchor(index: int, name: str) -> str:
+    return f"{index}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+
+
+def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEADLINE) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG, nothing external)."""
+    by_name = {m.name: m for m in report.metrics}
+    headline_metrics = [by_name[n] for n in dict.fromkeys(headline) if n in by_name]
+
+    bars: list[_Plot] = []
+    trends: list[_Plot] = []
+    for index, metric in enumerate(headline_metrics):
+        anchor = _anchor(index, metric.name)
+        overall = _with_ci(metric.overall, "value", metric)
+        svg = _bar_figure(metric, report, f"bar{index}")
+        if svg is not None:
+            bars.append(_Plot(anchor, metric.title, overall, metric.population, svg))
+        if report.trend:
+            svg = _trend_figure(metric, report.trend, report, f"trend{index}")
+            if svg is not None:
+                trends.append(_Plot(anchor, metric.title, overall, metric.population, svg))
+
+    confidence = f"{report.confidence * 100:g}%"
+    method = (
+        f"{report.n_boot:,} bootstrap samples; {confidence} confidence intervals; "
+        f"groups smaller than {report.min_group_size} are suppressed."
+    )
+    return _template().render(
+        window=f"{_format_time(report.since)} – {_format_time(report.until)} UTC",
+        generated=f"{_format_time(report.generated)} UTC",
+        models=", ".join(report.model_versions) or "none recorded",
+        studies=f"{report.studies:,}",
+        drafted=f"{report.drafted:,}",
+        with_final=f"{report.with_final_report:,}",
+        method=method,
+        confidence=confidence,
+        min_group_size=report.min_group_size,
+        alerts=report.alerts,
+        bars=bars,
+        trends=trends,
+        tables=[_table(m, report, _anchor(i, m.name)) for i, m in enumerate(report.metrics)],
+    )

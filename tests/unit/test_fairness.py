@@ -1,0 +1,292 @@
+"""Fairness metrics, suppression, disparities and alert rules on synthetic cohorts."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from medvlm.settings import AlertRule, FairnessSettings
+from pipeline.fairness import (
+    FairnessRecord,
+    compute_report,
+    draft_labels,
+    record_from_job,
+    trend_points,
+)
+from pipeline.fairness_types import UNKNOWN, FairnessReport
+from pipeline.labeler import RuleLabeler
+from pipeline.ledger import DraftJob, JobState
+from pipeline.report import FindingName, Presence
+from tests.fairness_data import WINDOW_END, WINDOW_START, Case, cohort, created_at, draft_report
+
+pytestmark = pytest.mark.unit
+
+LABELER = RuleLabeler()
+RULES = FairnessSettings().rules
+ATTRIBUTES = ("sex", "age_band", "race", "ethnicity", "site", "manufacturer", "modality")
+
+
+def records(cases: list[Case]) -> list[FairnessRecord]:
+    return [
+        FairnessRecord(
+            created_at=created_at(case),
+            model_version="model-1",
+            subgroups=case.subgroups,
+            outcome="drafted",
+            draft=case.draft,
+            output_chars=400 + case.index % 50,
+            latency_s=1.0 + (case.index % 7) / 10,
+            final=LABELER.label(case.signed_text),
+        )
+        for case in cases
+    ]
+
+
+def report_of(recs: list[FairnessRecord], **overrides: object) -> FairnessReport:
+    options: dict[str, object] = {
+        "attributes": ATTRIBUTES,
+        "min_group_size": 30,
+        "n_boot": 300,
+        "confidence": 0.95,
+        "rules": RULES,
+        "seed": 1,
+    }
+    options.update(overrides)
+    return compute_report(recs, since=WINDOW_START, until=WINDOW_END, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def planted() -> FairnessReport:
+    return report_of(records(cohort(planted=True)))
+
+
+@pytest.fixture(scope="module")
+def fair() -> FairnessReport:
+    return report_of(records(cohort(planted=False)))
+
+
+def test_signed_report_texts_label_as_the_cohort_intends() -> None:
+    positive = LABELER.label("Moderate cardiomegaly. Small left pleural effusion.")
+    assert positive.presence(FindingName.CARDIOMEGALY) is Presence.PRESENT
+    assert positive.has_finding
+    negative = LABELER.label(
+        "Heart size is normal. Lungs are clear. No pleural effusion or pneumothorax."
+    )
+    assert negative.no_finding
+
+
+def test_planted_underdiagnosis_fires_an_alert_naming_group_and_metric(
+    planted: FairnessReport,
+) -> None:
+    fired = [a for a in planted.alerts if a.metric == "underdiagnosis_rate"]
+    assert [(a.attribute, a.group, a.rule) for a in fired] == [("sex", "female", "underdiagnosis")]
+    (alert,) = fired
+    assert "underdiagnosis_rate" in alert.message and "sex=female" in alert.message
+    assert alert.ratio.value is not None and alert.ratio.value > 1.25
+    assert alert.ratio.ci_low is not None and alert.ratio.ci_low > 1.0
+
+
+def test_no_disparity_no_alert_at_the_same_thresholds(fair: FairnessReport) -> None:
+    assert fair.alerts == ()
+    metric = fair.metric("underdiagnosis_rate")
+    female = next(g for g in metric.by_attribute("sex") if g.group == "female")
+    assert female.ratio.ci_low is not None and female.ratio.ci_high is not None
+    assert female.ratio.ci_low < 1.0 < female.ratio.ci_high
+
+
+def test_underdiagnosis_is_the_no_finding_rate_among_signed_positives(
+    planted: FairnessReport,
+) -> None:
+    cases = cohort(planted=True)
+    positives = [c for c in cases if c.signed_positive]
+    missed = [c for c in positives if draft_labels(c.draft).no_finding]
+    metric = planted.metric("underdiagnosis_rate")
+    assert metric.overall_n == len(positives)
+    assert metric.overall.value == pytest.approx(len(missed) / len(positives))
+    ci_low, ci_high = metric.overall.ci_low, metric.overall.ci_high
+    assert ci_low is not None and ci_high is not None
+    assert ci_low < metric.overall.value < ci_high
+
+
+def test_small_groups_are_suppressed_without_numbers(planted: FairnessReport) -> None:
+    small = "Native Hawaiian or Other Pacific Islander"
+    for metric in planted.metrics:
+        (cell,) = [g for g in metric.by_attribute("race") if g.group == small]
+        assert cell.suppressed and cell.n < 30
+        assert cell.estimate.value is None and cell.ratio.value is None
+        assert cell.difference.value is None
+    assert all(a.group != small for a in planted.alerts)
+
+
+def test_suppression_is_per_cell_not_per_group(planted: FairnessReport) -> None:
+    # 50 studies of unknown sex: enough for draft rates, too few signed positives (~25).
+    drafted = next(
+        g for g in planted.metric("no_finding_rate").by_attribute("sex") if g.group == UNKNOWN
+    )
+    assert not drafted.suppressed and drafted.n == 50 and drafted.estimate.value is not None
+    agreement = next(
+        g for g in planted.metric("underdiagnosis_rate").by_attribute("sex") if g.group == UNKNOWN
+    )
+    assert agreement.n < 30 and agreement.suppressed
+
+
+def test_unknown_demographics_are_a_reported_group(planted: FairnessReport) -> None:
+    groups = {g.group for g in planted.metric("no_finding_rate").by_attribute("ethnicity")}
+    assert groups == {UNKNOWN}
+    (cell,) = planted.metric("no_finding_rate").by_attribute("ethnicity")
+    assert cell.n == planted.drafted and cell.ratio.value == pytest.approx(1.0)
+
+
+def test_largest_ratio_and_difference_are_the_furthest_unsuppressed_groups(
+    planted: FairnessReport,
+) -> None:
+    import math
+
+    metric = planted.metric("underdiagnosis_rate")
+    cells = [g for g in metric.groups if not g.suppressed and g.ratio.value]
+    assert len(cells) >= 4  # female, male, two races, age bands ...
+    by_ratio = max(cells, key=lambda g: abs(math.log(g.ratio.value or 1.0)))
+    by_difference = max(cells, key=lambda g: abs(g.difference.value or 0.0))
+    assert metric.largest_ratio() == by_ratio
+    assert metric.largest_difference() == by_difference
+    # Within sex, the two sexes sit on either side of the overall value.
+    sexes = {g.group: g for g in metric.by_attribute("sex") if not g.suppressed}
+    assert sexes["female"].ratio.value and sexes["female"].ratio.value > 1.0
+    assert sexes["male"].ratio.value and sexes["male"].ratio.value < 1.0
+    assert metric.largest_ratio("sex") in (sexes["female"], sexes["male"])
+
+
+def test_rules_can_watch_some_attributes_and_skip_the_ci_requirement() -> None:
+    recs = records(cohort(planted=True))
+    only_race = AlertRule(
+        name="race-only", metric="underdiagnosis_rate", attributes=["race"], ratio_above=1.25
+    )
+    assert report_of(recs, rules=[only_race]).alerts == ()
+    loose = AlertRule(name="loose", metric="no_finding_rate", ratio_above=1.01, require_ci=False)
+    fired = report_of(recs, rules=[loose]).alerts
+    assert any((a.attribute, a.group) == ("sex", "female") for a in fired)
+
+
+def test_failure_rate_counts_failed_and_dead_lettered_studies() -> None:
+    recs = records(cohort(planted=False))
+    broken = [
+        FairnessRecord(
+            created_at=WINDOW_START,
+            model_version="model-1",
+            subgroups={"manufacturer": "Globex"},
+            outcome="dead_lettered" if i % 2 else "failed",
+        )
+        for i in range(40)
+    ]
+    report = report_of(recs + broken)
+    metric = report.metric("failure_rate")
+    assert metric.overall_numerator == 40 and metric.overall_n == len(recs) + 40
+    globex = next(g for g in metric.by_attribute("manufacturer") if g.group == "Globex")
+    assert globex.numerator == 40
+    # the broken studies carry no sex: they are counted under unknown, not dropped
+    unknown = next(g for g in metric.by_attribute("sex") if g.group == UNKNOWN)
+    assert unknown.numerator == 40
+    assert any(
+        a.rule == "failure-gap" and (a.attribute, a.group) == ("manufacturer", "Globex")
+        for a in report.alerts
+    )
+    assert report.metric("dead_letter_rate").overall_numerator == 20
+
+
+def test_the_report_is_reproducible_with_a_seed() -> None:
+    recs = records(cohort(planted=True, per_group=60))
+    first, second = report_of(recs), report_of(recs)
+    assert first.metrics == second.metrics and first.alerts == second.alerts
+
+
+def test_an_empty_window_reports_nothing_and_alerts_nothing() -> None:
+    report = report_of([])
+    assert report.studies == 0 and report.alerts == ()
+    assert report.metric("underdiagnosis_rate").overall.value is None
+
+
+def test_record_from_job_maps_states_and_missing_subgroups() -> None:
+    draft = draft_report(True)
+    written = DraftJob(
+        study_uid="1.2.3",
+        study_ref="study-1",
+        model_version="m",
+        state=JobState.WRITTEN,
+        draft=draft.model_dump(mode="json"),
+        timings={"draft_s": 2.5},
+        subgroups={"sex": "female"},
+    )
+    record = record_from_job(written)
+    assert record.outcome == "drafted" and record.latency_s == 2.5
+    assert record.draft == draft and record.output_chars and record.output_chars > 50
+    assert record.group("sex") == "female" and record.group("race") == UNKNOWN
+    legacy = DraftJob(study_uid="1.2.4", study_ref="s", model_version="m", state=JobState.FAILED)
+    legacy.subgroups = None  # type: ignore[assignment]  # a row from before the column existed
+    old = record_from_job(legacy)
+    assert old.outcome == "failed" and old.group("sex") == UNKNOWN and old.draft is None
+
+
+def test_trend_points_follow_windows_and_suppress_small_cells() -> None:
+    recs = records(cohort(planted=True, per_group=240))
+    middle = WINDOW_START + (WINDOW_END - WINDOW_START) / 2
+    windows = [
+        (WINDOW_START, middle, [r for r in recs if r.created_at < middle]),
+        (middle, WINDOW_END, [r for r in recs if r.created_at >= middle]),
+    ]
+    points = trend_points(windows, attributes=["sex"], min_group_size=40)
+    overall = [p for p in points if p.metric == "no_finding_rate" and p.attribute == "overall"]
+    assert [p.n for p in overall] == [len(windows[0][2]), len(windows[1][2])]
+    unknown = [p for p in points if p.group == UNKNOWN and p.metric == "no_finding_rate"]
+    assert unknown and all(p.n < 40 and p.value is None for p in unknown)
+    female = [p for p in points if p.group == "female" and p.metric == "underdiagnosis_rate"]
+    assert len(female) == 2 and all(p.value is not None for p in female)
+
+
+def test_window_bounds_are_kept(planted: FairnessReport) -> None:
+    assert (planted.since, planted.until) == (WINDOW_START, WINDOW_END)
+    assert planted.model_versions == ("model-1",)
+    assert planted.generated.tzinfo is not None
+    assert planted.generated > dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_group_estimates_agree_with_fairlearn_metricframe(planted: FairnessReport) -> None:
+    """fairlearn's MetricFrame is the reference for the disaggregation (see pipeline.fairness)."""
+    import numpy as np
+    from fairlearn.metrics import MetricFrame, false_negative_rate, true_positive_rate
+
+    cases = cohort(planted=True)
+    recs = records(cases)
+    positives = [r for r in recs if r.final is not None and r.final.has_finding]
+    assert positives and all(r.draft_labels is not None for r in positives)
+    cardiomegaly = FindingName.CARDIOMEGALY
+    truth = np.ones(len(positives), dtype=int)
+    # underdiagnosis = "draft: no finding" among signed positives = the draft's false-negative rate
+    said_finding = np.array([int(not r.draft_labels.no_finding) for r in positives])  # type: ignore[union-attr]
+    said_cardiomegaly = np.array(
+        [int(r.draft_labels.presence(cardiomegaly) is Presence.PRESENT) for r in positives]  # type: ignore[union-attr]
+    )
+    frame = MetricFrame(
+        metrics={"underdiagnosis": false_negative_rate},
+        y_true=truth,
+        y_pred=said_finding,
+        sensitive_features=np.array([r.group("race") for r in positives]),
+    )
+    ours = {g.group: g for g in planted.metric("underdiagnosis_rate").by_attribute("race")}
+    for group, expected in frame.by_group["underdiagnosis"].items():
+        cell = ours[str(group)]
+        if not cell.suppressed:
+            assert cell.estimate.value == pytest.approx(expected)
+    assert planted.metric("underdiagnosis_rate").overall.value == pytest.approx(
+        frame.overall["underdiagnosis"]
+    )
+    sensitivity = MetricFrame(
+        metrics=true_positive_rate,
+        y_true=truth,
+        y_pred=said_cardiomegaly,
+        sensitive_features=np.array([r.group("sex") for r in positives]),
+    )
+    ours_sex = {g.group: g for g in planted.metric("sensitivity:cardiomegaly").by_attribute("sex")}
+    for group, expected in sensitivity.by_group.items():
+        if not ours_sex[str(group)].suppressed:
+            assert ours_sex[str(group)].estimate.value == pytest.approx(expected)

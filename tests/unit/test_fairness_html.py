@@ -1,0 +1,367 @@
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from pipeline.fairness_html import DEFAULT_HEADLINE, render_html
+from pipeline.fairness_types import (
+    UNKNOWN,
+    Alert,
+    Estimate,
+    FairnessReport,
+    GroupResult,
+    MetricResult,
+    TrendPoint,
+)
+
+pytestmark = pytest.mark.unit
+
+UTC = dt.UTC
+SINCE = dt.datetime(2025, 3, 1, tzinfo=UTC)
+UNTIL = dt.datetime(2025, 4, 1, tzinfo=UTC)
+ALERT_MESSAGE = "Underdiagnosis rate for race=Black is 1.8 times the overall rate"
+# A value no other number in the report formats to; set on the suppressed group on purpose (the
+# computation leaves it None) to prove the renderer never reads a suppressed cell's numbers.
+SECRET = 0.7319
+SECRET_N = 4937
+NAMESPACES = ("http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink")
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+
+def group(
+    attribute: str,
+    name: str,
+    n: int,
+    value: float,
+    overall: float,
+    *,
+    ratio_ci: tuple[float, float] = (0.8, 1.2),
+    suppressed: bool = False,
+) -> GroupResult:
+    return GroupResult(
+        attribute=attribute,
+        group=name,
+        n=n,
+        numerator=value * n,
+        suppressed=suppressed,
+        estimate=Estimate(value, value - 0.03, value + 0.03),
+        ratio=Estimate(value / overall, *ratio_ci),
+        difference=Estimate(value - overall, value - overall - 0.03, value - overall + 0.03),
+    )
+
+
+def rate_metric(name: str, title: str, overall: float) -> MetricResult:
+    groups = (
+        group("sex", "female", 410, overall * 0.9, overall),
+        group("sex", "male", 380, overall * 1.1, overall),
+        group("sex", UNKNOWN, 45, overall * 1.3, overall, ratio_ci=(1.05, 1.6)),
+        group("race", "White", 500, overall * 0.95, overall, ratio_ci=(0.85, 0.98)),
+        group("race", "Black", 180, overall * 1.8, overall, ratio_ci=(1.3, 2.4)),
+        # Suppressed, with numbers it must never show.
+        group("race", "Pacific Islander", SECRET_N, SECRET, overall, suppressed=True),
+        group("race", UNKNOWN, 120, overall - 0.0004, overall),
+    )
+    return MetricResult(
+        name=name,
+        title=title,
+        kind="rate",
+        unit="1",
+        population="drafted studies with a signed final report",
+        overall_n=815,
+        overall_numerator=overall * 815,
+        overall=Estimate(overall, overall - 0.02, overall + 0.02),
+        groups=groups,
+    )
+
+
+def mean_metric() -> MetricResult:
+    groups = (
+        GroupResult("sex", "female", 410, 410 * 12.5, False, Estimate(12.5, 11.9, 13.1),
+                    Estimate(0.98, 0.93, 1.03), Estimate(-0.25, -0.9, 0.4)),
+        GroupResult("sex", "male", 380, 380 * 13.0, False, Estimate(13.0, 12.3, 13.6),
+                    Estimate(1.02, 0.97, 1.07), Estimate(0.25, -0.4, 0.9)),
+    )  # fmt: skip
+    return MetricResult(
+        name="latency_mean",
+        title="Drafting time",
+        kind="mean",
+        unit="s",
+        population="drafted studies",
+        overall_n=790,
+        overall_numerator=790 * 12.75,
+        overall=Estimate(12.75, 12.3, 13.2),
+        groups=groups,
+    )
+
+
+def trend(metric: str) -> tuple[TrendPoint, ...]:
+    points = []
+    for week in range(4):
+        start = SINCE + dt.timedelta(days=7 * week)
+        end = start + dt.timedelta(days=7)
+        points.append(TrendPoint(start, end, metric, "overall", "overall", 200, 0.1 + week / 100))
+        points.append(TrendPoint(start, end, metric, "sex", "female", 100, 0.09))
+        # Suppressed in week 2: a gap.
+        value = None if week == 2 else 0.11
+        points.append(TrendPoint(start, end, metric, "sex", "male", 100 if value else 5, value))
+    return tuple(points)
+
+
+def make_report(*, alerts: bool = True, with_trend: bool = True) -> FairnessReport:
+    underdiagnosis = rate_metric("underdiagnosis_rate", "Underdiagnosis rate", 0.12)
+    alert = Alert(
+        rule="ratio_high",
+        metric="underdiagnosis_rate",
+        attribute="race",
+        group="Black",
+        n=180,
+        estimate=Estimate(0.216, 0.18, 0.25),
+        overall=Estimate(0.12, 0.1, 0.14),
+        ratio=Estimate(1.8, 1.3, 2.4),
+        difference=Estimate(0.096, 0.06, 0.13),
+        message=ALERT_MESSAGE,
+    )
+    return FairnessReport(
+        since=SINCE,
+        until=UNTIL,
+        generated=dt.datetime(2025, 4, 1, 6, 30, tzinfo=UTC),
+        model_versions=("medgemma-4b@abc123",),
+        studies=1000,
+        drafted=900,
+        with_final_report=815,
+        min_group_size=30,
+        n_boot=1000,
+        confidence=0.95,
+        attributes=("sex", "race"),
+        metrics=(
+            underdiagnosis,
+            rate_metric("critical_rate", "Critical flag rate", 0.05),
+            mean_metric(),
+        ),
+        alerts=(alert,) if alerts else (),
+        trend=trend("underdiagnosis_rate") if with_trend else (),
+    )
+
+
+class Structure(HTMLParser):
+    """Checks that every element is closed in order; collects table rows and link targets."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.references: list[str] = []
+        self.ids: list[str] = []
+        self.rows: list[list[tuple[str, str]]] = []  # (text, class) per cell
+        self._cell: list[str] | None = None
+        self._cell_class = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._attributes(attrs)
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th"):
+            self._cell, self._cell_class = [], dict(attrs).get("class") or ""
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._attributes(attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:]}")
+            return
+        self.stack.pop()
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(("".join(self._cell).strip(), self._cell_class))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def _attributes(self, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href", "xlink:href", "action", "data", "srcset"):
+                self.references.append(value or "")
+            if name == "id":
+                self.ids.append(value or "")
+
+
+def parse(html: str) -> Structure:
+    parser = Structure()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+def row(html: str, metric: str, attribute: str, group_name: str) -> list[tuple[str, str]]:
+    """The cells of `group_name`'s row under `attribute` in `metric`'s table."""
+    start = re.search(rf'<section class="metric" id="metric-\d+-{metric}">', html)
+    assert start is not None, metric
+    section = html[start.start() : html.index("</section>", start.start())]
+    seen = False
+    for cells in parse(section).rows:
+        if cells and cells[0][0] == attribute:
+            seen = True
+        elif seen and cells and cells[0][0] == group_name:
+            return cells
+    raise AssertionError(f"no row {group_name!r} under {attribute!r} in {metric}")
+
+
+@pytest.fixture(scope="module")
+def html() -> str:
+    return render_html(make_report())
+
+
+def test_page_is_well_formed_and_shows_the_alert_first(html: str) -> None:
+    parser = parse(html)
+    assert parser.errors == []
+    assert parser.stack == []
+    assert html.startswith("<!DOCTYPE html>")
+    assert "Draft fairness report" in html
+    assert ALERT_MESSAGE in html
+    assert "No alert rule fired" not in html
+    # The alert box comes before every plot and table.
+    assert html.index(ALERT_MESSAGE) < html.index("<svg") < html.index("<table")
+    assert "2025-03-01 00:00 – 2025-04-01 00:00 UTC" in html
+    assert "medgemma-4b@abc123" in html
+    assert "groups smaller than 30 are suppressed" in html
+    assert "1,000 bootstrap samples; 95% confidence intervals" in html
+
+
+def test_plots_are_inline_svg_one_per_headline_metric_and_trend(html: str) -> None:
+    # underdiagnosis_rate and critical_rate are headline metrics; only the first has a trend.
+    assert html.count("<svg") == 3
+    assert html.count("</svg>") == 3
+    assert "<img" not in html and "<?xml" not in html and "<!DOCTYPE svg" not in html
+    svg = html[html.index("<svg") : html.rindex("</svg>")]
+    # Text stays text in the SVG (svg.fonttype none): the groups and the suppressed label are there.
+    assert ">Pacific Islander<" in svg
+    assert ">suppressed (n &lt; 30)<" in svg
+    assert f">{UNKNOWN}<" in svg
+
+
+def test_nothing_is_loaded_from_outside_the_page(html: str) -> None:
+    parser = parse(html)
+    assert parser.references, "the SVGs reference their own markers and clip paths"
+    assert all(ref.startswith("#") for ref in parser.references), parser.references
+    rest = html
+    for namespace in NAMESPACES:
+        rest = rest.replace(f'"{namespace}"', "")
+    assert "http://" not in rest and "https://" not in rest
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+    assert re.findall(r"url\((?!#)", html) == []
+
+
+def test_ids_are_unique_across_the_inlined_svgs(html: str) -> None:
+    ids = parse(html).ids
+    assert len(ids) > 10
+    assert len(ids) == len(set(ids))
+    referenced = {ref[1:] for ref in parse(html).references}
+    referenced |= set(re.findall(r"url\(#([^)]+)\)", html))
+    assert referenced <= set(ids)
+
+
+def test_suppressed_group_shows_no_numbers(html: str) -> None:
+    cells = row(html, "underdiagnosis_rate", "race", "Pacific Islander")
+    assert [text for text, _ in cells] == ["Pacific Islander", "suppressed", "n < 30", "—", "—"]
+    for hidden in (f"{SECRET * 100:.1f}", f"{SECRET:.2f}", str(SECRET), f"{SECRET_N:,}"):
+        assert hidden not in html, hidden
+    assert str(SECRET_N) not in html
+
+
+def test_unknown_group_is_reported_like_any_other(html: str) -> None:
+    cells = row(html, "underdiagnosis_rate", "sex", UNKNOWN)
+    assert cells[1][0] == "45"
+    assert cells[2][0] == "15.6% [12.6%, 18.6%]"  # 0.12 * 1.3, CI ± 3 points
+    assert cells[3] == ("1.30 [1.05, 1.60]", "flag")
+    assert cells[4][0] == "+3.6 pp [+0.6 pp, +6.6 pp]"
+
+
+def test_differences_that_round_to_zero_have_no_minus_sign(html: str) -> None:
+    cells = row(html, "underdiagnosis_rate", "race", UNKNOWN)
+    assert cells[4][0] == "+0.0 pp [-3.0 pp, +3.0 pp]"
+    assert "-0.0" not in html[html.index('<section id="tables">') :]
+
+
+def test_only_ratio_intervals_excluding_one_are_flagged(html: str) -> None:
+    assert row(html, "underdiagnosis_rate", "race", "Black")[3][1] == "flag"
+    assert row(html, "critical_rate", "race", "Black")[3][1] == "flag"
+    assert row(html, "underdiagnosis_rate", "race", "White")[3][1] == "flag"  # below 1
+    assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[3][1] == ""
+    assert row(html, "underdiagnosis_rate", "sex", "female")[3][1] == ""
+    assert row(html, "latency_mean", "sex", "male")[3][1] == ""
+
+
+def test_means_have_two_decimals_and_their_unit(html: str) -> None:
+    assert "Overall: <strong>12.75 s [12.30 s, 13.20 s]</strong> (n = 790)" in html
+    cells = row(html, "latency_mean", "sex", "male")
+    assert [text for text, _ in cells] == [
+        "male",
+        "380",
+        "13.00 s [12.30 s, 13.60 s]",
+        "1.02 [0.97, 1.07]",
+        "+0.25 s [-0.40 s, +0.90 s]",
+    ]
+
+
+def test_trend_plot_has_a_line_per_group_and_the_overall(html: str) -> None:
+    start = html.index('<figure id="trend-0-underdiagnosis_rate">')
+    trend_svg = html[start : html.index("</figure>", start)]
+    for label in ("overall", "female", "male"):
+        assert f"\u2501 {label}<" in trend_svg
+    assert "Mar" in trend_svg  # dated x axis
+
+
+def test_report_without_alerts_says_so() -> None:
+    html = render_html(make_report(alerts=False))
+    assert "No alert rule fired" in html
+    assert ALERT_MESSAGE not in html
+    assert 'class="alerts"' not in html
+
+
+def test_without_trend_points_there_is_no_trend_section() -> None:
+    html = render_html(make_report(with_trend=False))
+    assert 'id="trend"' not in html
+    assert html.count("<svg") == 2
+
+
+def test_headline_metrics_missing_from_the_report_are_skipped() -> None:
+    html = render_html(make_report(), headline=("no_such_metric", "latency_mean"))
+    assert html.count("<svg") == 1
+    assert 'id="plot-0-latency_mean"' in html
+    assert "no_such_metric" not in html
+    assert DEFAULT_HEADLINE == (
+        "underdiagnosis_rate",
+        "no_finding_rate",
+        "failure_rate",
+        "critical_rate",
+    )
+
+
+def test_render_is_deterministic_for_equal_input(html: str) -> None:
+    assert render_html(make_report()) == html
+
+
+def test_text_is_escaped_and_never_parsed_as_markup_or_mathtext() -> None:
+    report = make_report()
+    metric = report.metrics[0]
+    odd = dataclasses.replace(metric.groups[0], group='<b>site $x$</b> id="q"')
+    report = dataclasses.replace(
+        report,
+        metrics=(dataclasses.replace(metric, title="<i>Rate</i>", groups=(odd,)),),
+    )
+    html = render_html(report)
+    assert "<b>" not in html and "<i>" not in html
+    assert "&lt;i&gt;Rate&lt;/i&gt;" in html
+    svg = html[html.index("<svg") : html.index("</svg>")]
+    # Literal in the bar chart (not typeset as math, which splits the text) and in the table.
+    assert '>&lt;b&gt;site $x$&lt;/b&gt; id="q"<' in svg
+    assert "<td>&lt;b&gt;site $x$&lt;/b&gt; id=&#34;q&#34;</td>" in html
+    assert parse(html).errors == []
