@@ -1,10 +1,11 @@
-"""Prefect deployments of the main job: a nightly cron run and an on-demand run.
+"""Prefect deployments: the main job (nightly cron and on demand) and the daily fairness monitor.
 
 ``scheduled_draft_reports`` is the deployable entry flow: its parameters are plain values (a
 window in days, modalities, the model route, dry-run) so the Prefect UI and API can set them;
 it loads ``MedvlmSettings`` from the worker's environment, builds the connectors and runs
-``draft_reports`` as a subflow. ``medvlm deploy`` serves both deployments from one process
-(``prefect.serve``); prefect.yaml declares the same for work pools.
+``draft_reports`` as a subflow. ``scheduled_fairness_monitor`` does the same for
+``fairness_monitor`` over the last ``window_days``. ``medvlm deploy`` serves all deployments from
+one process (``prefect.serve``); prefect.yaml declares the same for work pools.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from prefect.schedules import Cron
 
 from connectors.pacs import StudyQuery
 from flows.draft_reports import RunSummary, draft_reports
-from flows.services import open_services
+from flows.fairness import FairnessOutcome, fairness_monitor
+from flows.services import open_fairness_services, open_services
 from medvlm.settings import MedvlmSettings
 
 NIGHTLY_CRON = "0 1 * * *"
+FAIRNESS_CRON = "0 6 * * *"  # daily, after the night's drafts (and morning sign-offs) are in
 
 
 def window_query(days_back: int, modalities: list[str], today: dt.date) -> StudyQuery:
@@ -53,8 +56,36 @@ def scheduled_draft_reports(
         return draft_reports(services, query, dry_run=dry_run)
 
 
+def fairness_window(window_days: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The ``window_days`` days up to the start of ``now``'s hour (UTC), as ``[since, until)``."""
+    until = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    return until - dt.timedelta(days=window_days), until
+
+
+class FairnessAlertError(RuntimeError):
+    """Raised by the scheduled monitor after writing its outputs when an alert rule fired."""
+
+
+@flow(name="scheduled-fairness-monitor", log_prints=True)
+def scheduled_fairness_monitor(
+    window_days: int | None = None, model_version: str | None = None
+) -> FairnessOutcome:
+    """Fairness of the last ``window_days`` days of drafts (default: settings); settings from
+    the environment. The run fails when an alert rule fires, so Prefect automations and the
+    UI show it; the report, MeasureReport and artifact are written first."""
+    settings = MedvlmSettings()
+    since, until = fairness_window(
+        window_days or settings.fairness.window_days, dt.datetime.now(dt.UTC)
+    )
+    with open_fairness_services(settings, model_version=model_version) as services:
+        outcome = fairness_monitor(services, since, until)
+    if outcome.alerted:
+        raise FairnessAlertError("; ".join(outcome.alerts))
+    return outcome
+
+
 def deployments(timezone: str = "UTC") -> list[RunnerDeployment]:
-    """The nightly (cron) and on-demand deployments of the main job."""
+    """The nightly (cron) and on-demand deployments of the main job, and the daily monitor."""
     nightly = scheduled_draft_reports.to_deployment(
         name="nightly",
         schedules=[Cron(NIGHTLY_CRON, timezone=timezone)],
@@ -67,9 +98,16 @@ def deployments(timezone: str = "UTC") -> list[RunnerDeployment]:
         description="Run by hand or by API with any window, modalities, model route, dry-run.",
         tags=["medvlm", "on-demand"],
     )
+    fairness = scheduled_fairness_monitor.to_deployment(
+        name="fairness-daily",
+        schedules=[Cron(FAIRNESS_CRON, timezone=timezone)],
+        description="Every day: fairness of the drafts of the last window across subgroups.",
+        tags=["medvlm", "fairness"],
+    )
     # to_deployment is sync outside an event loop; its declared type also admits a coroutine.
-    assert isinstance(nightly, RunnerDeployment) and isinstance(on_demand, RunnerDeployment)
-    return [nightly, on_demand]
+    built = [nightly, on_demand, fairness]
+    assert all(isinstance(d, RunnerDeployment) for d in built)
+    return [d for d in built if isinstance(d, RunnerDeployment)]
 
 
 def serve_deployments(timezone: str = "UTC") -> None:  # pragma: no cover - blocks forever

@@ -2,7 +2,8 @@
 
 ``open_services`` is a context manager: it builds the image source, the EHR client (one pooled
 HTTP client), the ledger and the model drafter from one ``MedvlmSettings``, and closes them
-(and a local Ray, when it started one) on exit. Tests and other callers may build ``Services``
+(and a local Ray, when it started one) on exit; ``open_fairness_services`` builds the fairness
+monitor's (ledger and EHR). Tests and other callers may build ``Services``
 directly with their own connectors instead.
 """
 
@@ -17,6 +18,7 @@ from connectors.fhir import build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.pacs import build_image_source
 from flows.draft_reports import Services
+from flows.fairness import FairnessServices
 from medvlm.errors import ConfigurationError
 from medvlm.settings import MedvlmSettings
 from pipeline.fhir_resources import ModelIdentity
@@ -104,4 +106,33 @@ def open_services(
             patient_identifier_system=settings.ehr.patient_identifier_system,
             source_name=source_name(settings),
             on_progress=on_progress,
+        )
+
+
+@contextmanager
+def open_fairness_services(
+    settings: MedvlmSettings,
+    *,
+    model_version: str | None = None,
+    write_measure_report: bool | None = None,
+    refresh_signed: bool = False,
+) -> Iterator[FairnessServices]:
+    """The monitor's connectors (ledger and EHR only: no model is loaded)."""
+    with ExitStack() as stack:
+        client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
+        if client is not None:
+            stack.callback(client.close)
+        assert settings.job.ledger_url is not None
+        yield FairnessServices(
+            ledger=LedgerStore(open_engine(settings.job.ledger_url)),
+            ehr=build_ehr(settings.ehr, client),
+            settings=settings.fairness,
+            identifier_system=settings.job.identifier_system,
+            model_version=model_version,
+            write_measure_report=(
+                settings.fairness.write_measure_report
+                if write_measure_report is None
+                else write_measure_report
+            ),
+            refresh_signed=refresh_signed,
         )

@@ -268,11 +268,95 @@ def draft_one() -> None:
     )
 
 
+def _instant(value: str, name: str) -> dt.datetime:
+    """A date (midnight UTC) or an ISO datetime (naive = UTC) from an option."""
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO date or datetime", param_hint=name
+        ) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@app.command()
+def fairness(
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Window start, ISO date/datetime (UTC). Default: until - fairness.window_days."
+        ),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Window end (exclusive). Default: the current hour.")
+    ] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="Only drafts of this model version (default: all).")
+    ] = None,
+    write: Annotated[
+        bool, typer.Option(help="Write the MeasureReport into the EHR (fairness settings).")
+    ] = True,
+    refresh_signed: Annotated[
+        bool, typer.Option(help="Re-read signed reports even when their labels are cached.")
+    ] = False,
+) -> None:
+    """Fairness of the drafts of a window across subgroups: HTML report, MeasureReport, alerts.
+
+    Exit code 3 when an alert rule fires (each alert is printed, naming metric and group).
+    """
+    from flows.deployments import fairness_window
+    from flows.fairness import fairness_monitor
+    from flows.services import open_fairness_services
+
+    settings = _settings()
+    end = _instant(until, "--until") if until else fairness_window(1, dt.datetime.now(dt.UTC))[1]
+    start = (
+        _instant(since, "--since")
+        if since
+        else end - dt.timedelta(days=settings.fairness.window_days)
+    )
+    if start >= end:
+        raise typer.BadParameter("--since must be before --until", param_hint="--since")
+    try:
+        with open_fairness_services(
+            settings,
+            model_version=model_version,
+            write_measure_report=write and settings.fairness.write_measure_report,
+            refresh_signed=refresh_signed,
+        ) as services:
+            outcome = fairness_monitor(services, start, end)
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    report = outcome.report
+    table = Table(
+        "metric (overall)",
+        "n",
+        "value",
+        title=f"fairness {start:%Y-%m-%d %H:%M} – "
+        f"{end:%Y-%m-%d %H:%M} UTC, {report.studies} studies",
+    )
+    for name in ("underdiagnosis_rate", "no_finding_rate", "failure_rate", "critical_rate"):
+        metric = report.metric(name)
+        value = metric.overall.value
+        table.add_row(
+            metric.title, str(metric.overall_n), "n/a" if value is None else f"{value:.1%}"
+        )
+    console.print(table)
+    console.print(f"HTML report: {outcome.html_path}")
+    if outcome.measure_report_id:
+        console.print(f"MeasureReport/{outcome.measure_report_id} written to the EHR")
+    for message in outcome.alerts:
+        console.print(f"[red]ALERT[/red] {message}")
+    if outcome.alerted:
+        raise typer.Exit(3)
+
+
 @app.command()
 def deploy(
     timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule.")] = "UTC",
 ) -> None:
-    """Serve the nightly and on-demand Prefect deployments of the main job (blocks)."""
+    """Serve the Prefect deployments: main job nightly and on demand, fairness daily (blocks)."""
     from flows.deployments import serve_deployments
 
     _settings()  # invalid settings fail now, not at 1 a.m.

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.deployments import NIGHTLY_CRON, deployments, window_query
+from flows.deployments import (
+    FAIRNESS_CRON,
+    NIGHTLY_CRON,
+    deployments,
+    fairness_window,
+    window_query,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -14,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_nightly_runs_on_cron_and_on_demand_has_no_schedule() -> None:
-    nightly, on_demand = deployments("Europe/Berlin")
+    nightly, on_demand, _ = deployments("Europe/Berlin")
     assert nightly.name == "nightly" and on_demand.name == "on-demand"
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == NIGHTLY_CRON
@@ -24,7 +30,7 @@ def test_nightly_runs_on_cron_and_on_demand_has_no_schedule() -> None:
 
 
 def test_deployment_parameters_are_plain_values_the_ui_can_set() -> None:
-    (nightly, _) = deployments()
+    (nightly, _, _) = deployments()
     properties = nightly._parameter_openapi_schema.properties
     assert set(properties) == {
         "days_back",
@@ -46,6 +52,22 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
     by_name = {d["name"]: d for d in spec["deployments"]}
     assert set(by_name) == {d.name for d in deployments()}
     assert by_name["nightly"]["schedules"][0]["cron"] == NIGHTLY_CRON
+    assert by_name["fairness-daily"]["schedules"][0]["cron"] == FAIRNESS_CRON
     for d in by_name.values():
         module, _, name = d["entrypoint"].partition(":")
-        assert (ROOT / module).is_file() and name == "scheduled_draft_reports"
+        assert (ROOT / module).is_file()
+        expected = (
+            "scheduled_fairness_monitor" if "fairness" in d["name"] else "scheduled_draft_reports"
+        )
+        assert name == expected
+
+
+def test_fairness_monitor_runs_daily_over_the_configured_window() -> None:
+    *_, fairness = deployments()
+    assert fairness.name == "fairness-daily"
+    (schedule,) = fairness.schedules
+    assert schedule.schedule.cron == FAIRNESS_CRON
+    assert set(fairness._parameter_openapi_schema.properties) == {"window_days", "model_version"}
+    since, until = fairness_window(30, dt.datetime(2026, 11, 30, 6, 0, 41, tzinfo=dt.UTC))
+    assert until == dt.datetime(2026, 11, 30, 6, tzinfo=dt.UTC)
+    assert since == dt.datetime(2026, 10, 31, 6, tzinfo=dt.UTC)

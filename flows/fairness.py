@@ -1,0 +1,306 @@
+"""The fairness monitor: how drafts differ across patient and operational subgroups.
+
+    ledger jobs of the window (subgroups captured at draft time)
+      → signed reports from the EHR (once per study; labels cached in the ledger)
+      → metrics per subgroup with bootstrap intervals, disparities, alert rules
+      → HTML report on disk, FHIR MeasureReport in the EHR, Prefect artifact,
+        and for each fired rule an error log line and a Prefect event
+
+Read-only towards the drafts: the monitor never changes a job. A signed report that cannot be
+read is logged (by study reference) and the study counted without agreement metrics; nothing
+stops the run. ``FairnessServices`` is injected like the main job's ``Services``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.meta import Meta
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from connectors.ehr import Ehr
+from connectors.ledger_store import LedgerStore
+from medvlm.errors import EhrError, EhrInvalidResourceError
+from medvlm.settings import FairnessSettings
+from pipeline.fairness import (
+    FairnessRecord,
+    compute_report,
+    record_from_job,
+    trend_points,
+)
+from pipeline.fairness_fhir import build_measure_report, measure_report_identifier
+from pipeline.fairness_html import render_html
+from pipeline.fairness_types import FairnessReport
+from pipeline.labeler import Labeler, ReportLabels, RuleLabeler
+from pipeline.ledger import DraftJob, FairnessRun, JobState, SignedReportLabels
+from pipeline.report import FindingName, Presence
+
+log = logging.getLogger("medvlm.fairness")
+
+ALERT_EVENT = "medvlm.fairness.alert"
+HEADLINE_METRICS = ("underdiagnosis_rate", "no_finding_rate", "failure_rate", "critical_rate")
+
+
+@dataclass
+class FairnessServices:
+    """What the monitor talks to, built by the caller and injected."""
+
+    ledger: LedgerStore
+    ehr: Ehr
+    settings: FairnessSettings
+    identifier_system: str
+    labeler: Labeler = field(default_factory=RuleLabeler)
+    model_version: str | None = None  # None: drafts of every model version in the window
+    write_measure_report: bool = True
+    refresh_signed: bool = False  # re-read signed reports even when labels are cached
+
+
+@dataclass(frozen=True)
+class FairnessOutcome:
+    """What one monitoring run produced."""
+
+    report: FairnessReport
+    html_path: Path
+    measure_report_id: str | None
+    alerts: list[str]
+
+    @property
+    def alerted(self) -> bool:
+        return bool(self.alerts)
+
+
+def signed_report_text(report: DiagnosticReport) -> str:
+    """The text a labeler reads from a signed report: conclusion and plain-text forms."""
+    parts = [report.conclusion or ""]
+    for form in report.presentedForm or []:
+        if form.data and (form.contentType or "").startswith("text/plain"):
+            parts.append(base64.b64decode(form.data).decode("utf-8", errors="replace"))
+    return "\n".join(p for p in parts if p.strip())
+
+
+def _labels_from_row(row: SignedReportLabels) -> ReportLabels:
+    return ReportLabels(findings={FindingName(k): Presence(v) for k, v in row.labels.items()})
+
+
+def signed_labels(services: FairnessServices, jobs: list[DraftJob]) -> dict[str, ReportLabels]:
+    """Labels of the signed report of each drafted job that has one (by study UID).
+
+    Cached labels are used unless ``refresh_signed``; studies without a signed report are asked
+    again on the next run (the radiologist may not have signed yet).
+    """
+    drafted = [j for j in jobs if j.state in (JobState.DRAFTED, JobState.WRITTEN)]
+    name = services.labeler.name
+    cached = (
+        {}
+        if services.refresh_signed
+        else services.ledger.signed_labels({j.study_uid for j in drafted}, name)
+    )
+    labels = {uid: _labels_from_row(row) for uid, row in cached.items()}
+    fresh: list[SignedReportLabels] = []
+    for job in drafted:
+        if job.study_uid in labels:
+            continue
+        try:
+            report = services.ehr.find_final_report(
+                job.accession_number, (job.links or {}).get("service_request")
+            )
+        except EhrError as exc:
+            log.warning(
+                "%s: signed report not readable, no agreement metrics: %s", job.study_ref, exc
+            )
+            continue
+        if report is None:
+            continue
+        found = services.labeler.label(signed_report_text(report))
+        labels[job.study_uid] = found
+        fresh.append(
+            SignedReportLabels(
+                study_uid=job.study_uid,
+                labeler=name,
+                report_ref=f"DiagnosticReport/{report.id}",
+                status=str(report.status),
+                labels={k.value: v.value for k, v in found.findings.items()},
+            )
+        )
+    if fresh:
+        services.ledger.save_signed_labels(fresh)
+    return labels
+
+
+def collect_records(
+    services: FairnessServices, since: dt.datetime, until: dt.datetime
+) -> list[FairnessRecord]:
+    """The window's jobs as records, with signed-report labels where a report is signed."""
+    jobs = services.ledger.jobs_between(since, until, services.model_version)
+    labels = signed_labels(services, jobs)
+    return [record_from_job(job, labels.get(job.study_uid)) for job in jobs]
+
+
+def build_report(
+    services: FairnessServices, since: dt.datetime, until: dt.datetime
+) -> FairnessReport:
+    """Metrics of ``[since, until)`` and trends over the preceding windows of the same length."""
+    cfg = services.settings
+    length = until - since
+    windows = []
+    for k in reversed(range(cfg.trend_windows)):
+        start, end = since - k * length, until - k * length
+        windows.append((start, end, collect_records(services, start, end)))
+    current = windows[-1][2]
+    return compute_report(
+        current,
+        since=since,
+        until=until,
+        attributes=cfg.attributes,
+        min_group_size=cfg.min_group_size,
+        n_boot=cfg.n_boot,
+        confidence=cfg.confidence,
+        rules=cfg.rules,
+        seed=cfg.seed,
+        trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
+    )
+
+
+def write_html(report: FairnessReport, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"fairness-{report.since:%Y%m%dT%H%M}-{report.until:%Y%m%dT%H%M}.html"
+    path.write_text(render_html(report), encoding="utf-8")
+    return path
+
+
+def write_measure_report(services: FairnessServices, report: FairnessReport) -> str:
+    """The report as a MeasureReport in the EHR, once per window and scope.
+
+    Idempotent without relying on the server: the ledger remembers what it wrote. On top, the
+    write is a transaction entry created only if no MeasureReport carries the run's tag
+    (``_tag`` is a search parameter of every resource; ``identifier`` is not supported on
+    MeasureReport by every server), covering a crash between the EHR's commit and the ledger's.
+    """
+    scope = services.model_version or "all-model-versions"
+    system = services.identifier_system
+    identifier = measure_report_identifier(report, system=system, scope=scope)
+    assert identifier.value is not None
+    done = services.ledger.fairness_run(identifier.value)
+    if done is not None:
+        return done.measure_report_id
+    resource = build_measure_report(
+        report, system=system, scope=scope, measure=services.settings.measure_url
+    )
+    tag_system = f"{system}:fairness-run"
+    resource.meta = Meta(tag=[Coding(system=tag_system, code=identifier.value)])
+    entry = BundleEntry(
+        fullUrl=f"urn:uuid:{uuid.uuid4()}",
+        resource=resource,
+        request=BundleEntryRequest(
+            method="POST",
+            url="MeasureReport",
+            ifNoneExist=urlencode({"_tag": f"{tag_system}|{identifier.value}"}),
+        ),
+    )
+    response = services.ehr.transaction(Bundle(type="transaction", entry=[entry]))
+    answers = [e.response for e in response.entry or [] if e.response is not None]
+    location = str(answers[0].location or "") if answers else ""
+    rid = location.split("MeasureReport/")[-1].split("/")[0] if "MeasureReport/" in location else ""
+    if not rid:
+        raise EhrInvalidResourceError("MeasureReport: transaction answer names no resource")
+    services.ledger.save_fairness_run(
+        FairnessRun(
+            key=identifier.value,
+            since=report.since,
+            until=report.until,
+            scope=scope,
+            measure_report_id=rid,
+            alerts=[a.message for a in report.alerts],
+        )
+    )
+    return rid
+
+
+def summary_markdown(report: FairnessReport, html_path: Path) -> str:
+    """A short summary for the Prefect artifact: counts, alerts, headline metrics overall."""
+    lines = [
+        f"# Draft fairness {report.since:%Y-%m-%d %H:%M} – {report.until:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Studies {report.studies}, drafted {report.drafted}, with signed report "
+        f"{report.with_final_report}; groups under {report.min_group_size} suppressed. "
+        f"HTML: `{html_path}`",
+        "",
+        "## Alerts",
+        "",
+    ]
+    lines += [f"- {a.message}" for a in report.alerts] or ["No alert rule fired."]
+    lines += ["", "## Headline metrics (overall)", "", "| metric | n | value |", "|---|---|---|"]
+    for name in HEADLINE_METRICS:
+        metric = report.metric(name)
+        value = metric.overall.value
+        lines.append(
+            f"| {metric.title} | {metric.overall_n} | "
+            f"{'n/a' if value is None else f'{value:.1%}'} |"
+        )
+    return "\n".join(lines)
+
+
+@task(name="fairness-report", cache_policy=NO_CACHE)
+def fairness_report_task(
+    services: FairnessServices, since: dt.datetime, until: dt.datetime
+) -> FairnessReport:
+    return build_report(services, since, until)
+
+
+@flow(name="fairness-monitor", validate_parameters=False, log_prints=True)
+def fairness_monitor(services: Any, since: dt.datetime, until: dt.datetime) -> FairnessOutcome:
+    """Fairness of the drafts of ``[since, until)``: report, MeasureReport, artifact, alerts.
+
+    ``services`` is a ``FairnessServices`` (typed ``Any`` for Prefect's parameter schema).
+    """
+    assert isinstance(services, FairnessServices)
+    logger = get_run_logger()
+    report = fairness_report_task(services, since, until)
+    assert services.settings.report_dir is not None
+    html_path = write_html(report, services.settings.report_dir)
+    measure_id = write_measure_report(services, report) if services.write_measure_report else None
+    create_markdown_artifact(
+        summary_markdown(report, html_path),
+        key="draft-fairness",
+        description="Fairness of AI draft reports across subgroups",
+    )
+    for alert in report.alerts:
+        logger.error("fairness alert: %s", alert.message)
+        emit_event(
+            event=ALERT_EVENT,
+            resource={
+                "prefect.resource.id": f"medvlm.fairness.{alert.metric}",
+                "medvlm.attribute": alert.attribute,
+                "medvlm.group": alert.group,
+            },
+            payload={
+                "rule": alert.rule,
+                "metric": alert.metric,
+                "attribute": alert.attribute,
+                "group": alert.group,
+                "message": alert.message,
+                "window": [since.isoformat(), until.isoformat()],
+            },
+        )
+    logger.info(
+        "fairness %s..%s: %d studies, %d alerts, report %s",
+        since.isoformat(),
+        until.isoformat(),
+        report.studies,
+        len(report.alerts),
+        html_path,
+    )
+    return FairnessOutcome(report, html_path, measure_id, [a.message for a in report.alerts])
