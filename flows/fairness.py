@@ -76,6 +76,7 @@ class FairnessOutcome:
     html_path: Path
     measure_report_id: str | None
     alerts: list[str]
+    alert_events: list[str] = field(default_factory=list)  # ids of emitted Prefect events
 
     @property
     def alerted(self) -> bool:
@@ -87,7 +88,9 @@ def signed_report_text(report: DiagnosticReport) -> str:
     parts = [report.conclusion or ""]
     for form in report.presentedForm or []:
         if form.data and (form.contentType or "").startswith("text/plain"):
-            parts.append(base64.b64decode(form.data).decode("utf-8", errors="replace"))
+            # fhir.resources decodes base64Binary on validation; a plain string is still base64.
+            raw = form.data if isinstance(form.data, bytes) else base64.b64decode(form.data)
+            parts.append(raw.decode("utf-8", errors="replace"))
     return "\n".join(p for p in parts if p.strip())
 
 
@@ -277,9 +280,10 @@ def fairness_monitor(services: Any, since: dt.datetime, until: dt.datetime) -> F
         key="draft-fairness",
         description="Fairness of AI draft reports across subgroups",
     )
+    events: list[str] = []
     for alert in report.alerts:
         logger.error("fairness alert: %s", alert.message)
-        emit_event(
+        event = emit_event(
             event=ALERT_EVENT,
             resource={
                 "prefect.resource.id": f"medvlm.fairness.{alert.metric}",
@@ -295,6 +299,8 @@ def fairness_monitor(services: Any, since: dt.datetime, until: dt.datetime) -> F
                 "window": [since.isoformat(), until.isoformat()],
             },
         )
+        if event is not None:
+            events.append(str(event.id))
     logger.info(
         "fairness %s..%s: %d studies, %d alerts, report %s",
         since.isoformat(),
@@ -303,4 +309,6 @@ def fairness_monitor(services: Any, since: dt.datetime, until: dt.datetime) -> F
         len(report.alerts),
         html_path,
     )
-    return FairnessOutcome(report, html_path, measure_id, [a.message for a in report.alerts])
+    return FairnessOutcome(
+        report, html_path, measure_id, [a.message for a in report.alerts], events
+    )

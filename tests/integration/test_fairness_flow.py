@@ -8,6 +8,7 @@ the monitor through the orders the drafts point to.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.measurereport import MeasureReport
 from fhir.resources.R4B.patient import Patient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from sqlmodel import Session
 from typer.testing import CliRunner
 
@@ -162,11 +166,26 @@ def _services(ehr: FhirEhr, world: Cohort, tmp_path: Path) -> FairnessServices:
 
 
 def test_planted_disparity_alerts_and_the_measure_report_lands_once(
-    ehr: FhirEhr, tmp_path: Path, fhir_base_url: str, prefect_api: None
+    ehr: FhirEhr,
+    tmp_path: Path,
+    fhir_base_url: str,
+    prefect_api: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     world = _cohort(ehr, tmp_path, planted=True, shift_days=0)
     services = _services(ehr, world, tmp_path)
-    outcome = fairness_monitor(services, *world.window)
+    with caplog.at_level(logging.ERROR):
+        outcome = fairness_monitor(services, *world.window)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("fairness alert" in m and "sex=female" in m for m in errors)
+    assert len(outcome.alert_events) == len(outcome.alerts)  # one Prefect event per alert
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["draft-fairness"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert "sex=female" in str(artifact.data)
 
     report = outcome.report
     assert report.with_final_report == world.signed < report.drafted

@@ -290,3 +290,29 @@ def test_group_estimates_agree_with_fairlearn_metricframe(planted: FairnessRepor
     for group, expected in sensitivity.by_group.items():
         if not ours_sex[str(group)].suppressed:
             assert ours_sex[str(group)].estimate.value == pytest.approx(expected)
+
+
+def test_signed_report_text_reads_conclusion_and_plain_text_forms() -> None:
+    import base64
+
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    from flows.fairness import signed_report_text
+
+    body = "FINDINGS: Small right pneumothorax.\nIMPRESSION: Pneumothorax."
+    report = DiagnosticReport.model_validate(
+        {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"text": "XR chest"},
+            "conclusion": "Right pneumothorax.",
+            "presentedForm": [
+                {"contentType": "text/plain", "data": base64.b64encode(body.encode()).decode()},
+                {"contentType": "application/pdf", "data": base64.b64encode(b"%PDF").decode()},
+            ],
+        }
+    )
+    text = signed_report_text(report)
+    assert text.startswith("Right pneumothorax.") and body in text and "%PDF" not in text
+    labels = LABELER.label(text)
+    assert labels.presence(FindingName.PNEUMOTHORAX) is Presence.PRESENT
