@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.fairness_types import ATTRIBUTES
+
 TinyArchitecture = Literal["qwen2_vl", "gemma3"]
 
 
@@ -539,16 +541,7 @@ class FairnessSettings(BaseModel):
         description="Windows of `window_days` (this one and earlier ones) shown as trends.",
     )
     attributes: list[str] = Field(
-        default_factory=lambda: [
-            "sex",
-            "age_band",
-            "race",
-            "ethnicity",
-            "site",
-            "manufacturer",
-            "scanner_model",
-            "modality",
-        ],
+        default_factory=lambda: list(ATTRIBUTES),
         description="Subgroup attributes to stratify by (captured at draft time).",
     )
     min_group_size: int = Field(
@@ -578,6 +571,15 @@ class FairnessSettings(BaseModel):
         default="urn:medvlm-pipeline:Measure:draft-fairness",
         description="Canonical of the Measure the MeasureReport reports on.",
     )
+
+    @model_validator(mode="after")
+    def _check_attributes(self) -> FairnessSettings:
+        unknown = sorted(set(self.attributes) - set(ATTRIBUTES))
+        if unknown:
+            raise ValueError(
+                f"fairness.attributes {unknown} are not captured; choose from {list(ATTRIBUTES)}"
+            )
+        return self
 
 
 class MedvlmSettings(BaseSettings):

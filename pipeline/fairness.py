@@ -450,29 +450,22 @@ def compute_report(
 
 
 def _fires(rule: AlertRule, group: GroupResult) -> bool:
-    ratio, diff = group.ratio, group.difference
-    checks: list[bool] = []
-    if rule.ratio_above is not None and ratio.value is not None:
-        checks.append(
-            ratio.value > rule.ratio_above
-            and (not rule.require_ci or (ratio.ci_low is not None and ratio.ci_low > 1.0))
-        )
-    if rule.ratio_below is not None and ratio.value is not None:
-        checks.append(
-            ratio.value < rule.ratio_below
-            and (not rule.require_ci or (ratio.ci_high is not None and ratio.ci_high < 1.0))
-        )
-    if rule.difference_above is not None and diff.value is not None:
-        checks.append(
-            diff.value > rule.difference_above
-            and (not rule.require_ci or (diff.ci_low is not None and diff.ci_low > 0.0))
-        )
-    if rule.difference_below is not None and diff.value is not None:
-        checks.append(
-            diff.value < rule.difference_below
-            and (not rule.require_ci or (diff.ci_high is not None and diff.ci_high < 0.0))
-        )
-    return any(checks)
+    """Whether ``group`` crosses one of the rule's thresholds (and, if asked, its CI does too)."""
+    checks = (  # threshold, estimate, parity, direction (+1: above, -1: below)
+        (rule.ratio_above, group.ratio, 1.0, 1.0),
+        (rule.ratio_below, group.ratio, 1.0, -1.0),
+        (rule.difference_above, group.difference, 0.0, 1.0),
+        (rule.difference_below, group.difference, 0.0, -1.0),
+    )
+    for threshold, estimate, parity, direction in checks:
+        if threshold is None or estimate.value is None:
+            continue
+        bound = estimate.ci_low if direction > 0 else estimate.ci_high
+        beyond = (estimate.value - threshold) * direction > 0
+        certain = not rule.require_ci or (bound is not None and (bound - parity) * direction > 0)
+        if beyond and certain:
+            return True
+    return False
 
 
 def _fmt(value: float | None, kind: MetricKind) -> str:

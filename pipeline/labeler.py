@@ -545,34 +545,6 @@ BLOCKING_WORDS: tuple[str, ...] = (
     r"present",
     r"visualized",
 )
-#: Section headers the labeler recognises (a header is a name and a colon at a line start or
-#: after a sentence end). Those in ``IGNORED_SECTIONS`` are dropped before labeling.
-KNOWN_SECTIONS: tuple[str, ...] = (
-    "indication",
-    "indications",
-    "clinical indication",
-    "clinical history",
-    "clinical information",
-    "history",
-    "reason for exam",
-    "reason for examination",
-    "reason for study",
-    "comparison",
-    "comparisons",
-    "technique",
-    "examination",
-    "exam",
-    "procedure",
-    "findings",
-    "impression",
-    "conclusion",
-    "conclusions",
-    "recommendation",
-    "recommendations",
-    "addendum",
-    "summary",
-    "opinion",
-)
 #: Sections about the request or earlier studies, not this image: "evaluate for pneumonia".
 IGNORED_SECTIONS: tuple[str, ...] = (
     "indication",
@@ -587,6 +559,23 @@ IGNORED_SECTIONS: tuple[str, ...] = (
     "comparison",
     "comparisons",
     "technique",
+)
+#: Section headers the labeler recognises (a header is a name and a colon at a line start or
+#: after a sentence end). Those in ``IGNORED_SECTIONS`` are dropped before labeling.
+KNOWN_SECTIONS: tuple[str, ...] = (
+    *IGNORED_SECTIONS,
+    "examination",
+    "exam",
+    "procedure",
+    "findings",
+    "impression",
+    "conclusion",
+    "conclusions",
+    "recommendation",
+    "recommendations",
+    "addendum",
+    "summary",
+    "opinion",
 )
 
 # --------------------------------------------------------------------------------------------

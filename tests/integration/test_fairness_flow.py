@@ -225,6 +225,23 @@ def test_planted_disparity_alerts_and_the_measure_report_lands_once(
     assert all(isinstance(row, SignedReportLabels) for row in cached.values())
 
 
+def _cli_environment(
+    monkeypatch: pytest.MonkeyPatch, home: Path, fhir_base_url: str, world: Cohort, **extra: str
+) -> None:
+    """Settings for ``medvlm fairness`` from the environment, as an operator would set them."""
+    for key, value in {
+        "MEDVLM_HOME": str(home),
+        "MEDVLM_EHR__KIND": "fhir",
+        "MEDVLM_EHR__BASE_URL": fhir_base_url,
+        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
+        "MEDVLM_JOB__LEDGER_URL": world.ledger_url,
+        "MEDVLM_JOB__IDENTIFIER_SYSTEM": world.system,
+        "MEDVLM_FAIRNESS__N_BOOT": "200",
+        **extra,
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_no_disparity_no_alert_and_the_cli_exits_zero(
     ehr: FhirEhr,
     tmp_path: Path,
@@ -236,18 +253,9 @@ def test_no_disparity_no_alert_and_the_cli_exits_zero(
 
     world = _cohort(ehr, tmp_path, planted=False, shift_days=-400)
     since, until = world.window
-    environment = {
-        "MEDVLM_HOME": str(tmp_path / "home"),
-        "MEDVLM_EHR__KIND": "fhir",
-        "MEDVLM_EHR__BASE_URL": fhir_base_url,
-        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
-        "MEDVLM_JOB__LEDGER_URL": world.ledger_url,
-        "MEDVLM_JOB__IDENTIFIER_SYSTEM": world.system,
-        "MEDVLM_FAIRNESS__N_BOOT": "200",
-        "MEDVLM_FAIRNESS__TREND_WINDOWS": "1",
-    }
-    for key, value in environment.items():
-        monkeypatch.setenv(key, value)
+    _cli_environment(
+        monkeypatch, tmp_path / "home", fhir_base_url, world, MEDVLM_FAIRNESS__TREND_WINDOWS="1"
+    )
     result = CliRunner().invoke(
         app, ["fairness", "--since", since.isoformat(), "--until", until.isoformat()]
     )
@@ -268,16 +276,13 @@ def test_the_cli_exits_3_and_names_the_group_when_a_rule_fires(
 
     world = _cohort(ehr, tmp_path, planted=True, shift_days=-800)
     since, until = world.window
-    for key, value in {
-        "MEDVLM_HOME": str(tmp_path / "home"),
-        "MEDVLM_EHR__KIND": "fhir",
-        "MEDVLM_EHR__BASE_URL": fhir_base_url,
-        "MEDVLM_JOB__LEDGER_URL": world.ledger_url,
-        "MEDVLM_JOB__IDENTIFIER_SYSTEM": world.system,
-        "MEDVLM_FAIRNESS__N_BOOT": "200",
-        "MEDVLM_FAIRNESS__WRITE_MEASURE_REPORT": "false",
-    }.items():
-        monkeypatch.setenv(key, value)
+    _cli_environment(
+        monkeypatch,
+        tmp_path / "home",
+        fhir_base_url,
+        world,
+        MEDVLM_FAIRNESS__WRITE_MEASURE_REPORT="false",
+    )
     result = CliRunner().invoke(
         app, ["fairness", "--since", since.date().isoformat(), "--until", until.isoformat()]
     )

@@ -316,3 +316,10 @@ def test_signed_report_text_reads_conclusion_and_plain_text_forms() -> None:
     assert text.startswith("Right pneumothorax.") and body in text and "%PDF" not in text
     labels = LABELER.label(text)
     assert labels.presence(FindingName.PNEUMOTHORAX) is Presence.PRESENT
+
+
+def test_settings_reject_attributes_that_are_not_captured() -> None:
+    with pytest.raises(ValueError, match="insurance"):
+        FairnessSettings(attributes=["sex", "insurance"])
+    with pytest.raises(ValueError, match="no threshold"):
+        AlertRule(name="empty", metric="underdiagnosis_rate")
