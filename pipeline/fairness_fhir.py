@@ -4,8 +4,9 @@ What one ``FairnessReport`` becomes:
 
 - one ``MeasureReport``, status ``complete``, type ``summary``, ``measure`` the fairness Measure
   canonical, ``date`` the generation time, ``period`` the monitored window, an ``identifier``
-  stable per (window, scope) so a re-run for the same window is a conditional create, not a
-  duplicate (``ifNoneExist: identifier=<system>|<value>``);
+  stable per (window, scope) so a re-run for the same window writes nothing new
+  (``flows.fairness.write_measure_report`` keys its ledger record and a ``_tag`` conditional
+  create on it: not every server searches MeasureReport by identifier);
 - one ``group`` per metric: ``code`` the metric (system ``<system>:fairness-metric``),
   populations ``denominator`` (and ``numerator`` for rates) from the standard
   measure-population code system, ``measureScore`` the overall value (UCUM unit) when known;

@@ -32,13 +32,12 @@ from typing import TYPE_CHECKING
 import jinja2
 import matplotlib
 from markupsafe import Markup
-from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, date2num
 from matplotlib.figure import Figure
 from matplotlib.ticker import (
     FixedLocator,
     Formatter,
     FuncFormatter,
-    Locator,
     MaxNLocator,
     PercentFormatter,
 )
@@ -479,14 +478,14 @@ def _trend_figure(
                 )
             top = base
         ax.hlines(grid_y, 0.0, 1.0, transform=label_at, color="#dddddd", linewidth=0.6, zorder=0)
-        # Few windows: a tick at each window's end; many: round dates.
+        # Few windows: a tick at each window's end, labelled with its date; many: round dates.
         if len(xs) <= 8:
-            locator: Locator = FixedLocator(xs)
+            ax.xaxis.set_major_locator(FixedLocator(xs))
+            ax.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
         else:
             locator = AutoDateLocator(maxticks=7)  # type: ignore[no-untyped-call]
-        ax.xaxis.set_major_locator(locator)
-        formatter = ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
-        ax.xaxis.set_major_formatter(formatter)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
         ax.grid(axis="x", color="#eeeeee", linewidth=0.6)
         ax.set_axisbelow(True)
         if len(xs) == 1:

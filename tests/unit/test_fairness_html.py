@@ -316,7 +316,7 @@ def test_trend_plot_has_a_line_per_group_and_the_overall(html: str) -> None:
     trend_svg = html[start : html.index("</figure>", start)]
     for label in ("overall", "female", "male"):
         assert f"\u2501 {label}<" in trend_svg
-    assert "Mar" in trend_svg  # dated x axis
+    assert "2025-03-" in trend_svg  # dated x axis: each window end as a date
 
 
 def test_report_without_alerts_says_so() -> None:
