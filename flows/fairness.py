@@ -98,8 +98,11 @@ def _labels_from_row(row: SignedReportLabels) -> ReportLabels:
     return ReportLabels(findings={FindingName(k): Presence(v) for k, v in row.labels.items()})
 
 
-def signed_labels(services: FairnessServices, jobs: list[DraftJob]) -> dict[str, ReportLabels]:
-    """Labels of the signed report of each drafted job that has one (by study UID).
+def signed_labels(
+    services: FairnessServices, jobs: list[DraftJob]
+) -> tuple[dict[str, ReportLabels], int]:
+    """Labels of the signed report of each drafted job that has one (by study UID), and how
+    many lookups the EHR failed (those studies are counted without agreement metrics).
 
     Cached labels are used unless ``refresh_signed``; studies without a signed report are asked
     again on the next run (the radiologist may not have signed yet).
@@ -113,6 +116,7 @@ def signed_labels(services: FairnessServices, jobs: list[DraftJob]) -> dict[str,
     )
     labels = {uid: _labels_from_row(row) for uid, row in cached.items()}
     fresh: list[SignedReportLabels] = []
+    unreadable = 0
     for job in drafted:
         if job.study_uid in labels:
             continue
@@ -124,6 +128,7 @@ def signed_labels(services: FairnessServices, jobs: list[DraftJob]) -> dict[str,
             log.warning(
                 "%s: signed report not readable, no agreement metrics: %s", job.study_ref, exc
             )
+            unreadable += 1
             continue
         if report is None:
             continue
@@ -140,16 +145,17 @@ def signed_labels(services: FairnessServices, jobs: list[DraftJob]) -> dict[str,
         )
     if fresh:
         services.ledger.save_signed_labels(fresh)
-    return labels
+    return labels, unreadable
 
 
 def collect_records(
     services: FairnessServices, since: dt.datetime, until: dt.datetime
-) -> list[FairnessRecord]:
-    """The window's jobs as records, with signed-report labels where a report is signed."""
+) -> tuple[list[FairnessRecord], int]:
+    """The window's jobs as records, with signed-report labels where a report is signed, and
+    the number of signed-report lookups that failed."""
     jobs = services.ledger.jobs_between(since, until, services.model_version)
-    labels = signed_labels(services, jobs)
-    return [record_from_job(job, labels.get(job.study_uid)) for job in jobs]
+    labels, unreadable = signed_labels(services, jobs)
+    return [record_from_job(job, labels.get(job.study_uid)) for job in jobs], unreadable
 
 
 def build_report(
@@ -159,10 +165,11 @@ def build_report(
     cfg = services.settings
     length = until - since
     windows = []
-    for k in reversed(range(cfg.trend_windows)):
+    for k in reversed(range(1, cfg.trend_windows)):  # earlier windows, oldest first
         start, end = since - k * length, until - k * length
-        windows.append((start, end, collect_records(services, start, end)))
-    current = windows[-1][2]
+        windows.append((start, end, collect_records(services, start, end)[0]))
+    current, unreadable = collect_records(services, since, until)
+    windows.append((since, until, current))
     return compute_report(
         current,
         since=since,
@@ -174,6 +181,7 @@ def build_report(
         rules=cfg.rules,
         seed=cfg.seed,
         trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
+        signed_unreadable=unreadable,
     )
 
 
@@ -238,7 +246,8 @@ def summary_markdown(report: FairnessReport, html_path: Path) -> str:
         f"# Draft fairness {report.since:%Y-%m-%d %H:%M} – {report.until:%Y-%m-%d %H:%M} UTC",
         "",
         f"Studies {report.studies}, drafted {report.drafted}, with signed report "
-        f"{report.with_final_report}; groups under {report.min_group_size} suppressed. "
+        f"{report.with_final_report} (signed report unreadable: {report.signed_unreadable}); "
+        f"groups under {report.min_group_size} suppressed. "
         f"HTML: `{html_path}`",
         "",
         "## Alerts",

@@ -348,6 +348,7 @@ def compute_report(
     seed: int = 0,
     trend: Sequence[TrendPoint] = (),
     generated: dt.datetime | None = None,
+    signed_unreadable: int = 0,
 ) -> FairnessReport:
     """Metrics per subgroup with bootstrap intervals, disparities to the overall, and alerts."""
     defs = metric_definitions()
@@ -445,6 +446,7 @@ def compute_report(
         metrics=metrics,
         alerts=tuple(evaluate_rules(metrics, rules)),
         trend=tuple(trend),
+        signed_unreadable=signed_unreadable,
     )
 
 

@@ -604,7 +604,8 @@ p.population, p.overall { margin: 0.2em 0; }
 <dt>Generated</dt><dd>{{ generated }}</dd>
 <dt>Model versions</dt><dd>{{ models }}</dd>
 <dt>Studies</dt><dd>{{ studies }} in the window; {{ drafted }} drafted; \
-{{ with_final }} with a signed final report</dd>
+{{ with_final }} with a signed final report\
+{% if unreadable %}; {{ unreadable }} whose signed report the EHR failed to return{% endif %}</dd>
 <dt>Method</dt><dd>{{ method }}</dd>
 </dl>
 </header>
@@ -739,6 +740,7 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         studies=f"{report.studies:,}",
         drafted=f"{report.drafted:,}",
         with_final=f"{report.with_final_report:,}",
+        unreadable=f"{report.signed_unreadable:,}" if report.signed_unreadable else "",
         method=method,
         confidence=confidence,
         min_group_size=report.min_group_size,

@@ -152,6 +152,7 @@ class FairnessReport:
     metrics: tuple[MetricResult, ...]
     alerts: tuple[Alert, ...]
     trend: tuple[TrendPoint, ...] = ()
+    signed_unreadable: int = 0  # drafted studies whose signed report the EHR failed to return
 
     def metric(self, name: str) -> MetricResult:
         for m in self.metrics:

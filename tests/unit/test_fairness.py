@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +324,68 @@ def test_settings_reject_attributes_that_are_not_captured() -> None:
         FairnessSettings(attributes=["sex", "insurance"])
     with pytest.raises(ValueError, match="no threshold"):
         AlertRule(name="empty", metric="underdiagnosis_rate")
+
+
+def test_signed_labels_are_cached_and_unreadable_reports_are_counted(tmp_path: Path) -> None:
+    """The monitor's lookups against a file-backed EHR and a real SQLite ledger."""
+    import json
+
+    from connectors.ledger_store import LedgerStore, open_engine
+    from connectors.ndjson import NdjsonEhr
+    from flows.fairness import FairnessServices, signed_labels
+
+    def report(order: str, **extra: object) -> dict[str, object]:
+        return {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"text": "XR chest"},
+            "basedOn": [{"reference": f"ServiceRequest/{order}"}],
+            **extra,
+        }
+
+    folder = tmp_path / "ehr"
+    folder.mkdir()
+    lines = [
+        report("1", id="r1", conclusion="Moderate cardiomegaly."),
+        report("2", id="r2", issued="not a date"),  # invalid FHIR: this lookup fails
+        {**report("3", id="r3", conclusion="Large pneumothorax."), "status": "preliminary"},
+    ]
+    (folder / "DiagnosticReport.ndjson").write_text("\n".join(json.dumps(x) for x in lines))
+    ledger = LedgerStore(open_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    jobs = [
+        DraftJob(
+            study_uid=f"1.2.{order}",
+            study_ref=f"study-{order}",
+            model_version="m",
+            state=JobState.WRITTEN,
+            draft=draft_report(False).model_dump(mode="json"),
+            links={"service_request": f"ServiceRequest/{order}"},
+        )
+        for order in ("1", "2", "3")
+    ]
+    services = FairnessServices(
+        ledger=ledger, ehr=NdjsonEhr(folder), settings=FairnessSettings(), identifier_system="s"
+    )
+    labels, unreadable = signed_labels(services, jobs)
+    assert unreadable == 1  # study 2: counted, logged by reference, not dropped silently
+    assert set(labels) == {"1.2.1"}  # study 3 has only a preliminary report: not signed yet
+    assert labels["1.2.1"].presence(FindingName.CARDIOMEGALY) is Presence.PRESENT
+    (folder / "DiagnosticReport.ndjson").write_text("")  # the EHR forgets: the cache answers
+    cached, unreadable = signed_labels(services, jobs)
+    assert cached == labels and unreadable == 0
+    assert (
+        ledger.signed_labels(["1.2.1"], LABELER.name)["1.2.1"].report_ref == "DiagnosticReport/r1"
+    )
+
+
+def test_the_html_report_says_how_many_signed_reports_were_unreadable(
+    planted: FairnessReport,
+) -> None:
+    from dataclasses import replace
+
+    from pipeline.fairness_html import render_html
+
+    assert "failed to return" not in render_html(planted)
+    assert "7 whose signed report the EHR failed to return" in render_html(
+        replace(planted, signed_unreadable=7)
+    )
