@@ -305,7 +305,7 @@ def fairness(
     Exit code 3 when an alert rule fires (each alert is printed, naming metric and group).
     """
     from flows.deployments import fairness_window
-    from flows.fairness import fairness_monitor
+    from flows.fairness import HEADLINE_METRICS, fairness_monitor
     from flows.services import open_fairness_services
 
     settings = _settings()
@@ -336,7 +336,7 @@ def fairness(
         title=f"fairness {start:%Y-%m-%d %H:%M} – "
         f"{end:%Y-%m-%d %H:%M} UTC, {report.studies} studies",
     )
-    for name in ("underdiagnosis_rate", "no_finding_rate", "failure_rate", "critical_rate"):
+    for name in HEADLINE_METRICS:
         metric = report.metric(name)
         value = metric.overall.value
         table.add_row(
