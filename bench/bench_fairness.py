@@ -28,7 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairlearn.metrics import MetricFrame
 
 from medvlm.settings import FairnessSettings
-from pipeline.fairness import FairnessRecord, _Table, compute_report, metric_definitions
+from pipeline.fairness import (
+    FairnessRecord,
+    _groups,
+    _Table,
+    compute_report,
+    metric_definitions,
+)
 from pipeline.fairness_types import ATTRIBUTES
 from pipeline.labeler import RuleLabeler
 from tests.fairness_data import WINDOW_END, WINDOW_START, cohort, created_at
@@ -62,12 +68,10 @@ def main() -> None:
     started = time.perf_counter()
     ours: dict[tuple[str, str, str], float] = {}
     for attribute in ATTRIBUTES:
-        labels = np.asarray([r.group(attribute) for r in records], dtype=object)
-        for group in set(labels.tolist()):
-            mask = labels == group
+        for group, mask in _groups(records, attribute):  # as compute_report groups them
             num, den = table.num[:, mask].sum(axis=1), table.den[:, mask].sum(axis=1)
             for i, d in enumerate(defs):
-                ours[(attribute, str(group), d.name)] = num[i] / den[i] if den[i] else math.nan
+                ours[(attribute, group, d.name)] = num[i] / den[i] if den[i] else math.nan
     numpy_s = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -119,17 +119,17 @@ def record_from_job(job: DraftJob, final: ReportLabels | None = None) -> Fairnes
         outcome = "failed"
     else:
         outcome = "pending"
-    draft = DraftReport.model_validate(job.draft) if job.draft is not None else None
+    drafted = outcome == "drafted" and job.draft is not None
     created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=dt.UTC)
     return FairnessRecord(
         created_at=created,
         model_version=job.model_version,
         subgroups=dict(job.subgroups or {}),
         outcome=outcome,
-        draft=draft if outcome == "drafted" else None,
+        draft=DraftReport.model_validate(job.draft) if drafted else None,
         output_chars=(
             len(json.dumps(job.draft, ensure_ascii=False, separators=(",", ":")))
-            if outcome == "drafted"
+            if drafted
             else None
         ),
         latency_s=(job.timings or {}).get("draft_s"),
@@ -317,6 +317,15 @@ class _Table:
         return cls(defs, num, den)
 
 
+def _groups(
+    records: Sequence[FairnessRecord], attribute: str
+) -> list[tuple[str, npt.NDArray[np.bool_]]]:
+    """Each group of ``attribute`` (``unknown`` last) with the mask of its records."""
+    labels = np.asarray([record.group(attribute) for record in records], dtype=object)
+    groups = sorted(set(labels.tolist()), key=lambda g: (g == UNKNOWN, g))
+    return [(str(group), labels == group) for group in groups]
+
+
 def _ratio(num: Any, den: Any) -> Any:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
@@ -369,12 +378,7 @@ def compute_report(
         d.name: _finite(float(_ratio(overall_num[i], overall_n[i]))) for i, d in enumerate(defs)
     }
     for attribute in attributes:
-        labels = [record.group(attribute) for record in records]
-        if not labels:
-            continue
-        label_array = np.asarray(labels, dtype=object)
-        for group in sorted(set(labels), key=lambda g: (g == UNKNOWN, g)):
-            mask = label_array == group
+        for group, mask in _groups(records, attribute):
             g_num = table.num[:, mask]
             g_den = table.den[:, mask]
             points = _ratio(g_num.sum(axis=1), g_den.sum(axis=1))
@@ -535,14 +539,13 @@ def trend_points(
     points: list[TrendPoint] = []
     for start, end, records in windows:
         table = _Table.of(records, defs)
+        groups = {attribute: _groups(records, attribute) for attribute in attributes}
         for i, d in enumerate(defs):
             total_n = int(table.den[i].sum())
-            value = _finite(float(_ratio(table.num[i].sum(), table.den[i].sum())))
+            value = _finite(float(_ratio(table.num[i].sum(), total_n)))
             points.append(TrendPoint(start, end, d.name, "overall", "overall", total_n, value))
-            for attribute in attributes:
-                labels = np.asarray([r.group(attribute) for r in records], dtype=object)
-                for group in sorted(set(labels.tolist())):
-                    mask = labels == group
+            for attribute, cells in groups.items():
+                for group, mask in cells:
                     cell_n = int(table.den[i, mask].sum())
                     cell = _finite(float(_ratio(table.num[i, mask].sum(), cell_n)))
                     points.append(
@@ -551,7 +554,7 @@ def trend_points(
                             end,
                             d.name,
                             attribute,
-                            str(group),
+                            group,
                             cell_n,
                             None if cell_n < min_group_size else cell,
                         )
