@@ -240,6 +240,18 @@ def write_measure_report(services: FairnessServices, report: FairnessReport) -> 
     return rid
 
 
+def headline_rows(report: FairnessReport) -> list[tuple[str, str, str]]:
+    """(title, n, value) of each headline metric overall, for summaries (artifact, CLI)."""
+    rows = []
+    for name in HEADLINE_METRICS:
+        metric = report.metric(name)
+        value = metric.overall.value
+        rows.append(
+            (metric.title, str(metric.overall_n), "n/a" if value is None else f"{value:.1%}")
+        )
+    return rows
+
+
 def summary_markdown(report: FairnessReport, html_path: Path) -> str:
     """A short summary for the Prefect artifact: counts, alerts, headline metrics overall."""
     lines = [
@@ -255,13 +267,7 @@ def summary_markdown(report: FairnessReport, html_path: Path) -> str:
     ]
     lines += [f"- {a.message}" for a in report.alerts] or ["No alert rule fired."]
     lines += ["", "## Headline metrics (overall)", "", "| metric | n | value |", "|---|---|---|"]
-    for name in HEADLINE_METRICS:
-        metric = report.metric(name)
-        value = metric.overall.value
-        lines.append(
-            f"| {metric.title} | {metric.overall_n} | "
-            f"{'n/a' if value is None else f'{value:.1%}'} |"
-        )
+    lines += [f"| {title} | {n} | {value} |" for title, n, value in headline_rows(report)]
     return "\n".join(lines)
 
 

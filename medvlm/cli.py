@@ -305,7 +305,7 @@ def fairness(
     Exit code 3 when an alert rule fires (each alert is printed, naming metric and group).
     """
     from flows.deployments import fairness_window
-    from flows.fairness import HEADLINE_METRICS, fairness_monitor
+    from flows.fairness import fairness_monitor, headline_rows
     from flows.services import open_fairness_services
 
     settings = _settings()
@@ -336,12 +336,8 @@ def fairness(
         title=f"fairness {start:%Y-%m-%d %H:%M} – "
         f"{end:%Y-%m-%d %H:%M} UTC, {report.studies} studies",
     )
-    for name in HEADLINE_METRICS:
-        metric = report.metric(name)
-        value = metric.overall.value
-        table.add_row(
-            metric.title, str(metric.overall_n), "n/a" if value is None else f"{value:.1%}"
-        )
+    for row in headline_rows(report):
+        table.add_row(*row)
     console.print(table)
     console.print(f"HTML report: {outcome.html_path}")
     if outcome.measure_report_id:
