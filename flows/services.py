@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from connectors.ehr import build_ehr
+from connectors.ehr import Ehr, build_ehr
 from connectors.fhir import build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.pacs import build_image_source
@@ -60,6 +60,15 @@ def source_name(settings: MedvlmSettings) -> str:
     return f"{pacs.kind}:{where}"[:200]
 
 
+def _open_ehr_and_ledger(settings: MedvlmSettings, stack: ExitStack) -> tuple[Ehr, LedgerStore]:
+    """The EHR (one pooled HTTP client, closed by ``stack``) and the ledger, as every job uses."""
+    client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
+    if client is not None:
+        stack.callback(client.close)
+    assert settings.job.ledger_url is not None
+    return build_ehr(settings.ehr, client), LedgerStore(open_engine(settings.job.ledger_url))
+
+
 @contextmanager
 def open_services(
     settings: MedvlmSettings, *, on_progress: Callable[[DraftJob], None] | None = None
@@ -91,15 +100,12 @@ def open_services(
             )
         source = build_image_source(settings.pacs)
         stack.callback(source.close)
-        client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
-        if client is not None:
-            stack.callback(client.close)
-        assert job.ledger_url is not None
+        ehr, ledger = _open_ehr_and_ledger(settings, stack)
         yield Services(
             source=source,
-            ehr=build_ehr(settings.ehr, client),
+            ehr=ehr,
             drafter=drafter,
-            ledger=LedgerStore(open_engine(job.ledger_url)),
+            ledger=ledger,
             model=model,
             job=job,
             max_images=settings.model.max_images_per_prompt,
@@ -119,13 +125,10 @@ def open_fairness_services(
 ) -> Iterator[FairnessServices]:
     """The monitor's connectors (ledger and EHR only: no model is loaded)."""
     with ExitStack() as stack:
-        client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
-        if client is not None:
-            stack.callback(client.close)
-        assert settings.job.ledger_url is not None
+        ehr, ledger = _open_ehr_and_ledger(settings, stack)
         yield FairnessServices(
-            ledger=LedgerStore(open_engine(settings.job.ledger_url)),
-            ehr=build_ehr(settings.ehr, client),
+            ledger=ledger,
+            ehr=ehr,
             settings=settings.fairness,
             identifier_system=settings.job.identifier_system,
             model_version=model_version,
