@@ -66,13 +66,14 @@ def main() -> None:
     from medvlm.settings import MedvlmSettings
     from pipeline.prompts import build_messages
     from pipeline.report import report_json_schema
-    from serving.app import run_app
+    from serving.app import start_model_service, with_kv_cache
     from serving.engine import GenerationOptions, VllmChatEngine
     from serving.model_source import resolve_model
-    from serving.ray_runtime import init_ray, shutdown_ray
+    from serving.ray_runtime import shutdown_ray
 
     settings = MedvlmSettings()
     resolved = resolve_model(settings)
+    settings = with_kv_cache(settings, resolved.source)
     model_input = sample_model_input()
     messages = build_messages(model_input)
     options = GenerationOptions(
@@ -91,9 +92,8 @@ def main() -> None:
     runs.append(asyncio.run(_measure("raw vLLM", raw, args.requests, args.concurrency)))
     engine.shutdown()
 
-    init_ray(settings.serving, bind_shim=settings.bind_shim)
+    handle = start_model_service(settings, resolved.source)
     try:
-        handle = run_app(settings, resolved.source)
 
         async def by_handle() -> int:
             return int((await handle.draft.remote(model_input)).completion_tokens)

@@ -18,9 +18,9 @@ from pipeline.imaging import image_to_png, instance_to_images, study_reference
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftResult
 from pipeline.sample_cohort import SampleCase, sample_cohort
-from serving.app import run_app
+from serving.app import start_model_service
 from serving.model_source import ResolvedModel, resolve_model
-from serving.ray_runtime import init_ray, shutdown_ray
+from serving.ray_runtime import shutdown_ray
 
 
 def sample_model_input() -> ModelInput:
@@ -44,9 +44,8 @@ def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
     """Serve the model, draft the sample study through a DeploymentHandle, shut down."""
     resolved = resolve_model(settings)
     model_input = sample_model_input()
-    init_ray(settings.serving, bind_shim=settings.bind_shim)
+    handle = start_model_service(settings, resolved.source)
     try:
-        handle = run_app(settings, resolved.source)
         result: DraftResult = handle.draft.remote(model_input).result(
             timeout_s=settings.serving.request_timeout_s
         )

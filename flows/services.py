@@ -79,13 +79,12 @@ def open_services(
     with ExitStack() as stack:
         drafter: Drafter
         if job.model_endpoint == "local":
-            from serving.app import run_app
-            from serving.ray_runtime import init_ray, shutdown_ray
+            from serving.app import start_model_service
+            from serving.ray_runtime import shutdown_ray
 
             assert local_source is not None
-            init_ray(settings.serving, bind_shim=settings.bind_shim)
+            drafter = HandleDrafter(start_model_service(settings, local_source))
             stack.callback(shutdown_ray)
-            drafter = HandleDrafter(run_app(settings, local_source))
         elif job.model_url is None:
             raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
         elif job.model_endpoint == "http":

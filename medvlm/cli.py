@@ -83,15 +83,14 @@ def build_tiny(
 @app.command()
 def serve() -> None:
     """Run the model service (Ray Serve + vLLM) in the foreground until interrupted."""
-    from serving.app import run_app
+    from serving.app import start_model_service
     from serving.model_source import resolve_model
-    from serving.ray_runtime import init_ray, shutdown_ray
+    from serving.ray_runtime import shutdown_ray
 
     settings = _settings()
     try:
         resolved = resolve_model(settings)
-        init_ray(settings.serving, bind_shim=settings.bind_shim)
-        run_app(settings, resolved.source)
+        start_model_service(settings, resolved.source)
     except MedvlmError as exc:
         _fail(exc)
     console.print(

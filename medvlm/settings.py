@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.fairness_types import ATTRIBUTES
@@ -67,8 +67,29 @@ class ModelSettings(BaseModel):
         gt=0.0,
         le=1.0,
         description=(
-            "vLLM `gpu_memory_utilization`. On the CPU backend it is the fraction of host RAM "
-            "for the KV cache. Unset: 0.9 with GPUs, 0.3 on CPU (0.9 fails on CPU)."
+            "GPUs only: vLLM `gpu_memory_utilization`, the share of GPU memory for weights and "
+            "KV cache. Unset: 0.9. On CPU use `kv_cache_bytes` (vLLM reads a fraction there as "
+            "a share of one NUMA node's RAM, which differs between machines)."
+        ),
+    )
+    kv_cache_bytes: ByteSize | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "KV cache size in bytes (vLLM `kv_cache_memory_bytes`; accepts e.g. `512MiB`). "
+            "Unset on CPU: computed from the checkpoint's config.json as max_num_seqs × "
+            "max_model_len × bytes per token, at least 256 MiB, and checked against the "
+            "memory of the NUMA node before Ray starts (serving/kv_cache.py). Unset on GPU: "
+            "the fraction is used."
+        ),
+    )
+    max_num_seqs: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description=(
+            "Sequences one engine runs at once (vLLM `max_num_seqs`); with max_model_len it "
+            "sizes the CPU KV cache. Keep it at least serving.max_ongoing_requests."
         ),
     )
     tensor_parallel_size: int = Field(

@@ -18,6 +18,7 @@ import hmac
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException
@@ -30,6 +31,8 @@ from medvlm.settings import MedvlmSettings, ModelSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import DraftResult, normalize_json, parse_report, report_json_schema
 from serving.engine import ChatEngine, GenerationOptions, VllmChatEngine
+from serving.kv_cache import cpu_kv_cache
+from serving.ray_runtime import init_ray, shutdown_ray
 
 log = logging.getLogger("medvlm.serving")
 
@@ -68,17 +71,13 @@ class ChatCompletionRequest(BaseModel):
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(api)
 class MedVLMServer:
-    def __init__(
-        self,
-        model_source: str,
-        model_settings: ModelSettings,
-        on_gpu: bool,
-        api_key: str | None = None,
-    ) -> None:
-        self._settings = model_settings
-        self._api_key = api_key
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self._settings = spec.model_settings
+        self._api_key = spec.api_key
         self._schema = report_json_schema()
-        self._engine: ChatEngine = VllmChatEngine(model_source, model_settings, on_gpu=on_gpu)
+        self._engine: ChatEngine = VllmChatEngine(
+            spec.model_source, spec.model_settings, on_gpu=spec.on_gpu
+        )
 
     async def draft(self, model_input: ModelInput) -> DraftResult:
         """Draft one report; raises ``InvalidModelOutputError`` naming the study if invalid."""
@@ -200,16 +199,38 @@ class MedVLMServer:
             engine.shutdown()
 
 
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything one replica is built from: what ``build_app`` binds. Picklable."""
+
+    model_source: str
+    model_settings: ModelSettings
+    on_gpu: bool
+    api_key: str | None
+    options: dict[str, Any]  # Ray Serve deployment options (replicas, resources, backpressure)
+
+
+def replica_spec(settings: MedvlmSettings, model_source: str) -> ReplicaSpec:
+    """Replica resources and engine settings from ``settings``."""
+    serving = settings.serving
+    return ReplicaSpec(
+        model_source=model_source,
+        model_settings=settings.model,
+        on_gpu=serving.num_gpus > 0,
+        api_key=serving.api_key.get_secret_value() if serving.api_key is not None else None,
+        options={
+            "num_replicas": serving.num_replicas,
+            "max_ongoing_requests": serving.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
+        },
+    )
+
+
 def build_app(settings: MedvlmSettings, model_source: str) -> serve.Application:
     """Bind the deployment with replica resources and engine settings from ``settings``."""
-    serving = settings.serving
-    api_key = serving.api_key.get_secret_value() if serving.api_key is not None else None
+    spec = replica_spec(settings, model_source)
     deployment: serve.Deployment = MedVLMServer  # type: ignore[assignment]
-    return deployment.options(
-        num_replicas=serving.num_replicas,
-        max_ongoing_requests=serving.max_ongoing_requests,
-        ray_actor_options={"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
-    ).bind(model_source, settings.model, serving.num_gpus > 0, api_key)
+    return deployment.options(**spec.options).bind(spec)
 
 
 def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any]:
@@ -222,3 +243,35 @@ def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any
         route_prefix=serving.route_prefix,
         blocking=False,
     )
+
+
+def with_kv_cache(settings: MedvlmSettings, model_source: str) -> MedvlmSettings:
+    """``settings`` with the CPU KV cache size decided now, on this machine (local Ray only).
+
+    Raises ``ConfigurationError`` (naming the setting and the size that would fit) before any
+    process starts. GPUs and joined clusters are left alone: their replicas size the cache.
+    """
+    serving = settings.serving
+    if serving.num_gpus > 0 or serving.ray_address is not None:
+        return settings
+    plan = cpu_kv_cache(settings.model, model_source, local_node=True)
+    log.info("%s", plan.describe())
+    model = settings.model.model_copy(update={"kv_cache_bytes": plan.bytes})
+    return settings.model_copy(update={"model": model})
+
+
+def start_model_service(
+    settings: MedvlmSettings, model_source: str, *, num_cpus: int | None = None
+) -> DeploymentHandle[Any]:
+    """Size the KV cache, start (or join) Ray and run the application; the one way in.
+
+    On failure after Ray started, Ray is shut down again; on success the caller stops it with
+    ``serving.ray_runtime.shutdown_ray``.
+    """
+    settings = with_kv_cache(settings, model_source)
+    init_ray(settings.serving, num_cpus=num_cpus, bind_shim=settings.bind_shim)
+    try:
+        return run_app(settings, model_source)
+    except BaseException:
+        shutdown_ray()
+        raise

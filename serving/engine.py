@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from medvlm.errors import EngineUnavailableError, ServingError
 from medvlm.settings import ModelSettings
+from serving.kv_cache import cpu_kv_cache
 
 ChatMessage = dict[str, Any]
 
@@ -57,11 +58,20 @@ class ChatEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def kv_cache_fraction(settings: ModelSettings, *, on_gpu: bool) -> float:
-    """vLLM ``gpu_memory_utilization``: on CPU it is a share of host RAM, and 0.9 fails there."""
-    if settings.kv_cache_memory_fraction is not None:
-        return settings.kv_cache_memory_fraction
-    return 0.9 if on_gpu else 0.3
+def kv_cache_args(settings: ModelSettings, model_path: str, *, on_gpu: bool) -> dict[str, Any]:
+    """vLLM's KV cache arguments: a GPU memory fraction on GPUs, a size in bytes on CPU.
+
+    On CPU an unset ``kv_cache_bytes`` is computed from the checkpoint (serving/kv_cache.py);
+    entry points that start Ray locally do that before Ray starts and pass the result down, so
+    here it is computed only in replicas of a cluster that was joined by address.
+    """
+    explicit = None if settings.kv_cache_bytes is None else int(settings.kv_cache_bytes)
+    if on_gpu:
+        fraction = settings.kv_cache_memory_fraction or 0.9
+        return {"gpu_memory_utilization": fraction, "kv_cache_memory_bytes": explicit}
+    if explicit is None:
+        explicit = cpu_kv_cache(settings, model_path, local_node=True).bytes
+    return {"kv_cache_memory_bytes": explicit}
 
 
 class VllmChatEngine:
@@ -84,7 +94,8 @@ class VllmChatEngine:
             dtype=settings.dtype,  # type: ignore[arg-type]
             max_model_len=settings.max_model_len,
             seed=settings.seed,
-            gpu_memory_utilization=kv_cache_fraction(settings, on_gpu=on_gpu),
+            max_num_seqs=settings.max_num_seqs,
+            **kv_cache_args(settings, model_path, on_gpu=on_gpu),
             tensor_parallel_size=settings.tensor_parallel_size,
             limit_mm_per_prompt={"image": settings.max_images_per_prompt},
             enforce_eager=settings.enforce_eager,

@@ -14,16 +14,16 @@ import pytest
 from ray.serve.handle import DeploymentHandle
 
 from medvlm.settings import MedvlmSettings
-from serving.app import run_app
-from serving.ray_runtime import init_ray, shutdown_ray
+from serving.app import start_model_service
+from serving.ray_runtime import shutdown_ray
 
 
 @pytest.fixture(scope="session")
 def serve_handle(settings: MedvlmSettings) -> Iterator[DeploymentHandle[Any]]:
-    init_ray(settings.serving, num_cpus=2)
+    assert settings.model.source is not None
+    handle = start_model_service(settings, settings.model.source, num_cpus=2)
     try:
-        assert settings.model.source is not None
-        yield run_app(settings, settings.model.source)
+        yield handle
     finally:
         shutdown_ray()
 

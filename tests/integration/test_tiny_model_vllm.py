@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from PIL import Image
 
+from medvlm.settings import ModelSettings
 from pipeline.prompts import png_data_url
 from pipeline.report import parse_report, report_json_schema
+from serving.kv_cache import cpu_kv_cache
 from serving.tiny_model import Architecture, build_tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -47,9 +49,10 @@ def engine(
             model=str(checkpoint),
             seed=0,
             max_model_len=4096,
-            # On the CPU backend this is the share of RAM given to the KV cache (0.92 fails).
-            # Small: the session's Serve engine may be up at the same time.
-            gpu_memory_utilization=0.05,
+            # Sized in bytes as the product does (a fraction depends on the NUMA layout).
+            kv_cache_memory_bytes=cpu_kv_cache(
+                ModelSettings(max_model_len=4096), str(checkpoint), local_node=True
+            ).bytes,
             # Without this a random model fills the grammar's optional JSON whitespace until
             # max_tokens; per-request disable_any_whitespace does not take effect.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},

@@ -236,6 +236,9 @@ def test_ci_values_use_no_gpus(helm: str) -> None:
         for e in c.get("env", [])
     }
     assert env["MEDVLM_SERVING__NUM_GPUS"] == "0"
+    # A CPU worker's KV cache is a size, never a share of a NUMA node's RAM.
+    assert env["MEDVLM_MODEL__KV_CACHE_BYTES"] == "256MiB"
+    assert "MEDVLM_MODEL__KV_CACHE_MEMORY_FRACTION" not in env
 
 
 def test_head_node_has_zero_gpus(rendered: list[dict[str, Any]]) -> None:

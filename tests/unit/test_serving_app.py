@@ -1,12 +1,16 @@
-"""How settings become a Serve deployment, checked without starting Ray."""
+"""How settings become a Serve deployment and vLLM engine arguments, checked without starting Ray."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from medvlm.errors import ConfigurationError
 from medvlm.settings import MedvlmSettings
-from serving.app import build_app
-from serving.engine import kv_cache_fraction
+from serving.app import replica_spec, with_kv_cache
+from serving.engine import kv_cache_args
+from serving.kv_cache import MIN_DEFAULT_BYTES
 
 pytestmark = pytest.mark.unit
 
@@ -15,27 +19,51 @@ def test_replica_resources_come_from_settings() -> None:
     settings = MedvlmSettings(
         serving={"num_gpus": 1, "num_cpus": 4, "num_replicas": 2, "max_ongoing_requests": 8}
     )
-    deployment = build_app(settings, "/models/med-r1")._bound_deployment
-    assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
-    assert deployment.num_replicas == 2
-    assert deployment.max_ongoing_requests == 8
-    model_source, model_settings, on_gpu, api_key = deployment.init_args
-    assert (model_source, on_gpu, api_key) == ("/models/med-r1", True, None)
-    assert model_settings == settings.model
+    spec = replica_spec(settings, "/models/med-r1")
+    assert spec.options == {
+        "num_replicas": 2,
+        "max_ongoing_requests": 8,
+        "ray_actor_options": {"num_cpus": 4.0, "num_gpus": 1.0},
+    }
+    assert (spec.model_source, spec.on_gpu, spec.api_key) == ("/models/med-r1", True, None)
+    assert spec.model_settings == settings.model
 
 
-def test_cpu_settings_give_a_cpu_replica_with_a_cpu_sized_kv_cache() -> None:
-    settings = MedvlmSettings()
-    deployment = build_app(settings, "/tmp/tiny")._bound_deployment
-    assert deployment.ray_actor_options["num_gpus"] == 0
-    assert deployment.init_args[2] is False
-    assert kv_cache_fraction(settings.model, on_gpu=False) == 0.3
-    assert kv_cache_fraction(settings.model, on_gpu=True) == 0.9
+def test_gpu_replicas_keep_the_memory_fraction() -> None:
+    settings = MedvlmSettings(serving={"num_gpus": 1})
+    assert kv_cache_args(settings.model, "/models/med-r1", on_gpu=True) == {
+        "gpu_memory_utilization": 0.9,
+        "kv_cache_memory_bytes": None,
+    }
     tuned = MedvlmSettings(model={"kv_cache_memory_fraction": 0.5})
-    assert kv_cache_fraction(tuned.model, on_gpu=False) == 0.5
+    assert kv_cache_args(tuned.model, "/m", on_gpu=True)["gpu_memory_utilization"] == 0.5
+
+
+def test_cpu_replicas_get_a_kv_cache_in_bytes_never_a_fraction(tmp_path: Path) -> None:
+    settings = MedvlmSettings(model={"kv_cache_bytes": "300MiB"})
+    assert kv_cache_args(settings.model, str(tmp_path), on_gpu=False) == {
+        "kv_cache_memory_bytes": 300 * 1024**2
+    }
+    spec = replica_spec(MedvlmSettings(), "/tmp/tiny")
+    assert spec.on_gpu is False and spec.options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_local_cpu_service_decides_the_kv_cache_size_before_ray_starts(
+    tiny_model_dir: Path,
+) -> None:
+    settings = with_kv_cache(MedvlmSettings(), str(tiny_model_dir))
+    assert settings.model.kv_cache_bytes == MIN_DEFAULT_BYTES
+    # A joined cluster's replicas size their own cache on their own node.
+    remote = MedvlmSettings(serving={"ray_address": "ray://head:10001"})
+    assert with_kv_cache(remote, "/not/here").model.kv_cache_bytes is None
+
+
+def test_a_fraction_on_cpu_is_refused_with_the_setting_to_use(tiny_model_dir: Path) -> None:
+    settings = MedvlmSettings(model={"kv_cache_memory_fraction": 0.3})
+    with pytest.raises(ConfigurationError, match="MEDVLM_MODEL__KV_CACHE_BYTES"):
+        with_kv_cache(settings, str(tiny_model_dir))
 
 
 def test_api_key_reaches_the_replica_only_as_its_value() -> None:
     settings = MedvlmSettings(serving={"api_key": "token-for-test"})
-    deployment = build_app(settings, "/tmp/tiny")._bound_deployment
-    assert deployment.init_args[3] == "token-for-test"
+    assert replica_spec(settings, "/tmp/tiny").api_key == "token-for-test"

@@ -132,6 +132,12 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.model.maxModelLen | quote }}
 - name: MEDVLM_MODEL__TENSOR_PARALLEL_SIZE
   value: {{ .Values.model.tensorParallelSize | quote }}
+- name: MEDVLM_MODEL__MAX_NUM_SEQS
+  value: {{ .Values.model.maxNumSeqs | quote }}
+{{- with .Values.model.kvCacheBytes }}
+- name: MEDVLM_MODEL__KV_CACHE_BYTES
+  value: {{ . | quote }}
+{{- end }}
 - name: MEDVLM_SERVING__APP_NAME
   value: {{ .Values.serve.appName | quote }}
 - name: MEDVLM_SERVING__NUM_REPLICAS
