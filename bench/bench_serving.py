@@ -72,6 +72,7 @@ def main() -> None:
     from serving.ray_runtime import shutdown_ray
 
     settings = MedvlmSettings()
+    settings.model.allow_random_weights = True  # the tiny model unless MEDVLM_MODEL__SOURCE is set
     resolved = resolve_model(settings)
     settings = with_kv_cache(settings, resolved.source)
     model_input = sample_model_input()

@@ -30,6 +30,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
 from medvlm.errors import ConfigurationError, EhrInvalidResourceError
+from pipeline.context import SIGNED_REPORT_STATUSES
 
 if TYPE_CHECKING:
     import httpx
@@ -54,7 +55,7 @@ __all__ = [
 
 # DiagnosticReport.status values of a signed report (FHIR R4 diagnostic-report-status): the
 # radiologist's report is final, or was amended/corrected after it was final.
-FINAL_REPORT_STATUSES = ("final", "amended", "corrected")
+FINAL_REPORT_STATUSES = SIGNED_REPORT_STATUSES
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class EhrContext:
     """Clinical context of one imaging order, as read from the EHR.
 
     ``conditions`` are the patient's active Conditions (``Condition.clinicalStatus`` = active);
-    ``prior_reports`` the final DiagnosticReports (``DiagnosticReport.status`` = final), latest
-    first by ``effectiveDateTime``/``issued``; ``imaging_studies`` the patient's ImagingStudies,
-    latest first by ``started``.
+    ``prior_reports`` the patient's signed DiagnosticReports (status final, amended or
+    corrected), in no particular order: which of them a prompt may show, and in what order, is
+    ``pipeline.context.eligible_priors``'s decision; ``imaging_studies`` the patient's
+    ImagingStudies, latest first by ``started``.
     """
 
     patient: Patient

@@ -465,7 +465,8 @@ class FhirEhr:
 
     def gather_context(self, accession_number: str, patient_id: str | None = None) -> EhrContext:
         """One search for the order with its patient (``_include=ServiceRequest:subject``), then
-        one filtered, paged search per list.
+        one filtered, paged search per list. Which of the signed reports may be shown to the
+        model is decided in ``pipeline.context.eligible_priors``, for every EHR alike.
 
         The lists use filtered searches rather than ``_revinclude`` on Patient: a revinclude
         brings every Condition/report of a long record regardless of status, unpaged on many
@@ -501,13 +502,11 @@ class FhirEhr:
             r
             for _, r in self._search(
                 "DiagnosticReport",
-                [("subject", subject), ("status", "final"), ("_sort", "-date")],
+                [("subject", subject), ("status", ",".join(FINAL_REPORT_STATUSES))],
                 ref=f"DiagnosticReport of {subject}",
             )
-            if isinstance(r, DiagnosticReport) and r.status == "final"
+            if isinstance(r, DiagnosticReport) and r.status in FINAL_REPORT_STATUSES
         ]
-        reports.sort(key=lambda r: _when(r, "effectiveDateTime", "effectivePeriod", "issued"))
-        reports.reverse()
         studies = [
             s
             for _, s in self._search(

@@ -10,7 +10,8 @@ rowcount of such an insert is -1, hence ``RETURNING``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
+from medvlm.errors import LedgerUnavailableError
 from pipeline.ledger import (
     TERMINAL,
     DiscoveryWatermark,
@@ -89,6 +92,18 @@ class LedgerStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        """A session; database errors become ``LedgerUnavailableError``, which stops a run
+        (no study is to blame when the ledger itself fails)."""
+        try:
+            with Session(self._engine) as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailableError(
+                f"job ledger ({self._engine.url.get_backend_name()}): {type(exc).__name__}"
+            ) from exc
+
     def register(self, studies: Iterable[NewStudy], model_version: str) -> int:
         """Insert a row per new (study, model version); existing rows are left as they are.
 
@@ -120,14 +135,14 @@ class LedgerStore:
             .on_conflict_do_nothing(index_elements=["study_uid", "model_version"])
             .returning(table.c.id)
         )
-        with Session(self._engine) as session:
+        with self._session() as session:
             inserted = session.execute(statement).all()
             session.commit()
         return len(inserted)
 
     def jobs(self, model_version: str, study_uids: Sequence[str] | None = None) -> list[DraftJob]:
         """Jobs of a model version, optionally limited to some studies, oldest first."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             query = select(DraftJob).where(DraftJob.model_version == model_version)
             if study_uids is not None:
                 query = query.where(col(DraftJob.study_uid).in_(list(study_uids)))
@@ -141,7 +156,7 @@ class LedgerStore:
         Naive datetimes are taken as UTC (the ledger's clock).
         """
         since, until = (t if t.tzinfo is None else t.astimezone(dt.UTC) for t in (since, until))
-        with Session(self._engine) as session:
+        with self._session() as session:
             query = select(DraftJob).where(
                 col(DraftJob.created_at) >= since, col(DraftJob.created_at) < until
             )
@@ -151,7 +166,7 @@ class LedgerStore:
 
     def pending(self, model_version: str) -> list[DraftJob]:
         """Jobs a run still has to do: everything not written or dead-lettered."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             query = (
                 select(DraftJob)
                 .where(DraftJob.model_version == model_version)
@@ -162,7 +177,7 @@ class LedgerStore:
 
     def save(self, jobs: Iterable[DraftJob]) -> None:
         """Persist changed jobs in one transaction."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             for job in jobs:
                 session.merge(job)
             session.commit()
@@ -172,13 +187,13 @@ class LedgerStore:
 
     def watermark(self, source: str) -> dict[str, Any] | None:
         """The saved new-study watermark of ``source``, or None before the first run."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             row = session.get(DiscoveryWatermark, source)
             return dict(row.value) if row is not None else None
 
     def save_watermark(self, source: str, value: dict[str, Any]) -> None:
         """Save it; call only after the studies it covers are registered (nothing is lost)."""
-        with Session(self._engine) as session:
+        with self._session() as session:
             session.merge(DiscoveryWatermark(source=source, value=value))
             session.commit()
 
@@ -188,7 +203,7 @@ class LedgerStore:
         """Cached labels of signed reports for these studies (by study UID), for ``labeler``."""
         uids = list(study_uids)
         found: dict[str, SignedReportLabels] = {}
-        with Session(self._engine) as session:
+        with self._session() as session:
             for start in range(0, len(uids), 500):
                 query = select(SignedReportLabels).where(
                     SignedReportLabels.labeler == labeler,
@@ -198,16 +213,16 @@ class LedgerStore:
         return found
 
     def save_signed_labels(self, rows: Iterable[SignedReportLabels]) -> None:
-        with Session(self._engine) as session:
+        with self._session() as session:
             for row in rows:
                 session.merge(row)
             session.commit()
 
     def fairness_run(self, key: str) -> FairnessRun | None:
-        with Session(self._engine) as session:
+        with self._session() as session:
             return session.get(FairnessRun, key)
 
     def save_fairness_run(self, run: FairnessRun) -> None:
-        with Session(self._engine) as session:
+        with self._session() as session:
             session.merge(run)
             session.commit()

@@ -247,15 +247,11 @@ class NdjsonEhr:
                 for c in (d.get("clinicalStatus") or {}).get("coding") or []
             )
         )
-        reports = sorted(
-            (
-                self._parsed(d, DiagnosticReport)
-                for d in self._raw("DiagnosticReport")
-                if _subject_id(d) == patient_id and d.get("status") == "final"
-            ),
-            key=lambda r: str(r.effectiveDateTime or r.issued or ""),
-            reverse=True,
-        )
+        reports = [
+            self._parsed(d, DiagnosticReport)
+            for d in self._raw("DiagnosticReport")
+            if _subject_id(d) == patient_id and d.get("status") in FINAL_REPORT_STATUSES
+        ]
         studies = sorted(
             (
                 self._parsed(d, ImagingStudy)

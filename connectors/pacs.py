@@ -20,10 +20,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 
 from medvlm.errors import ConfigurationError
 from medvlm.settings import PacsSettings
+
+# Values that break their VR's rules are common in archives (StudyTime "10:15:00" from old
+# modalities). pydicom's default is to warn on reading them, and its warning quotes the value:
+# for a PatientName or PatientID that puts PHI into logs. Received values are read as they are
+# (invalid ones stay plain strings) and the pipeline parses what it uses leniently itself
+# (pipeline.dicom_time, pipeline.identity). Every DICOM reader of the project imports this module.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,19 @@ def sample_model_input() -> ModelInput:
     )
 
 
+def with_random_weights(settings: MedvlmSettings) -> MedvlmSettings:
+    """``settings`` allowing the tiny random-weight model: what the demo and draft-one ask for."""
+    model = settings.model.model_copy(update={"allow_random_weights": True})
+    return settings.model_copy(update={"model": model})
+
+
 def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
-    """Serve the model, draft the sample study through a DeploymentHandle, shut down."""
+    """Serve the model, draft the sample study through a DeploymentHandle, shut down.
+
+    Without ``MEDVLM_MODEL__SOURCE`` this is the tiny random-weight model (``draft-one`` is a
+    check of the machinery); with it, the configured model.
+    """
+    settings = with_random_weights(settings)
     resolved = resolve_model(settings)
     model_input = sample_model_input()
     handle = start_model_service(settings, resolved.source)
@@ -61,6 +72,7 @@ def demo_settings(settings: MedvlmSettings, *, use_servers: bool) -> MedvlmSetti
     from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
 
     demo_home = settings.home / "demo"
+    settings = with_random_weights(settings)
     update: dict[str, object] = {
         "job": settings.job.model_copy(
             update={"model_endpoint": "local", "ledger_url": f"sqlite:///{demo_home / 'ledger.db'}"}

@@ -21,20 +21,30 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from pydicom.dataset import Dataset
 
 from connectors.ehr import Ehr, EhrContext
 from connectors.ledger_store import LedgerStore, NewStudy
 from connectors.pacs import ImageSource, StudyQuery, StudyRef, Watermark, sort_instances
-from medvlm.errors import EhrNotFoundError, MedvlmError
-from medvlm.settings import JobSettings
-from pipeline.context import study_context
+from medvlm.errors import (
+    EhrNotFoundError,
+    EngineUnavailableError,
+    LedgerUnavailableError,
+    MedvlmError,
+)
+from medvlm.settings import JobSettings, host_timezone
+from pipeline.context import PromptContext, build_prompt_context, eligible_priors
+from pipeline.dicom_time import fhir_datetime, study_instant
 from pipeline.fhir_resources import (
     ModelIdentity,
     StudyLinks,
@@ -42,17 +52,34 @@ from pipeline.fhir_resources import (
     build_draft_bundle,
     draft_id,
 )
+from pipeline.identity import DicomPatient, check_patient_identity
 from pipeline.imaging import PixelBudget, image_to_png, study_images, study_reference
-from pipeline.ledger import DraftJob, JobState, advance, count_states, fail, resume_stage
+from pipeline.ledger import (
+    DraftJob,
+    JobState,
+    advance,
+    count_states,
+    fail,
+    resume_stage,
+    skip,
+)
 from pipeline.prompts import ModelInput, StudyContext
-from pipeline.report import DraftReport
+from pipeline.report import DraftReport, DraftResult
+from pipeline.reportable import not_reportable_reason, select_reportable
 from pipeline.subgroups import SUBGROUP_HEADER_KEYWORDS, subgroup_attributes
 from serving.clients import Drafter
+
+T = TypeVar("T")
 
 log = logging.getLogger("medvlm.flows")
 
 FLAG_NO_ORDER = "no-order-in-ehr"
 FLAG_NO_EHR_CONTEXT = "missing-ehr-context"
+FLAG_NO_STUDY_TIME = "no-study-time"
+FLAG_BURNED_IN = "burned-in-annotation"
+SKIP_SIGNED = "signed-before-draft"
+SKIP_PATIENT_MISMATCH = "patient-mismatch"
+SKIP_BURNED_IN = "burned-in-annotation"
 
 
 @dataclass
@@ -67,6 +94,9 @@ class Services:
     job: JobSettings
     max_images: int = 4
     patient_identifier_system: str | None = None
+    patient_identifier_issuers: Mapping[str, str] = field(default_factory=dict)
+    accession_system: str | None = None
+    site_timezone: dt.tzinfo = field(default_factory=host_timezone)
     source_name: str = "default"
     on_progress: Callable[[DraftJob], None] | None = None
 
@@ -78,6 +108,15 @@ class RunSummary:
     attempted: int
     counts: dict[str, int]
     failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    flags: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A safety rule says this study gets no draft; ``reason`` starts with its code."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -85,6 +124,7 @@ class _Fetched:
     model_input: ModelInput
     links: dict[str, Any]
     flags: list[str]
+    sources: tuple[str, ...]
 
 
 def _now() -> dt.datetime:
@@ -136,55 +176,93 @@ def _ehr_context(
     return context, [FLAG_NO_ORDER]
 
 
-def fetch(services: Services, job: DraftJob) -> _Fetched:
-    """EHR context and study images for one job (blocking I/O; runs in a worker thread)."""
-    by_series: dict[str, list[Any]] = {}
-    for ds in services.source.iter_instances(job.study_uid):
-        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
-    by_series = {uid: sort_instances(instances) for uid, instances in by_series.items()}
-    first = next(iter(by_series.values()))[0] if by_series else None
-    context, flags = _ehr_context(
-        services, job, str(first.get("PatientID", "")) or None if first is not None else None
+def _header(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value) if value not in (None, "") else None
+
+
+def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
+    """EHR context and study images for one job (blocking I/O; runs in a worker thread).
+
+    Only reportable instances (``job.reportable_sop_classes`` / ``_modalities``) are decoded;
+    a study without any is skipped, as is one with burned-in annotation when the settings say
+    so. The prompt's priors are the signed radiology reports from before this study, never
+    this order's own report.
+    """
+    reportable = select_reportable(
+        services.source.iter_instances(job.study_uid),
+        sop_classes=services.job.reportable_sop_classes,
+        modalities=services.job.reportable_modalities,
     )
-
-    def header(keyword: str) -> str | None:
-        value = first.get(keyword) if first is not None else None
-        return str(value) if value not in (None, "") else None
-
-    # Captured before the images are decoded, so a study that fails to decode is still counted
-    # in its groups' failure rates.
+    if not reportable.instances:
+        return Skip(not_reportable_reason(reportable))
+    first = sort_instances(reportable.instances)[0]
+    flags: list[str] = []
+    if reportable.burned_in_annotation:
+        if services.job.skip_burned_in_annotation:
+            return Skip(SKIP_BURNED_IN)
+        flags.append(FLAG_BURNED_IN)
+    context, ehr_flags = _ehr_context(services, job, _header(first, "PatientID"))
+    flags += ehr_flags
+    # Captured before the images are decoded, so a study that fails to decode (or is skipped
+    # as signed) still counts in its groups' failure (skip) rates.
     job.subgroups = subgroup_attributes(
         context.patient if context is not None else None,
-        {keyword: header(keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
+        {keyword: _header(first, keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
     )
+    order = context.service_request if context is not None else None
+    # Checked again right before the write; here it saves drafting (a backfill of signed
+    # studies costs no model time).
+    signed = _signed(
+        services, job.accession_number, f"ServiceRequest/{order.id}" if order else None
+    )
+    if signed is not None:
+        return signed
+    started = study_instant(
+        first.get("StudyDate"),
+        first.get("StudyTime"),
+        first.get("TimezoneOffsetFromUTC"),
+        services.site_timezone,
+    )
+    if started is None:
+        flags.append(FLAG_NO_STUDY_TIME)
+    by_series: dict[str, list[Dataset]] = {}
+    for ds in reportable.instances:
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     images = study_images(
-        by_series,
+        {uid: sort_instances(instances) for uid, instances in by_series.items()},
         reference=job.study_ref,
         max_images=services.max_images,
         budget=PixelBudget(max_side=services.job.max_image_side),
     )
-
-    modality = header("Modality") or "OT"
-    if context is not None:
-        prompt_context = study_context(
-            modality=modality,
-            body_part=header("BodyPartExamined"),
-            study_description=header("StudyDescription"),
-            service_request=context.service_request,
-            conditions=context.conditions,
-            prior_reports=context.prior_reports,
+    modality = _header(first, "Modality") or "OT"
+    body_part, description = _header(first, "BodyPartExamined"), _header(first, "StudyDescription")
+    links: dict[str, Any] = {"dicom_patient": asdict(DicomPatient.from_dataset(first))}
+    if started is not None:
+        links["study_started"] = fhir_datetime(started)
+    if context is None:
+        prompt = PromptContext(
+            StudyContext(modality=modality, body_part=body_part, study_description=description),
+            (),
         )
     else:
-        prompt_context = StudyContext(
+        prompt = build_prompt_context(
             modality=modality,
-            body_part=header("BodyPartExamined"),
-            study_description=header("StudyDescription"),
+            body_part=body_part,
+            study_description=description,
+            service_request=order,
+            conditions=context.conditions,
+            prior_reports=eligible_priors(
+                context.prior_reports,
+                before=started,
+                order_id=order.id if order is not None else None,
+                accession_number=job.accession_number,
+                accession_system=services.accession_system,
+            ),
         )
-    links: dict[str, Any] = {}
-    if context is not None:
         links["patient"] = f"Patient/{context.patient.id}"
-        if context.service_request is not None:
-            links["service_request"] = f"ServiceRequest/{context.service_request.id}"
+        if order is not None:
+            links["service_request"] = f"ServiceRequest/{order.id}"
         matching = [
             s
             for s in context.imaging_studies
@@ -195,24 +273,57 @@ def fetch(services: Services, job: DraftJob) -> _Fetched:
         ]
         if matching:
             links["imaging_study"] = f"ImagingStudy/{matching[0].id}"
-    if header("StudyDate"):
-        date = str(header("StudyDate"))
-        time_of_day = (header("StudyTime") or "000000")[:6].ljust(6, "0")
-        links["study_started"] = (
-            dt.datetime.strptime(date + time_of_day, "%Y%m%d%H%M%S")
-            .replace(tzinfo=dt.UTC)
-            .isoformat()
-        )
     model_input = ModelInput(
         reference=job.study_ref,
         images_png=tuple(image_to_png(image) for image in images),
-        context=prompt_context,
+        context=prompt.context,
     )
-    return _Fetched(model_input, links, flags)
+    return _Fetched(model_input, links, flags, prompt.sources)
 
 
-def write(services: Services, job: DraftJob) -> dict[str, Any]:
-    """Write a drafted job into the EHR; returns the resource ids the server reports."""
+def _study_started(value: str | None) -> dt.datetime | dt.date | None:
+    if not value:
+        return None
+    return dt.date.fromisoformat(value) if len(value) == 10 else dt.datetime.fromisoformat(value)
+
+
+def _signed(services: Services, accession: str | None, order: str | None) -> Skip | None:
+    """A skip when a radiologist has already signed this order (final/amended/corrected)."""
+    signed = services.ehr.find_final_report(accession, order)
+    if signed is None:
+        return None
+    return Skip(f"{SKIP_SIGNED}: DiagnosticReport/{signed.id} is {signed.status}")
+
+
+def write_gate(services: Services, job: DraftJob) -> Skip | None:
+    """Whether the draft may be written now: checked in the write step itself, also on resume.
+
+    No draft lands on an order a radiologist has already signed (a final, amended or corrected
+    DiagnosticReport based on it or carrying its accession number), nor on a Patient the
+    images do not belong to (DICOM PatientID/IssuerOfPatientID against Patient.identifier).
+    """
+    signed = _signed(services, job.accession_number, job.links.get("service_request"))
+    if signed is not None:
+        return signed
+    recorded = job.links.get("dicom_patient")
+    if not isinstance(recorded, dict):
+        return Skip(
+            f"{SKIP_PATIENT_MISMATCH}: the images' patient identity was not recorded "
+            "(drafted by an older release); requeue the study"
+        )
+    patient_id = str(job.links["patient"]).removeprefix("Patient/")
+    check = check_patient_identity(
+        DicomPatient(**recorded),
+        services.ehr.read_patient(patient_id),
+        system=services.patient_identifier_system,
+        issuer_systems=services.patient_identifier_issuers,
+    )
+    return None if check.matches else Skip(f"{SKIP_PATIENT_MISMATCH}: {check.detail}")
+
+
+def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
+    """Write a drafted job into the EHR unless the write gate says no; returns the resource
+    ids the server reports."""
     if job.draft is None:
         raise MedvlmError(f"{job.study_ref}: no stored draft to write")
     patient = job.links.get("patient")
@@ -220,14 +331,16 @@ def write(services: Services, job: DraftJob) -> dict[str, Any]:
         raise EhrNotFoundError(
             f"{job.study_ref}: no Patient in the EHR for this study; cannot write the draft"
         )
+    gate = write_gate(services, job)
+    if gate is not None:
+        return gate
     report = DraftReport.model_validate(job.draft)
-    started = job.links.get("study_started")
     links = StudyLinks(
         accession_number=job.accession_number or job.study_uid,
         patient=patient,
         service_request=job.links.get("service_request"),
         imaging_study=job.links.get("imaging_study"),
-        study_started=dt.datetime.fromisoformat(started) if started else None,
+        study_started=_study_started(job.links.get("study_started")),
     )
     system = services.job.identifier_system
     issued = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=dt.UTC)
@@ -251,48 +364,107 @@ def write(services: Services, job: DraftJob) -> dict[str, Any]:
     return ids
 
 
+_PACKAGES = frozenset({"connectors", "flows", "medvlm", "pipeline", "serving", "tests"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_reason(exc: BaseException, job: DraftJob, stage: JobState) -> str:
+    """One line for the ledger, free of colour codes and patient data.
+
+    The project's own errors carry PHI-free messages by construction: their first line is
+    kept. Anything else may echo input values in its message, so only its type and where it
+    was raised are recorded; the traceback goes to the debug log.
+    """
+    if isinstance(exc, MedvlmError):
+        lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+        return (lines[0] if lines else type(exc).__name__)[:500]
+    frames = traceback.extract_tb(exc.__traceback__)
+    # The innermost frame in a file of this project's packages, else the innermost at all.
+    ours = [f for f in frames if Path(f.filename).parent.name in _PACKAGES]
+    where = ""
+    if frames:
+        last = (ours or frames)[-1]
+        path = Path(last.filename)
+        where = f" in {path.parent.name}/{path.name}:{last.lineno} ({last.name})"
+    return f"{job.study_ref}: unexpected {type(exc).__name__} at the {stage} stage{where}"
+
+
+async def _timed(job: DraftJob, name: str, work: Awaitable[T]) -> T:
+    """Await ``work`` and record its seconds in ``job.timings``, also when it fails."""
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        job.timings = {**job.timings, name: round(time.perf_counter() - started, 3)}
+
+
+async def _draft(services: Services, model_input: ModelInput) -> DraftResult:
+    timeout = services.job.draft_timeout_s
+    try:
+        return await asyncio.wait_for(services.drafter.draft(model_input), timeout)
+    except TimeoutError:
+        raise EngineUnavailableError(
+            f"{model_input.reference}: no draft within {timeout:g} s (job.draft_timeout_s)"
+        ) from None
+
+
 async def process_job(services: Services, job: DraftJob, *, dry_run: bool = False) -> DraftJob:
-    """Take one job as far as it can go, saving each stage; failures are recorded, not raised."""
+    """Take one job as far as it can go, saving each stage.
+
+    The per-study error boundary: whatever goes wrong for this study, at any stage, is recorded
+    on it (type, one-line reason, timings so far) and counted as an attempt, and the run goes
+    on. Only a failure of the ledger itself stops the run.
+    """
     stage = resume_stage(job)
     if stage is None:
         return job
-    if job.state is JobState.FAILED:
-        advance(job, stage)
     try:
+        if job.state is JobState.FAILED:
+            advance(job, stage)
         if stage in (JobState.DISCOVERED, JobState.FETCHED):
-            started = time.perf_counter()
-            fetched = await asyncio.to_thread(fetch, services, job)
-            timings = {**job.timings, "fetch_s": round(time.perf_counter() - started, 3)}
-            if job.state is JobState.DISCOVERED:
-                advance(job, JobState.FETCHED, links=fetched.links, flags=fetched.flags)
+            fetched = await _timed(job, "fetch_s", asyncio.to_thread(fetch, services, job))
+            if isinstance(fetched, Skip):
+                skip(job, fetched.reason)
             else:
-                job.links, job.flags = fetched.links, fetched.flags
-            services.ledger.save([job])
-            result = await services.drafter.draft(fetched.model_input)
-            timings["draft_s"] = round(result.latency_s, 3)
-            advance(
-                job,
-                JobState.DRAFTED,
-                draft=result.report.model_dump(mode="json"),
-                output_sha256=result.output_sha256,
-                draft_id=draft_id(job.accession_number or job.study_uid, services.model.version),
-                timings=timings,
-            )
-            services.ledger.save([job])
-        if dry_run:
-            return job
-        started = time.perf_counter()
-        ids = await asyncio.to_thread(write, services, job)
-        advance(
-            job,
-            JobState.WRITTEN,
-            fhir_ids=ids,
-            reason=None,
-            timings={**job.timings, "write_s": round(time.perf_counter() - started, 3)},
-        )
-    except MedvlmError as exc:
-        fail(job, str(exc), max_attempts=services.job.max_attempts)
-        log.warning("%s failed at %s: %s", job.study_ref, job.failed_stage, exc)
+                changes = {
+                    "links": fetched.links,
+                    "flags": fetched.flags,
+                    "context_sources": list(fetched.sources),
+                }
+                if job.state is JobState.DISCOVERED:
+                    advance(job, JobState.FETCHED, **changes)
+                else:
+                    for name, value in changes.items():
+                        setattr(job, name, value)
+                services.ledger.save([job])
+                result = await _timed(job, "draft_s", _draft(services, fetched.model_input))
+                advance(
+                    job,
+                    JobState.DRAFTED,
+                    draft=result.report.model_dump(mode="json"),
+                    output_sha256=result.output_sha256,
+                    draft_id=draft_id(
+                        job.accession_number or job.study_uid, services.model.version
+                    ),
+                    timings={**job.timings, "draft_s": round(result.latency_s, 3)},
+                )
+                services.ledger.save([job])
+        if job.state is JobState.DRAFTED and not dry_run:
+            written = await _timed(job, "write_s", asyncio.to_thread(write, services, job))
+            if isinstance(written, Skip):
+                skip(job, written.reason)
+            else:
+                advance(job, JobState.WRITTEN, fhir_ids=written, reason=None, error_type=None)
+    except LedgerUnavailableError:
+        raise
+    except Exception as exc:  # the per-study boundary: recorded on the study, never raised
+        failed_at = job.state
+        reason = failure_reason(exc, job, failed_at)
+        fail(job, reason, max_attempts=services.job.max_attempts, error_type=type(exc).__name__)
+        log.warning("%s failed at %s: %s", job.study_ref, failed_at, reason)
+        log.debug("%s: traceback of the failure", job.study_ref, exc_info=True)
+    if job.state is JobState.SKIPPED:
+        log.info("%s skipped: %s", job.study_ref, job.reason)
     services.ledger.save([job])
     if services.on_progress is not None:
         services.on_progress(job)
@@ -312,6 +484,53 @@ async def process_chunk(
         return list(await asyncio.gather(*(bounded(job) for job in jobs)))
     finally:
         await services.drafter.aclose()
+
+
+def summarize(services: Services, discovered: int, attempted: int) -> RunSummary:
+    """Counts per state, failures and skips with their reasons, and how often each flag fired."""
+    jobs = services.ledger.jobs(services.model.version)
+    flags: dict[str, int] = {}
+    for job in jobs:
+        for flag in job.flags or []:
+            flags[flag] = flags.get(flag, 0) + 1
+    return RunSummary(
+        services.model.version,
+        discovered,
+        attempted,
+        {state.value: n for state, n in count_states(jobs).items()},
+        failures=[
+            (job.study_ref, job.reason or "")
+            for job in jobs
+            if job.state in (JobState.FAILED, JobState.DEAD_LETTERED)
+        ],
+        skipped=[
+            (job.study_ref, job.reason or "") for job in jobs if job.state is JobState.SKIPPED
+        ],
+        flags=flags,
+    )
+
+
+def run_draft_job(
+    services: Services,
+    query: StudyQuery | None,
+    dry_run: bool = False,
+    *,
+    discover_step: Callable[[Services, StudyQuery | None], int] | None = None,
+    chunk_step: Callable[[Services, list[DraftJob], bool], object] | None = None,
+) -> RunSummary:
+    """The main job as plain code: discover, process the pending jobs in chunks, summarize.
+
+    The Prefect flow passes its tasks as the steps; tests call this directly.
+    """
+    discovered = (discover_step or (lambda s, q: len(discover(s, q))))(services, query)
+    pending = services.ledger.pending(services.model.version)
+    run_chunk = chunk_step or (
+        lambda s, jobs, dry: asyncio.run(process_chunk(s, jobs, dry_run=dry))
+    )
+    size = services.job.chunk_size
+    for start in range(0, len(pending), size):
+        run_chunk(services, pending[start : start + size], dry_run)
+    return summarize(services, discovered, len(pending))
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE)
@@ -339,16 +558,6 @@ def draft_reports(
     from the signature and cannot for Protocol-typed fields.
     """
     assert isinstance(services, Services)
-    discovered = discover_task(services, query)
-    pending = services.ledger.pending(services.model.version)
-    size = services.job.chunk_size
-    for start in range(0, len(pending), size):
-        draft_chunk_task(services, pending[start : start + size], dry_run)
-    jobs = services.ledger.jobs(services.model.version)
-    counts = {state.value: n for state, n in count_states(jobs).items()}
-    failures = [
-        (job.study_ref, job.reason or "")
-        for job in jobs
-        if job.state in (JobState.FAILED, JobState.DEAD_LETTERED)
-    ]
-    return RunSummary(services.model.version, discovered, len(pending), counts, failures)
+    return run_draft_job(
+        services, query, dry_run, discover_step=discover_task, chunk_step=draft_chunk_task
+    )

@@ -35,11 +35,13 @@ def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]
 
         resolved = resolve_model(settings)
         local = Path(resolved.source)
-        weights = weights_sha256(local) if local.is_dir() else None
-        name = local.name if local.is_dir() else resolved.source
-        return ModelIdentity(name=name, version=resolved.version, weights_sha256=weights), (
-            resolved.source
+        identity = ModelIdentity(
+            name=local.name if local.is_dir() else resolved.source,
+            version=resolved.version,
+            weights_sha256=weights_sha256(local) if local.is_dir() else None,
+            random_weights=resolved.random_weights,
         )
+        return identity, resolved.source
     if not settings.model.version:
         raise ConfigurationError(
             "MEDVLM_MODEL__VERSION must be set when the model is remote "
@@ -109,6 +111,9 @@ def open_services(
             job=job,
             max_images=settings.model.max_images_per_prompt,
             patient_identifier_system=settings.ehr.patient_identifier_system,
+            patient_identifier_issuers=settings.ehr.patient_identifier_issuers,
+            accession_system=settings.ehr.accession_system,
+            site_timezone=settings.pacs.site_timezone,
             source_name=source_name(settings),
             on_progress=on_progress,
         )

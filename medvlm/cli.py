@@ -139,7 +139,11 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
             table.add_row(state, str(count))
     console.print(table)
     for reference, reason in summary.failures:
-        console.print(f"[red]{reference}[/red] {reason}")
+        console.print(f"[red]failed[/red] {reference}: {reason}", highlight=False)
+    for reference, reason in summary.skipped:
+        console.print(f"[yellow]skipped[/yellow] {reference}: {reason}", highlight=False)
+    for flag, count in sorted(summary.flags.items()):
+        console.print(f"flag {flag}: {count} studies", highlight=False)
     return summary
 
 

@@ -92,3 +92,7 @@ class EhrInvalidResourceError(EhrError):
 
 class EhrUnavailableError(EhrError):
     """The EHR cannot be reached, timed out or kept answering 429/5xx after retries."""
+
+
+class LedgerUnavailableError(MedvlmError):
+    """The job ledger's database cannot be read or written: the run stops, no study is blamed."""

@@ -10,19 +10,36 @@ Secrets are ``SecretStr`` and never have a value written in code.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.fairness_types import ATTRIBUTES
+from pipeline.reportable import DEFAULT_REPORTABLE_MODALITIES, DEFAULT_REPORTABLE_SOP_CLASSES
 
 TinyArchitecture = Literal["qwen2_vl", "gemma3"]
 
 
 def _default_home() -> Path:
     return Path.home() / ".cache" / "medvlm"
+
+
+def host_timezone() -> tzinfo:
+    """The host's time zone with its DST rules: the zone /etc/localtime links to, else the
+    current fixed offset (a container without zone data)."""
+    target = Path("/etc/localtime").resolve()
+    if "zoneinfo" in target.parts:
+        key = "/".join(target.parts[target.parts.index("zoneinfo") + 1 :])
+        try:
+            return ZoneInfo(key)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    local = datetime.now().astimezone().tzinfo
+    return local if local is not None else UTC
 
 
 class ModelSettings(BaseModel):
@@ -32,13 +49,22 @@ class ModelSettings(BaseModel):
         default=None,
         description=(
             "Checkpoint directory or hub id of the model (e.g. a local Med-R1 or MedGemma "
-            "checkpoint). Unset: the project's tiny random-weight checkpoint is built under "
-            "MEDVLM_HOME and used (development and tests only: its drafts carry no meaning)."
+            "checkpoint). Required, except for development with `allow_random_weights`: then "
+            "unset builds the tiny random-weight checkpoint under MEDVLM_HOME."
         ),
     )
     tiny_architecture: TinyArchitecture = Field(
         default="qwen2_vl",
         description="Architecture of the tiny checkpoint built when `source` is unset.",
+    )
+    allow_random_weights: bool = Field(
+        default=False,
+        description=(
+            "Development only: allow the project's tiny random-weight checkpoint (built when "
+            "`source` is unset, or named by `source`). Off: every command that would load it "
+            "refuses to start. `medvlm demo` and `draft-one` turn it on for themselves; drafts "
+            "from random weights say so in their Device and text."
+        ),
     )
     served_name: str = Field(
         default="medvlm-draft",
@@ -291,6 +317,19 @@ class PacsSettings(BaseModel):
         default=None,
         description="Orthanc REST root for /changes (new_study_detection = orthanc_changes).",
     )
+    timezone: str | None = Field(
+        default=None,
+        description=(
+            "IANA time zone of the site's DICOM dates and times (StudyDate/StudyTime are local "
+            "time), used when an instance has no TimezoneOffsetFromUTC. Unset: the host's."
+        ),
+    )
+
+    @property
+    def site_timezone(self) -> tzinfo:
+        """``timezone`` as a zone, else the host's."""
+        return ZoneInfo(self.timezone) if self.timezone is not None else host_timezone()
+
     # -- DIMSE (kind = "dimse") ----------------------------------------------------------------
     dimse_host: str | None = Field(default=None, description="PACS DIMSE host.")
     dimse_port: int = Field(default=104, ge=1, le=65535, description="PACS DIMSE port.")
@@ -333,6 +372,11 @@ class PacsSettings(BaseModel):
             raise ValueError("pacs.auth 'bearer' needs pacs.token or pacs.token_file")
         if self.ca_bundle is not None and not self.ca_bundle.is_file():
             raise ValueError(f"pacs.ca_bundle {self.ca_bundle} is not a file")
+        if self.timezone is not None:
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"pacs.timezone {self.timezone!r} is not an IANA zone") from exc
         return self
 
 
@@ -426,6 +470,14 @@ class EhrSettings(BaseModel):
         description="Identifier system of the MRN that DICOM PatientID carries; used to find "
         "the Patient of a study that has no order. Unset: match the value in any system.",
     )
+    patient_identifier_issuers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "DICOM IssuerOfPatientID → the FHIR identifier system of that issuer's MRNs, for "
+            "sites with several issuers; the images' PatientID must match the order's Patient "
+            "in that system (else in patient_identifier_system)."
+        ),
+    )
     accession_system: str | None = Field(
         default=None,
         description=(
@@ -498,6 +550,30 @@ class JobSettings(BaseModel):
     model_url: str | None = Field(
         default=None,
         description="Base URL for `http` (Serve root) or `openai` (…/v1) model endpoints.",
+    )
+    draft_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds one study's draft may take, whatever the backend; then it fails.",
+    )
+    reportable_sop_classes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REPORTABLE_SOP_CLASSES),
+        description=(
+            "SOP Class UIDs sent to the model: the image storage classes of CR, DX, CT, MR, "
+            "US, MG, XA, RF, NM, PT and OT. Other objects (SEG, RT, SR, PR, KO, waveforms, "
+            "documents) are never decoded; a study with nothing else is skipped."
+        ),
+    )
+    reportable_modalities: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REPORTABLE_MODALITIES),
+        description="Modalities sent to the model (an instance needs both lists to match).",
+    )
+    skip_burned_in_annotation: bool = Field(
+        default=False,
+        description=(
+            "Skip studies whose images declare BurnedInAnnotation YES (text such as a name in "
+            "the pixels). Off: they are drafted and flagged `burned-in-annotation`."
+        ),
     )
 
 

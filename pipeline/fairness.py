@@ -7,7 +7,8 @@ a ``FairnessReport`` (``pipeline.fairness_types``).
 Every metric is a ratio of sums, value = sum(numerator) / sum(denominator) over the studies of a
 group, where each study contributes a numerator value and a 0/1 denominator membership:
 
-- ``failure_rate``, ``dead_letter_rate`` — over all studies in the window;
+- ``failure_rate``, ``dead_letter_rate``, ``skip_rate`` (a safety rule withheld the draft:
+  signed before drafting, patient mismatch, nothing reportable) — over all studies in the window;
 - ``no_finding_rate`` (draft marks no finding present; support devices and ``other`` do not
   count, as in CheXpert's "No Finding"), ``critical_rate``, ``finding_rate:<finding>``,
   ``output_chars`` (mean length of the stored draft JSON), ``latency_s`` (mean model time) —
@@ -64,7 +65,7 @@ from pipeline.labeler import ReportLabels
 from pipeline.ledger import DraftJob, JobState
 from pipeline.report import DraftReport, FindingName, Presence
 
-Outcome = Literal["drafted", "failed", "dead_lettered", "pending"]
+Outcome = Literal["drafted", "failed", "dead_lettered", "skipped", "pending"]
 Vector = npt.NDArray[np.float64]
 
 #: Findings scored per finding (``other`` has no fixed meaning to compare).
@@ -117,6 +118,8 @@ def record_from_job(job: DraftJob, final: ReportLabels | None = None) -> Fairnes
         outcome = "dead_lettered"
     elif job.state is JobState.FAILED:
         outcome = "failed"
+    elif job.state is JobState.SKIPPED:
+        outcome = "skipped"
     else:
         outcome = "pending"
     drafted = outcome == "drafted" and job.draft is not None
@@ -223,6 +226,14 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             every,
             lambda r: _flag(r.outcome == "dead_lettered"),
+        ),
+        MetricDef(
+            "skip_rate",
+            "Skipped by a safety rule (signed first, patient mismatch, not reportable)",
+            "rate",
+            "1",
+            every,
+            lambda r: _flag(r.outcome == "skipped"),
         ),
         MetricDef(
             "no_finding_rate",

@@ -25,7 +25,7 @@ import base64
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
@@ -35,6 +35,7 @@ from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 
+from pipeline.dicom_time import fhir_datetime
 from pipeline.report import DraftReport, Finding, Presence
 
 DEFAULT_IDENTIFIER_SYSTEM = "urn:medvlm-pipeline:draft"
@@ -60,6 +61,13 @@ class ModelIdentity:
     version: str
     weights_sha256: str | None = None
     manufacturer: str = "medvlm-pipeline"
+    # The project's tiny random-weight test model: every draft and the Device say so.
+    random_weights: bool = False
+
+
+RANDOM_WEIGHTS_NOTICE = (
+    "TEST MODEL WITH RANDOM WEIGHTS - this draft carries no medical meaning; not for clinical use."
+)
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,19 @@ class StudyLinks:
     patient: str
     service_request: str | None = None
     imaging_study: str | None = None
-    study_started: datetime | None = None
+    # When the study started (DICOM StudyDate/StudyTime in the right zone, see
+    # pipeline.dicom_time.study_instant): an aware datetime, or a date when only that is known.
+    study_started: datetime | date | None = None
 
 
 def draft_id(accession_number: str, model_version: str) -> str:
     """Stable per (accession, model version); a hash, so the accession is not spread."""
     digest = hashlib.sha256(f"{accession_number}\x1f{model_version}".encode()).hexdigest()
     return f"draft-{digest[:32]}"
+
+
+def _effective(links: StudyLinks) -> str | None:
+    return fhir_datetime(links.study_started) if links.study_started is not None else None
 
 
 def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
@@ -90,9 +104,12 @@ def _meta(tag: str, system: str) -> dict[str, Any]:
     return {"security": [AI_SECURITY_LABEL], "tag": [{"system": system, "code": tag}]}
 
 
-def render_text(report: DraftReport) -> str:
-    """The draft as plain text for ``presentedForm``, headed as a preliminary AI draft."""
+def render_text(report: DraftReport, *, random_weights: bool = False) -> str:
+    """The draft as plain text for ``presentedForm``, headed as a preliminary AI draft (and, from
+    the random-weight test model, as meaningless)."""
     lines = ["PRELIMINARY DRAFT - AI-generated, not reviewed by a radiologist.", "", "FINDINGS:"]
+    if random_weights:
+        lines.insert(0, RANDOM_WEIGHTS_NOTICE)
     for finding in report.findings:
         side = "" if finding.laterality.value == "not_applicable" else f" ({finding.laterality})"
         lines.append(
@@ -121,7 +138,11 @@ def build_device(
             "manufacturer": model.manufacturer,
             "deviceName": [{"name": model.name, "type": "model-name"}],
             "version": [{"value": model.version}],
-            "type": {"text": "AI model: medical vision-language model (report drafting)"},
+            "type": {
+                "text": "AI model: medical vision-language model (report drafting)"
+                + (f" - {RANDOM_WEIGHTS_NOTICE}" if model.random_weights else "")
+            },
+            "note": [{"text": RANDOM_WEIGHTS_NOTICE}] if model.random_weights else None,
         }
     )
     return device.model_dump(mode="json", exclude_none=True)
@@ -159,7 +180,7 @@ def _observation(
             "subject": {"reference": links.patient},
             "basedOn": [{"reference": links.service_request}] if links.service_request else None,
             "derivedFrom": [{"reference": links.imaging_study}] if links.imaging_study else None,
-            "effectiveDateTime": links.study_started.isoformat() if links.study_started else None,
+            "effectiveDateTime": _effective(links),
             "device": {"reference": device_ref},
             "valueCodeableConcept": {
                 "coding": [_coding(PRESENCE_SYSTEM, finding.presence.value)],
@@ -211,7 +232,7 @@ def build_draft_bundle(
         f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{tag}/f{i}')}"
         for i in range(len(observations))
     ]
-    text = render_text(report)
+    text = render_text(report, random_weights=model.random_weights)
     diagnostic_report = DiagnosticReport.model_validate(
         {
             "resourceType": "DiagnosticReport",
@@ -226,9 +247,9 @@ def build_draft_bundle(
             "subject": {"reference": links.patient},
             "basedOn": [{"reference": links.service_request}] if links.service_request else None,
             "imagingStudy": [{"reference": links.imaging_study}] if links.imaging_study else None,
-            "effectiveDateTime": (
-                links.study_started.isoformat() if links.study_started else issued.isoformat()
-            ),
+            # The clinically relevant time is the study's; without one there is no effective
+            # time at all (issued is when the draft was made, not when the patient was imaged).
+            "effectiveDateTime": _effective(links),
             "issued": issued.isoformat(),
             "conclusion": report.impression,
             "presentedForm": [
@@ -293,7 +314,7 @@ def build_document_reference(
 ) -> DocumentReference:
     """The draft as a preliminary note, for EHRs that accept drafts only as DocumentReference."""
     tag = draft_id(links.accession_number, model.version)
-    text = render_text(report)
+    text = render_text(report, random_weights=model.random_weights)
     return DocumentReference.model_validate(
         {
             "resourceType": "DocumentReference",

@@ -2,11 +2,15 @@
 
     discovered → fetched → drafted → written
          │          │         │
+         ├──────────┴─────────┴──→ skipped (a safety rule said no: never retried as a failure)
+         │          │         │
          └──────────┴─────────┴──→ failed ──(attempts < limit)──→ back to the failed stage
                                      └──(attempts ≥ limit)──→ dead_lettered
 
-Nothing is dropped: a failure is a row with a reason, retried or dead-lettered. ``written`` is
-terminal and is what makes a re-run skip a study, so idempotency does not depend on the EHR.
+Nothing is dropped: a failure is a row with a reason, retried or dead-lettered; a skip is a row
+with its reason (``signed-before-draft``, ``patient-mismatch``, ``not-reportable: …``,
+``burned-in-annotation``). ``written`` is terminal and is what makes a re-run skip a study, so
+idempotency does not depend on the EHR.
 Models and transition rules only; sessions and engines are opened by the caller (flows, via
 ``connectors.ledger_store``). Reasons and references never hold patient data.
 """
@@ -27,21 +31,24 @@ class JobState(StrEnum):
     FETCHED = "fetched"
     DRAFTED = "drafted"
     WRITTEN = "written"
+    SKIPPED = "skipped"
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
 
 
-TERMINAL = frozenset({JobState.WRITTEN, JobState.DEAD_LETTERED})
+TERMINAL = frozenset({JobState.WRITTEN, JobState.SKIPPED, JobState.DEAD_LETTERED})
 
 _FORWARD: dict[JobState, frozenset[JobState]] = {
-    JobState.DISCOVERED: frozenset({JobState.FETCHED, JobState.FAILED}),
-    JobState.FETCHED: frozenset({JobState.DRAFTED, JobState.FAILED}),
-    JobState.DRAFTED: frozenset({JobState.WRITTEN, JobState.FAILED}),
+    JobState.DISCOVERED: frozenset({JobState.FETCHED, JobState.SKIPPED, JobState.FAILED}),
+    JobState.FETCHED: frozenset({JobState.DRAFTED, JobState.SKIPPED, JobState.FAILED}),
+    JobState.DRAFTED: frozenset({JobState.WRITTEN, JobState.SKIPPED, JobState.FAILED}),
     JobState.FAILED: frozenset(
         {JobState.DISCOVERED, JobState.FETCHED, JobState.DRAFTED, JobState.DEAD_LETTERED}
     ),
     JobState.WRITTEN: frozenset(),
-    JobState.DEAD_LETTERED: frozenset({JobState.DISCOVERED}),  # an operator's explicit requeue
+    # An operator's explicit requeue, e.g. after fixing an order or the allow-list.
+    JobState.SKIPPED: frozenset({JobState.DISCOVERED}),
+    JobState.DEAD_LETTERED: frozenset({JobState.DISCOVERED}),
 }
 
 
@@ -69,7 +76,12 @@ class DraftJob(SQLModel, table=True):
         default=None, description="Stage to resume from after a failure."
     )
     attempts: int = Field(default=0, description="Failed attempts so far.")
-    reason: str | None = Field(default=None, description="Last failure, without patient data.")
+    reason: str | None = Field(
+        default=None, description="Last failure or why it was skipped, without patient data."
+    )
+    error_type: str | None = Field(
+        default=None, max_length=100, description="Exception type of the last failure."
+    )
     flags: list[str] = Field(
         default_factory=list, sa_column=Column(JSON), description="e.g. missing-ehr-context."
     )
@@ -80,6 +92,11 @@ class DraftJob(SQLModel, table=True):
         default_factory=dict,
         sa_column=Column(JSON),
         description="FHIR references the draft points to (patient, order, imaging study).",
+    )
+    context_sources: list[str] = Field(
+        default_factory=list,
+        sa_column=Column(JSON),
+        description="FHIR references whose content went into the prompt (provenance).",
     )
     draft: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSON), description="The validated draft report."
@@ -111,19 +128,27 @@ def advance(job: DraftJob, to: JobState, **changes: Any) -> DraftJob:
     return job
 
 
-def fail(job: DraftJob, reason: str, *, max_attempts: int) -> DraftJob:
+def fail(
+    job: DraftJob, reason: str, *, max_attempts: int, error_type: str | None = None
+) -> DraftJob:
     """Record a failure at the job's current stage; dead-letter it once attempts run out."""
     stage = job.state
     if stage in TERMINAL or stage is JobState.FAILED:
         raise InvalidTransitionError(f"{job.study_ref}: cannot fail from {stage}")
     job.attempts += 1
     job.reason = reason[:2000]
+    job.error_type = error_type
     job.failed_stage = stage
     job.state = JobState.FAILED
     job.updated_at = _now()
     if job.attempts >= max_attempts:
         job.state = JobState.DEAD_LETTERED
     return job
+
+
+def skip(job: DraftJob, reason: str) -> DraftJob:
+    """End the job without writing, for a safety reason; not a failure, never retried."""
+    return advance(job, JobState.SKIPPED, reason=reason[:2000], error_type=None)
 
 
 def count_states(jobs: Iterable[DraftJob]) -> dict[JobState, int]:

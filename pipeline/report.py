@@ -176,3 +176,36 @@ class DraftResult(BaseModel):
     @property
     def output_sha256(self) -> str:
         return hashlib.sha256(self.raw_text.encode()).hexdigest()
+
+
+def result_from_completion(
+    text: str,
+    *,
+    reference: str,
+    finish_reason: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    latency_s: float,
+    max_tokens: int | None = None,
+) -> DraftResult:
+    """A model's completion as a validated ``DraftResult``, the same way for every backend.
+
+    Output cut at ``max_tokens`` (finish reason ``length``) is an ``InvalidModelOutputError``
+    naming the study, never a partial report; text that is not a valid report is too.
+    """
+    if finish_reason == "length":
+        limit = f" ({max_tokens})" if max_tokens is not None else ""
+        raise InvalidModelOutputError(
+            f"model output for {reference} was cut at max_tokens{limit}; raise model.max_tokens"
+        )
+    return DraftResult(
+        reference=reference,
+        report=parse_report(text, reference=reference),
+        raw_text=text,
+        model=model,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        latency_s=latency_s,
+    )

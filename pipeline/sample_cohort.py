@@ -108,6 +108,17 @@ def ehr_bundle(
                 "resourceType": "DiagnosticReport",
                 "identifier": [{"system": MRN_SYSTEM, "value": f"{mrn}-prior"}],
                 "status": "final",
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://loinc.org",
+                                "code": "LP29684-5",
+                                "display": "Radiology",
+                            }
+                        ]
+                    }
+                ],
                 "code": {"text": f"{modality} prior study"},
                 "subject": subject,
                 "effectiveDateTime": "2023-06-01T09:00:00Z",

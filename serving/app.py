@@ -29,7 +29,12 @@ from ray.serve.handle import DeploymentHandle
 from medvlm.errors import InvalidModelOutputError
 from medvlm.settings import MedvlmSettings, ModelSettings
 from pipeline.prompts import ModelInput, build_messages
-from pipeline.report import DraftResult, normalize_json, parse_report, report_json_schema
+from pipeline.report import (
+    DraftResult,
+    normalize_json,
+    report_json_schema,
+    result_from_completion,
+)
 from serving.engine import ChatEngine, GenerationOptions, VllmChatEngine
 from serving.kv_cache import cpu_kv_cache
 from serving.ray_runtime import init_ray, shutdown_ray
@@ -93,21 +98,15 @@ class MedVLMServer:
             options,
             request_id=f"{model_input.reference}-{uuid.uuid4().hex[:8]}",
         )
-        if result.finish_reason == "length":
-            raise InvalidModelOutputError(
-                f"model output for {model_input.reference} was cut at max_tokens "
-                f"({self._settings.max_tokens}); raise model.max_tokens"
-            )
-        report = parse_report(result.text, reference=model_input.reference)
-        return DraftResult(
+        return result_from_completion(
+            result.text,
             reference=model_input.reference,
-            report=report,
-            raw_text=result.text,
-            model=result.model,
             finish_reason=result.finish_reason,
+            model=result.model,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             latency_s=time.perf_counter() - started,
+            max_tokens=self._settings.max_tokens,
         )
 
     def _authorize(self, authorization: str | None) -> None:

@@ -26,9 +26,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from medvlm.errors import EngineUnavailableError, InvalidModelOutputError, ServingError
+from medvlm.errors import (
+    EngineUnavailableError,
+    InvalidModelOutputError,
+    MedvlmError,
+    ServingError,
+)
 from pipeline.prompts import ModelInput, build_messages
-from pipeline.report import DraftResult, parse_report, report_json_schema
+from pipeline.report import DraftResult, report_json_schema, result_from_completion
 
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
 
@@ -56,7 +61,24 @@ class HandleDrafter:
         self._handle = handle
 
     async def draft(self, model_input: ModelInput) -> DraftResult:
-        result: DraftResult = await self._handle.draft.remote(model_input)
+        """The replica's answer; Ray's wrappers are taken off at this edge: the replica's own
+        error (e.g. ``InvalidModelOutputError``) is raised as it was, with its one-line message,
+        not Ray's multi-line, colour-coded traceback."""
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            result: DraftResult = await self._handle.draft.remote(model_input)
+        except RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, MedvlmError):
+                raise cause from exc
+            raise ServingError(
+                f"{model_input.reference}: the model replica raised {type(cause).__name__}"
+            ) from exc
+        except RayError as exc:  # a replica or actor died, the handle could not route
+            raise EngineUnavailableError(
+                f"{model_input.reference}: model service unavailable ({type(exc).__name__})"
+            ) from exc
         return result
 
     async def aclose(self) -> None:
@@ -182,20 +204,25 @@ class OpenAIChatDrafter(_HttpBase):
         }
         response = await self._post(self._url, reference=model_input.reference, json=body)
         payload = response.json()
-        choice = payload["choices"][0]
-        text = choice["message"]["content"] or ""
-        if choice.get("finish_reason") == "length":
-            raise InvalidModelOutputError(
-                f"model output for {model_input.reference} was cut at max_tokens"
-            )
-        usage = payload.get("usage") or {}
-        return DraftResult(
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
+            usage = payload.get("usage") or {}
+            finish_reason = str(choice.get("finish_reason"))
+            prompt_tokens = int(usage.get("prompt_tokens", 0))
+            completion_tokens = int(usage.get("completion_tokens", 0))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ServingError(
+                f"{model_input.reference}: chat completion without the expected fields "
+                f"({type(exc).__name__})"
+            ) from exc
+        return result_from_completion(
+            text,
             reference=model_input.reference,
-            report=parse_report(text, reference=model_input.reference),
-            raw_text=text,
+            finish_reason=finish_reason,
             model=str(payload.get("model", self._model)),
-            finish_reason=str(choice.get("finish_reason")),
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             latency_s=time.perf_counter() - started,
+            max_tokens=self._max_tokens,
         )

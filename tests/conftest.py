@@ -55,6 +55,6 @@ def settings(medvlm_home: Path, tiny_model_dir: Path) -> Iterator[MedvlmSettings
         home=medvlm_home,
         # The KV cache is sized in bytes from the checkpoint (serving/kv_cache.py), as in the
         # demo: the same on every machine, whatever its NUMA layout or free memory.
-        model={"source": str(tiny_model_dir), "max_model_len": 4096},
+        model={"source": str(tiny_model_dir), "max_model_len": 4096, "allow_random_weights": True},
         serving={"port": free_port(), "api_key": "test-token-not-a-secret"},
     )

@@ -99,7 +99,7 @@ def test_an_explicit_size_that_fits_is_used_as_given() -> None:
 
 
 def test_a_hub_id_without_a_local_config_needs_the_setting() -> None:
-    with pytest.raises(ConfigurationError, match="no config.json"):
+    with pytest.raises(ConfigurationError, match=r"no config\.json"):
         cpu_kv_cache(ModelSettings(), "some-org/not-downloaded-model", local_node=False)
     given = ModelSettings(kv_cache_bytes="1GiB")
     assert cpu_kv_cache(given, "some-org/not-downloaded-model", local_node=False).bytes == 1024**3

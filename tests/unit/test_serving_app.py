@@ -1,4 +1,4 @@
-"""How settings become a Serve deployment and vLLM engine arguments, checked without starting Ray."""
+"""How settings become a Serve deployment and vLLM engine arguments, without starting Ray."""
 
 from __future__ import annotations
 

@@ -1,0 +1,148 @@
+"""Loopback HTTP servers for tests: a scripted server, and a proxy in front of the real FHIR server.
+
+The proxy forwards to the session's real FHIR server and counts what passes; faults are injected
+only where a real server cannot be made to produce them (a 503, a refused token), and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+Handler = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]
+
+
+class LoopbackServer:
+    """A real HTTP/1.1 server on 127.0.0.1 that answers with ``handle``, counting requests."""
+
+    def __init__(self, handle: Handler) -> None:
+        self.requests: list[tuple[str, str]] = []
+        outer = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                outer.requests.append((self.command, self.path))
+                status, headers, payload = handle(
+                    self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+                )
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: no request lines in test output
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> LoopbackServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class FhirProxy:
+    """Forwards ``/fhir/...`` to the real FHIR server; faults are injected before forwarding.
+
+    - ``fail_next``: answers to give instead of forwarding, one per request, first in first out;
+    - ``valid_tokens``: when not None, requests without ``Authorization: Bearer <one of them>``
+      get 401 (the real server runs without auth in the session);
+    - ``rewrite``: changes a forwarded answer body (to serve a malformed resource);
+    - ``smart_configuration``: served at ``/fhir/.well-known/smart-configuration``.
+    """
+
+    FORWARDED = ("content-type", "accept", "if-match", "if-none-exist", "prefer")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.fail_next: list[tuple[int, dict[str, str]]] = []
+        self.valid_tokens: set[str] | None = None
+        self.rewrite: Callable[[bytes], bytes] | None = None
+        self.smart_configuration: dict[str, Any] | None = None
+        self.forwarded = 0
+        self._http = httpx.Client(timeout=10.0, trust_env=False)
+        self.server = LoopbackServer(self._handle)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.url}/fhir"
+
+    @property
+    def seen(self) -> int:
+        return len(self.server.requests)
+
+    @property
+    def writes(self) -> list[tuple[str, str]]:
+        """(method, path) of every request that could change the server."""
+        return [(m, p) for m, p in self.server.requests if m in ("POST", "PUT", "PATCH", "DELETE")]
+
+    def _handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        fhir_json = {"Content-Type": "application/fhir+json"}
+        if path.endswith("/.well-known/smart-configuration") and self.smart_configuration:
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                json.dumps(self.smart_configuration).encode(),
+            )
+        if self.fail_next:
+            status, extra = self.fail_next.pop(0)
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "transient", "diagnostics": "injected"}],
+            }
+            return status, fhir_json | extra, json.dumps(outcome).encode()
+        if self.valid_tokens is not None:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token not in self.valid_tokens:
+                outcome = {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "login", "diagnostics": "token required"}
+                    ],
+                }
+                return 401, fhir_json | {"WWW-Authenticate": "Bearer"}, json.dumps(outcome).encode()
+        self.forwarded += 1
+        answer = self._http.request(
+            method,
+            self.upstream + path.removeprefix("/fhir"),
+            content=body or None,
+            headers={k: v for k, v in headers.items() if k in self.FORWARDED},
+        )
+        payload = answer.content
+        if self.rewrite is not None:
+            payload = self.rewrite(payload)
+        keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "etag")}
+        return answer.status_code, keep, payload
+
+    def __enter__(self) -> FhirProxy:
+        self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+        self._http.close()
