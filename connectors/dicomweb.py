@@ -39,6 +39,7 @@ from tenacity import (
 )
 
 from connectors.pacs import (
+    ChangeFeed,
     InstanceRef,
     SeriesRef,
     StudyQuery,
@@ -195,7 +196,7 @@ class DicomWebSource:
         filter_modalities_client_side: bool = False,
         lookback_days: int = 1,
         edge: HttpEdge | None = None,
-        change_feed: Any = None,
+        change_feed: ChangeFeed | None = None,
         session: requests.Session | None = None,
     ) -> None:
         client.set_http_retry_params(retry=False)  # retries are ours (HttpEdge), not doubled
@@ -210,8 +211,14 @@ class DicomWebSource:
 
     @classmethod
     def from_settings(
-        cls, settings: PacsSettings, *, session: requests.Session | None = None
+        cls,
+        settings: PacsSettings,
+        *,
+        session: requests.Session | None = None,
+        change_feed: Callable[[requests.Session, HttpEdge], ChangeFeed] | None = None,
     ) -> DicomWebSource:
+        """A source from settings; ``change_feed`` builds the new-study feed on the same
+        session and edge (connectors.factory passes Orthanc's when configured)."""
         if not settings.dicomweb_url:
             raise ConfigurationError("pacs.dicomweb_url is required for DICOMweb")
         owned = session is None
@@ -222,18 +229,6 @@ class DicomWebSource:
             timeout=(settings.connect_timeout_s, settings.read_timeout_s),
         )
         edge = HttpEdge(settings.retry_attempts, settings.retry_max_wait_s)
-        feed = None
-        if settings.new_study_detection == "orthanc_changes":
-            from connectors.orthanc import OrthancChangeFeed
-
-            if not settings.orthanc_url:
-                raise ConfigurationError("pacs.orthanc_url is required for orthanc_changes")
-            feed = OrthancChangeFeed(
-                http,
-                settings.orthanc_url,
-                timeout=(settings.connect_timeout_s, settings.read_timeout_s),
-                edge=edge,
-            )
         return cls(
             client,
             page_size=settings.page_size,
@@ -241,7 +236,7 @@ class DicomWebSource:
             filter_modalities_client_side=settings.qido_filter_modalities_client_side,
             lookback_days=settings.qido_watermark_lookback_days,
             edge=edge,
-            change_feed=feed,
+            change_feed=change_feed(http, edge) if change_feed is not None else None,
             session=http if owned else None,
         )
 

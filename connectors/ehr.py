@@ -29,13 +29,11 @@ from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
-from medvlm.errors import ConfigurationError, EhrInvalidResourceError
+from medvlm.errors import EhrInvalidResourceError
 from pipeline.context import SIGNED_REPORT_STATUSES
 
 if TYPE_CHECKING:
-    import httpx
-
-    from medvlm.settings import EhrSettings
+    pass
 
 R = TypeVar("R", bound=Resource)
 
@@ -44,7 +42,6 @@ __all__ = [
     "Ehr",
     "EhrContext",
     "WriteResult",
-    "build_ehr",
     "conditional_entry",
     "identifier_query",
     "identifier_ref",
@@ -245,23 +242,3 @@ def parse_resource(
     if not isinstance(parsed, Resource):
         raise EhrInvalidResourceError(f"{ref}{where}: not a resource type")
     return parsed
-
-
-def build_ehr(settings: EhrSettings, client: httpx.Client | None = None) -> Ehr:
-    """The EHR named by ``settings.kind``.
-
-    For ``fhir``, pass the one long-lived pooled ``httpx.Client`` (``connectors.fhir.
-    build_http_client(settings)`` makes one with timeouts, TLS and auth from settings); without
-    it one is built and owned by the returned ``FhirEhr`` (close it with ``.close()``).
-    """
-    if settings.kind == "folder":
-        from connectors.ndjson import NdjsonEhr
-
-        if settings.folder is None:
-            raise ConfigurationError("ehr.folder is not set (MEDVLM_EHR__FOLDER)")
-        return NdjsonEhr(settings.folder, accession_system=settings.accession_system)
-    from connectors.fhir import FhirEhr, build_http_client
-
-    if client is None:
-        return FhirEhr(build_http_client(settings), settings, owns_client=True)
-    return FhirEhr(client, settings)

@@ -3,7 +3,8 @@
 ``ImageSource`` is a small ``typing.Protocol`` with three implementations: DICOMweb
 (``connectors.dicomweb``), DIMSE (``connectors.dimse``) and a DICOM folder
 (``connectors.dicom_folder``, the embedded default). ``build_image_source`` picks one from
-``PacsSettings`` alone, so a hospital points the pipeline at its PACS by configuration.
+``PacsSettings`` alone (``connectors.factory.build_image_source``), so a hospital points the
+pipeline at its PACS by configuration.
 
 The value types here are frozen and carry no behaviour beyond parsing. Patient ID is kept on
 ``StudyRef`` for matching with the EHR but excluded from ``repr`` so that it never reaches a log;
@@ -22,9 +23,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-
-from medvlm.errors import ConfigurationError
-from medvlm.settings import PacsSettings
 
 # Values that break their VR's rules are common in archives (StudyTime "10:15:00" from old
 # modalities). pydicom's default is to warn on reading them, and its warning quotes the value:
@@ -219,6 +217,16 @@ class Watermark:
         )
 
 
+class ChangeFeed(Protocol):
+    """A PACS's own record of new studies (e.g. Orthanc's ``/changes``), used instead of QIDO
+    date windows when configured: Study Instance UIDs that became complete since a position."""
+
+    def stable_studies_since(self, since: int | None) -> tuple[list[str], int]:
+        """UIDs that became stable after position ``since`` (None: from the start), and the
+        position to pass next time."""
+        ...
+
+
 @runtime_checkable
 class ImageSource(Protocol):
     """A PACS or a folder: find studies, list their series and instances, stream instances."""
@@ -328,31 +336,6 @@ def _int(value: object) -> int | None:
         return int(str(value))
     except ValueError:
         return None
-
-
-def build_image_source(settings: PacsSettings, *, session: Any = None) -> ImageSource:
-    """The image source ``settings.kind`` names, built from settings alone.
-
-    ``session`` is an optional long-lived ``requests.Session`` for DICOMweb (built from the
-    settings when None); the caller that passes one owns it.
-    """
-    if settings.kind == "folder":
-        from connectors.dicom_folder import DicomFolderSource
-
-        if settings.folder is None:
-            raise ConfigurationError("pacs.folder is unset (load settings via MedvlmSettings)")
-        return DicomFolderSource(
-            settings.folder, lookback_days=settings.qido_watermark_lookback_days
-        )
-    if settings.kind == "dicomweb":
-        from connectors.dicomweb import DicomWebSource
-
-        return DicomWebSource.from_settings(settings, session=session)
-    if settings.kind == "dimse":
-        from connectors.dimse import DimseSource
-
-        return DimseSource.from_settings(settings)
-    raise ConfigurationError(f"unknown pacs.kind {settings.kind!r}")
 
 
 def sort_instances(instances: Sequence[Dataset]) -> list[Dataset]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pydicom
 
+from connectors.factory import build_ehr, build_image_source
 from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
 from medvlm.settings import MedvlmSettings
 from pipeline.imaging import image_to_png, instance_to_images, study_reference
@@ -100,9 +101,6 @@ def demo_settings(settings: MedvlmSettings, *, use_servers: bool) -> MedvlmSetti
 def load_sample_cohort(settings: MedvlmSettings) -> list[SampleCase]:
     """Put the sample studies into the configured PACS and their records into the EHR."""
     from fhir.resources.R4B.bundle import Bundle
-
-    from connectors.ehr import build_ehr
-    from connectors.pacs import build_image_source
 
     chest = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
     cases = sample_cohort(chest)

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from connectors.ehr import Ehr, build_ehr
+from connectors.ehr import Ehr
+from connectors.factory import build_ehr, build_image_source
 from connectors.fhir import build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
-from connectors.pacs import build_image_source
 from flows.draft_reports import Services
 from flows.fairness import FairnessServices
 from medvlm.errors import ConfigurationError

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.fairness_types import ATTRIBUTES
+from pipeline.fairness_types import ATTRIBUTES, AlertRule
 from pipeline.reportable import DEFAULT_REPORTABLE_MODALITIES, DEFAULT_REPORTABLE_SOP_CLASSES
 
 TinyArchitecture = Literal["qwen2_vl", "gemma3"]
@@ -575,42 +575,6 @@ class JobSettings(BaseModel):
             "the pixels). Off: they are drafted and flagged `burned-in-annotation`."
         ),
     )
-
-
-class AlertRule(BaseModel):
-    """A disparity that should alert: a metric, the groups it watches, and its thresholds.
-
-    It fires for an unsuppressed group when the group's value compared with the overall value
-    crosses a threshold (ratio = group / overall, difference = group - overall) and, with
-    ``require_ci``, the bootstrap confidence interval of that ratio or difference lies entirely
-    on the far side of parity (1 for ratios, 0 for differences).
-    """
-
-    name: str = Field(description="Name of the rule, quoted in alerts.")
-    metric: str = Field(
-        description="Metric name, or a shell-style pattern such as `sensitivity:*`."
-    )
-    attributes: list[str] | None = Field(
-        default=None, description="Attributes whose groups are checked. Unset: all of them."
-    )
-    ratio_above: float | None = Field(default=None, gt=0, description="Fire when ratio > this.")
-    ratio_below: float | None = Field(default=None, gt=0, description="Fire when ratio < this.")
-    difference_above: float | None = Field(
-        default=None, description="Fire when difference > this (in the metric's unit)."
-    )
-    difference_below: float | None = Field(
-        default=None, description="Fire when difference < this (in the metric's unit)."
-    )
-    require_ci: bool = Field(
-        default=True, description="Also require the confidence interval to exclude parity."
-    )
-
-    @model_validator(mode="after")
-    def _check_rule(self) -> AlertRule:
-        bounds = (self.ratio_above, self.ratio_below, self.difference_above, self.difference_below)
-        if all(bound is None for bound in bounds):
-            raise ValueError(f"alert rule {self.name!r} has no threshold")
-        return self
 
 
 def _default_alert_rules() -> list[AlertRule]:

@@ -50,10 +50,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from medvlm.settings import AlertRule
 from pipeline.fairness_types import (
     UNKNOWN,
     Alert,
+    AlertRule,
     Estimate,
     FairnessReport,
     GroupResult,

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import BaseModel, Field, model_validator
+
 #: Subgroup attributes captured per study at draft time (``DraftJob.subgroups``).
 ATTRIBUTES: tuple[str, ...] = (
     "sex",
@@ -159,3 +161,39 @@ class FairnessReport:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+class AlertRule(BaseModel):
+    """A disparity that should alert: a metric, the groups it watches, and its thresholds.
+
+    It fires for an unsuppressed group when the group's value compared with the overall value
+    crosses a threshold (ratio = group / overall, difference = group - overall) and, with
+    ``require_ci``, the bootstrap confidence interval of that ratio or difference lies entirely
+    on the far side of parity (1 for ratios, 0 for differences).
+    """
+
+    name: str = Field(description="Name of the rule, quoted in alerts.")
+    metric: str = Field(
+        description="Metric name, or a shell-style pattern such as `sensitivity:*`."
+    )
+    attributes: list[str] | None = Field(
+        default=None, description="Attributes whose groups are checked. Unset: all of them."
+    )
+    ratio_above: float | None = Field(default=None, gt=0, description="Fire when ratio > this.")
+    ratio_below: float | None = Field(default=None, gt=0, description="Fire when ratio < this.")
+    difference_above: float | None = Field(
+        default=None, description="Fire when difference > this (in the metric's unit)."
+    )
+    difference_below: float | None = Field(
+        default=None, description="Fire when difference < this (in the metric's unit)."
+    )
+    require_ci: bool = Field(
+        default=True, description="Also require the confidence interval to exclude parity."
+    )
+
+    @model_validator(mode="after")
+    def _check_rule(self) -> AlertRule:
+        bounds = (self.ratio_above, self.ratio_below, self.difference_above, self.difference_below)
+        if all(bound is None for bound in bounds):
+            raise ValueError(f"alert rule {self.name!r} has no threshold")
+        return self

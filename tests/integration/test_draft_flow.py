@@ -26,9 +26,10 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from connectors.dicomweb import DicomWebSource
+from connectors.factory import build_image_source
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
-from connectors.pacs import StudyQuery, build_image_source
+from connectors.pacs import StudyQuery
 from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
 from flows.draft_reports import (
     FLAG_NO_ORDER,
@@ -222,7 +223,8 @@ KILLABLE_RUN = textwrap.dedent(
     import httpx
     from connectors.fhir import FhirEhr, build_http_client
     from connectors.ledger_store import LedgerStore, open_engine
-    from connectors.pacs import StudyQuery, build_image_source
+    from connectors.factory import build_image_source
+    from connectors.pacs import StudyQuery
     from flows.draft_reports import Services, process_chunk, discover
     from medvlm.settings import EhrSettings, JobSettings, PacsSettings
     from pipeline.fhir_resources import ModelIdentity

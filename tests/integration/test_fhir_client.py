@@ -27,7 +27,8 @@ from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.patient import Patient
 from pydantic import SecretStr
 
-from connectors.ehr import EhrContext, build_ehr, conditional_entry, parse_resource
+from connectors.ehr import EhrContext, conditional_entry, parse_resource
+from connectors.factory import build_ehr
 from connectors.fhir import FhirEhr, build_http_client, error_for_status
 from connectors.fhir_auth import CLIENT_ASSERTION_TYPE, SmartBackendAuth
 from medvlm.errors import (

@@ -22,7 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from connectors.dicomweb import DicomWebSource
-from connectors.pacs import ImageSource, StudyQuery, build_image_source
+from connectors.factory import build_image_source
+from connectors.pacs import ImageSource, StudyQuery
 from connectors.sample_data import sample_file
 from medvlm.devservers import OrthancInfo
 from medvlm.errors import InvalidDicomError, PacsUnauthorizedError

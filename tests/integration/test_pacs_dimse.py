@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 
 from connectors.dicomweb import DicomWebSource
 from connectors.dimse import DimseClient, DimseEndpoint, DimseSource, study_identifier
-from connectors.pacs import ImageSource, StudyQuery, build_image_source
+from connectors.factory import build_image_source
+from connectors.pacs import ImageSource, StudyQuery
 from medvlm.devservers import DevServers, OrthancInfo
 from medvlm.errors import PacsUnavailableError
 from medvlm.settings import PacsSettings

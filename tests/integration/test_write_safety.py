@@ -28,9 +28,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from connectors.dicomweb import DicomWebSource
+from connectors.factory import build_image_source
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
-from connectors.pacs import StudyQuery, build_image_source
+from connectors.pacs import StudyQuery
 from flows.draft_reports import RunSummary, Services, run_draft_job
 from medvlm.devservers import OrthancInfo
 from medvlm.settings import EhrSettings, JobSettings

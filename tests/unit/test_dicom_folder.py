@@ -12,7 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
 from connectors.dicom_folder import DicomFolderSource
-from connectors.pacs import ImageSource, StudyQuery, build_image_source
+from connectors.factory import build_image_source
+from connectors.pacs import ImageSource, StudyQuery
 from medvlm.errors import InvalidDicomError, PacsNotFoundError
 from medvlm.settings import PacsSettings
 from pipeline.imaging import study_reference

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medvlm.settings import AlertRule, FairnessSettings
+from medvlm.settings import FairnessSettings
 from pipeline.fairness import (
     FairnessRecord,
     compute_report,
@@ -15,7 +15,7 @@ from pipeline.fairness import (
     record_from_job,
     trend_points,
 )
-from pipeline.fairness_types import UNKNOWN, FairnessReport
+from pipeline.fairness_types import UNKNOWN, AlertRule, FairnessReport
 from pipeline.labeler import RuleLabeler
 from pipeline.ledger import DraftJob, JobState
 from pipeline.report import FindingName, Presence

@@ -15,7 +15,8 @@ from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.reference import Reference
 
-from connectors.ehr import Ehr, build_ehr, conditional_entry, parse_resource
+from connectors.ehr import Ehr, conditional_entry, parse_resource
+from connectors.factory import build_ehr
 from connectors.ndjson import NdjsonEhr
 from medvlm.errors import EhrConflictError, EhrInvalidResourceError, EhrNotFoundError
 from medvlm.settings import EhrSettings
