@@ -12,25 +12,21 @@ or birth date into a message: references are logical ids or ``identifier_ref`` h
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
 from urllib.parse import urlencode
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
-from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.identifier import Identifier
-from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
 from medvlm.errors import EhrInvalidResourceError
-from pipeline.context import SIGNED_REPORT_STATUSES
+from pipeline.ehr_rules import SIGNED_REPORT_STATUSES, EhrContext
 
 if TYPE_CHECKING:
     pass
@@ -46,31 +42,12 @@ __all__ = [
     "identifier_query",
     "identifier_ref",
     "identifier_token",
-    "latest_final_report",
     "parse_resource",
 ]
 
 # DiagnosticReport.status values of a signed report (FHIR R4 diagnostic-report-status): the
 # radiologist's report is final, or was amended/corrected after it was final.
 FINAL_REPORT_STATUSES = SIGNED_REPORT_STATUSES
-
-
-@dataclass(frozen=True)
-class EhrContext:
-    """Clinical context of one imaging order, as read from the EHR.
-
-    ``conditions`` are the patient's active Conditions (``Condition.clinicalStatus`` = active);
-    ``prior_reports`` the patient's signed DiagnosticReports (status final, amended or
-    corrected), in no particular order: which of them a prompt may show, and in what order, is
-    ``pipeline.context.eligible_priors``'s decision; ``imaging_studies`` the patient's
-    ImagingStudies, latest first by ``started``.
-    """
-
-    patient: Patient
-    service_request: ServiceRequest | None
-    conditions: tuple[Condition, ...]
-    prior_reports: tuple[DiagnosticReport, ...]
-    imaging_studies: tuple[ImagingStudy, ...]
 
 
 @dataclass(frozen=True)
@@ -158,33 +135,6 @@ def identifier_token(value: str, system: str | None = None) -> str:
 def identifier_query(value: str, system: str | None = None) -> str:
     """``identifier=system|value`` (URL-encoded) for ``If-None-Exist`` and ``ifNoneExist``."""
     return urlencode({"identifier": identifier_token(value, system)})
-
-
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
-def _aware(value: datetime | None) -> datetime:
-    if value is None:
-        return _EARLIEST
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def latest_final_report(reports: Iterable[DiagnosticReport]) -> DiagnosticReport | None:
-    """Of ``reports``, the latest by ``issued`` whose status is in ``FINAL_REPORT_STATUSES``.
-
-    Reports without ``issued`` rank below those with one; ties go to the later
-    ``meta.lastUpdated``, then to the first seen. None if no report is final.
-    """
-    best: DiagnosticReport | None = None
-    best_key: tuple[datetime, datetime] | None = None
-    for report in reports:
-        if report.status not in FINAL_REPORT_STATUSES:
-            continue
-        updated = report.meta.lastUpdated if report.meta is not None else None
-        key = (_aware(report.issued), _aware(updated))
-        if best_key is None or key > best_key:
-            best, best_key = report, key
-    return best
 
 
 def conditional_entry(resource: Resource, identifier: Identifier, full_url: str) -> BundleEntry:

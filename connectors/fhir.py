@@ -49,7 +49,6 @@ from connectors.ehr import (
     identifier_query,
     identifier_ref,
     identifier_token,
-    latest_final_report,
     parse_resource,
 )
 from connectors.fhir_auth import build_auth
@@ -63,6 +62,7 @@ from medvlm.errors import (
     EhrUnavailableError,
 )
 from medvlm.settings import EhrSettings
+from pipeline.ehr_rules import is_active, local_id, signed_report_of
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +197,6 @@ def _outcome_issues(response: httpx.Response, sensitive: Iterable[str]) -> tuple
     return tuple(out)
 
 
-def _local_id(reference: str | None, rtype: str) -> str | None:
-    """``Patient/123`` or ``https://…/Patient/123`` → ``123`` (None for other types)."""
-    if not reference:
-        return None
-    parts = reference.split("/_history/")[0].rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == rtype:
-        return parts[-1]
-    return None
-
-
 def _when(resource: Resource, *fields: str) -> str:
     for name in fields:
         value = getattr(resource, name, None)
@@ -214,24 +204,6 @@ def _when(resource: Resource, *fields: str) -> str:
             start = getattr(value, "start", None)
             return str(start if start is not None else value)
     return ""
-
-
-def _carries(resource: DiagnosticReport, value: str, system: str | None) -> bool:
-    """Whether ``resource.identifier`` has ``value`` (in ``system``, when one is given)."""
-    return any(
-        i.value == value and (system is None or i.system == system)
-        for i in resource.identifier or []
-    )
-
-
-def _is_based_on(report: DiagnosticReport, order_id: str) -> bool:
-    """Whether ``report.basedOn`` names ``ServiceRequest/{order_id}`` (relative or absolute)."""
-    return any(_local_id(b.reference, "ServiceRequest") == order_id for b in report.basedOn or [])
-
-
-def _is_active(condition: Condition) -> bool:
-    status = condition.clinicalStatus
-    return status is not None and any(c.code == "active" for c in status.coding or [])
 
 
 class FhirEhr:
@@ -476,7 +448,7 @@ class FhirEhr:
         order = orders[0] if orders else None
         if order is not None:
             subject = order.subject.reference if order.subject is not None else None
-            order_patient = _local_id(subject, "Patient")
+            order_patient = local_id(subject, "Patient")
             if order_patient is None:
                 raise EhrInvalidResourceError(
                     f"ServiceRequest/{order.id}: subject is not a Patient reference"
@@ -496,7 +468,7 @@ class FhirEhr:
                 [("subject", subject), ("clinical-status", "active")],
                 ref=f"Condition of {subject}",
             )
-            if isinstance(c, Condition) and _is_active(c)
+            if isinstance(c, Condition) and is_active(c)
         ]
         reports = [
             r
@@ -532,36 +504,44 @@ class FhirEhr:
         AI's preliminary draft or another order's report.
         """
         statuses = ("status", ",".join(FINAL_REPORT_STATUSES))
+        order_id = None
+        based_on: list[DiagnosticReport] = []
         if service_request:
-            order_id = _local_id(service_request, "ServiceRequest")
+            order_id = local_id(service_request, "ServiceRequest")
             if order_id is None or not _ID.match(order_id):
                 raise ValueError("find_final_report: service_request is not a ServiceRequest/id")
             order = f"ServiceRequest/{order_id}"
-            found = latest_final_report(
+            based_on = [
                 r
                 for mode, r in self._search(
                     "DiagnosticReport",
                     [("based-on", order), statuses],
                     ref=f"DiagnosticReport based on {order}",
                 )
-                if mode == "match" and isinstance(r, DiagnosticReport) and _is_based_on(r, order_id)
+                if mode == "match" and isinstance(r, DiagnosticReport)
+            ]
+            found = signed_report_of(
+                based_on, order_id=order_id, accession_number=None, accession_system=None
             )
             if found is not None:
                 return found
         if not accession_number:
             return None
         system = self._settings.accession_system
-        return latest_final_report(
-            r
-            for mode, r in self._search(
-                "DiagnosticReport",
-                [("identifier", identifier_token(accession_number, system)), statuses],
-                ref=f"DiagnosticReport {identifier_ref(accession_number, system)}",
-                sensitive=[accession_number],
-            )
-            if mode == "match"
-            and isinstance(r, DiagnosticReport)
-            and _carries(r, accession_number, system)
+        return signed_report_of(
+            (
+                r
+                for mode, r in self._search(
+                    "DiagnosticReport",
+                    [("identifier", identifier_token(accession_number, system)), statuses],
+                    ref=f"DiagnosticReport {identifier_ref(accession_number, system)}",
+                    sensitive=[accession_number],
+                )
+                if mode == "match" and isinstance(r, DiagnosticReport)
+            ),
+            order_id=None,
+            accession_number=accession_number,
+            accession_system=system,
         )
 
     # -- writes -----------------------------------------------------------------------------
@@ -603,7 +583,7 @@ class FhirEhr:
             stored = parse_resource(self._json(response, ref), type(resource))
         else:  # a server that ignores Prefer: read back what Location names
             location = response.headers.get("Location", "")
-            rid = _local_id(location, rtype)
+            rid = local_id(location, rtype)
             if rid is None:
                 raise EhrInvalidResourceError(f"{ref}: answer has neither body nor Location")
             stored = self._read(type(resource), rid)

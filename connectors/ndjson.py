@@ -41,7 +41,6 @@ from connectors.ehr import (
     EhrContext,
     WriteResult,
     identifier_ref,
-    latest_final_report,
     parse_resource,
 )
 from medvlm.errors import (
@@ -50,6 +49,7 @@ from medvlm.errors import (
     EhrInvalidResourceError,
     EhrNotFoundError,
 )
+from pipeline.ehr_rules import local_id, signed_report_of
 
 R = TypeVar("R", bound=Resource)
 
@@ -108,23 +108,6 @@ def _subject_id(data: dict[str, Any], field: str = "subject") -> str | None:
     if isinstance(ref, str) and ref.startswith("Patient/"):
         return ref.split("/", 2)[1]
     return None
-
-
-def _local_id(reference: Any, rtype: str) -> str | None:
-    """``ServiceRequest/1`` or ``https://…/ServiceRequest/1`` → ``1`` (None for other types)."""
-    if not isinstance(reference, str) or not reference:
-        return None
-    parts = reference.split("/_history/")[0].rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == rtype and parts[-1]:
-        return parts[-1]
-    return None
-
-
-def _based_on(data: dict[str, Any], order_id: str) -> bool:
-    return any(
-        isinstance(ref, dict) and _local_id(ref.get("reference"), "ServiceRequest") == order_id
-        for ref in data.get("basedOn") or []
-    )
 
 
 def _now() -> str:
@@ -266,24 +249,33 @@ class NdjsonEhr:
     def find_final_report(
         self, accession_number: str | None, service_request: str | None = None
     ) -> DiagnosticReport | None:
+        order_id = None
         if service_request:
-            order_id = _local_id(service_request, "ServiceRequest")
+            order_id = local_id(service_request, "ServiceRequest")
             if order_id is None:
                 raise ValueError("find_final_report: service_request is not a ServiceRequest/id")
-            found = latest_final_report(
+
+        def may_concern(data: dict[str, Any]) -> bool:
+            # Only this order's candidates are parsed: one malformed report of another order
+            # must not break every lookup. The rule itself is applied to the parsed models.
+            refs = [b.get("reference") for b in data.get("basedOn") or [] if isinstance(b, dict)]
+            values = [i.get("value") for i in data.get("identifier") or [] if isinstance(i, dict)]
+            return (
+                order_id is not None
+                and any(
+                    local_id(r, "ServiceRequest") == order_id for r in refs if isinstance(r, str)
+                )
+            ) or (accession_number is not None and accession_number in values)
+
+        return signed_report_of(
+            (
                 self._parsed(d, DiagnosticReport)
                 for d in self._raw("DiagnosticReport")
-                if d.get("status") in FINAL_REPORT_STATUSES and _based_on(d, order_id)
-            )
-            if found is not None:
-                return found
-        if not accession_number:
-            return None
-        return latest_final_report(
-            self._parsed(d, DiagnosticReport)
-            for d in self._raw("DiagnosticReport")
-            if d.get("status") in FINAL_REPORT_STATUSES
-            and _has_identifier(d, self.accession_system, accession_number)
+                if d.get("status") in FINAL_REPORT_STATUSES and may_concern(d)
+            ),
+            order_id=order_id,
+            accession_number=accession_number,
+            accession_system=self.accession_system,
         )
 
     # -- writes -----------------------------------------------------------------------------

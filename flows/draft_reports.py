@@ -25,7 +25,7 @@ import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,8 +43,7 @@ from medvlm.errors import (
     MedvlmError,
 )
 from medvlm.settings import JobSettings, host_timezone
-from pipeline.context import PromptContext, build_prompt_context, eligible_priors
-from pipeline.dicom_time import fhir_datetime, study_instant
+from pipeline.ehr_rules import created_ids
 from pipeline.fhir_resources import (
     ModelIdentity,
     StudyLinks,
@@ -52,7 +51,7 @@ from pipeline.fhir_resources import (
     build_draft_bundle,
     draft_id,
 )
-from pipeline.identity import DicomPatient, check_patient_identity
+from pipeline.identity import check_patient_identity
 from pipeline.imaging import PixelBudget, image_to_png, study_images, study_reference
 from pipeline.ledger import (
     DraftJob,
@@ -63,9 +62,10 @@ from pipeline.ledger import (
     resume_stage,
     skip,
 )
-from pipeline.prompts import ModelInput, StudyContext
+from pipeline.prompts import ModelInput
 from pipeline.report import DraftReport, DraftResult
 from pipeline.reportable import not_reportable_reason, select_reportable
+from pipeline.study import prepare_study
 from pipeline.subgroups import SUBGROUP_HEADER_KEYWORDS, subgroup_attributes
 from serving.clients import Drafter
 
@@ -75,7 +75,6 @@ log = logging.getLogger("medvlm.flows")
 
 FLAG_NO_ORDER = "no-order-in-ehr"
 FLAG_NO_EHR_CONTEXT = "missing-ehr-context"
-FLAG_NO_STUDY_TIME = "no-study-time"
 FLAG_BURNED_IN = "burned-in-annotation"
 SKIP_SIGNED = "signed-before-draft"
 SKIP_PATIENT_MISMATCH = "patient-mismatch"
@@ -122,7 +121,7 @@ class Skip:
 @dataclass(frozen=True)
 class _Fetched:
     model_input: ModelInput
-    links: dict[str, Any]
+    links: StudyLinks
     flags: list[str]
     sources: tuple[str, ...]
 
@@ -218,14 +217,14 @@ def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
     )
     if signed is not None:
         return signed
-    started = study_instant(
-        first.get("StudyDate"),
-        first.get("StudyTime"),
-        first.get("TimezoneOffsetFromUTC"),
-        services.site_timezone,
+    prepared = prepare_study(
+        first,
+        context,
+        study_uid=job.study_uid,
+        accession_number=job.accession_number,
+        accession_system=services.accession_system,
+        site_timezone=services.site_timezone,
     )
-    if started is None:
-        flags.append(FLAG_NO_STUDY_TIME)
     by_series: dict[str, list[Dataset]] = {}
     for ds in reportable.instances:
         by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
@@ -235,56 +234,12 @@ def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
         max_images=services.max_images,
         budget=PixelBudget(max_side=services.job.max_image_side),
     )
-    modality = _header(first, "Modality") or "OT"
-    body_part, description = _header(first, "BodyPartExamined"), _header(first, "StudyDescription")
-    links: dict[str, Any] = {"dicom_patient": asdict(DicomPatient.from_dataset(first))}
-    if started is not None:
-        links["study_started"] = fhir_datetime(started)
-    if context is None:
-        prompt = PromptContext(
-            StudyContext(modality=modality, body_part=body_part, study_description=description),
-            (),
-        )
-    else:
-        prompt = build_prompt_context(
-            modality=modality,
-            body_part=body_part,
-            study_description=description,
-            service_request=order,
-            conditions=context.conditions,
-            prior_reports=eligible_priors(
-                context.prior_reports,
-                before=started,
-                order_id=order.id if order is not None else None,
-                accession_number=job.accession_number,
-                accession_system=services.accession_system,
-            ),
-        )
-        links["patient"] = f"Patient/{context.patient.id}"
-        if order is not None:
-            links["service_request"] = f"ServiceRequest/{order.id}"
-        matching = [
-            s
-            for s in context.imaging_studies
-            if any(
-                (i.value or "").removeprefix("urn:oid:") == job.study_uid
-                for i in s.identifier or []
-            )
-        ]
-        if matching:
-            links["imaging_study"] = f"ImagingStudy/{matching[0].id}"
     model_input = ModelInput(
         reference=job.study_ref,
         images_png=tuple(image_to_png(image) for image in images),
-        context=prompt.context,
+        context=prepared.prompt.context,
     )
-    return _Fetched(model_input, links, flags, prompt.sources)
-
-
-def _study_started(value: str | None) -> dt.datetime | dt.date | None:
-    if not value:
-        return None
-    return dt.date.fromisoformat(value) if len(value) == 10 else dt.datetime.fromisoformat(value)
+    return _Fetched(model_input, prepared.links, [*flags, *prepared.flags], prepared.prompt.sources)
 
 
 def _signed(services: Services, accession: str | None, order: str | None) -> Skip | None:
@@ -295,26 +250,24 @@ def _signed(services: Services, accession: str | None, order: str | None) -> Ski
     return Skip(f"{SKIP_SIGNED}: DiagnosticReport/{signed.id} is {signed.status}")
 
 
-def write_gate(services: Services, job: DraftJob) -> Skip | None:
+def write_gate(services: Services, accession: str | None, links: StudyLinks) -> Skip | None:
     """Whether the draft may be written now: checked in the write step itself, also on resume.
 
     No draft lands on an order a radiologist has already signed (a final, amended or corrected
     DiagnosticReport based on it or carrying its accession number), nor on a Patient the
     images do not belong to (DICOM PatientID/IssuerOfPatientID against Patient.identifier).
     """
-    signed = _signed(services, job.accession_number, job.links.get("service_request"))
+    signed = _signed(services, accession, links.service_request)
     if signed is not None:
         return signed
-    recorded = job.links.get("dicom_patient")
-    if not isinstance(recorded, dict):
+    if links.dicom_patient is None or links.patient is None:
         return Skip(
             f"{SKIP_PATIENT_MISMATCH}: the images' patient identity was not recorded "
             "(drafted by an older release); requeue the study"
         )
-    patient_id = str(job.links["patient"]).removeprefix("Patient/")
     check = check_patient_identity(
-        DicomPatient(**recorded),
-        services.ehr.read_patient(patient_id),
+        links.dicom_patient,
+        services.ehr.read_patient(links.patient.removeprefix("Patient/")),
         system=services.patient_identifier_system,
         issuer_systems=services.patient_identifier_issuers,
     )
@@ -326,22 +279,15 @@ def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
     ids the server reports."""
     if job.draft is None:
         raise MedvlmError(f"{job.study_ref}: no stored draft to write")
-    patient = job.links.get("patient")
-    if patient is None:
+    links = StudyLinks.model_validate(job.links)
+    if links.patient is None:
         raise EhrNotFoundError(
             f"{job.study_ref}: no Patient in the EHR for this study; cannot write the draft"
         )
-    gate = write_gate(services, job)
+    gate = write_gate(services, job.accession_number, links)
     if gate is not None:
         return gate
     report = DraftReport.model_validate(job.draft)
-    links = StudyLinks(
-        accession_number=job.accession_number or job.study_uid,
-        patient=patient,
-        service_request=job.links.get("service_request"),
-        imaging_study=job.links.get("imaging_study"),
-        study_started=_study_started(job.links.get("study_started")),
-    )
     system = services.job.identifier_system
     issued = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=dt.UTC)
     if services.job.write_target == "document_reference":
@@ -355,13 +301,7 @@ def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
     response = services.ehr.transaction(
         build_draft_bundle(report, links, services.model, issued=issued, system=system)
     )
-    ids: dict[str, list[str]] = {}
-    for entry in response.entry or []:
-        location = entry.response.location if entry.response else None
-        if location:
-            kind, _, rest = str(location).partition("/")
-            ids.setdefault(kind, []).append(rest.split("/")[0])
-    return ids
+    return created_ids(entry.response.location for entry in response.entry or [] if entry.response)
 
 
 _PACKAGES = frozenset({"connectors", "flows", "medvlm", "pipeline", "serving", "tests"})
@@ -427,7 +367,7 @@ async def process_job(services: Services, job: DraftJob, *, dry_run: bool = Fals
                 skip(job, fetched.reason)
             else:
                 changes = {
-                    "links": fetched.links,
+                    "links": fetched.links.model_dump(mode="json"),
                     "flags": fetched.flags,
                     "context_sources": list(fetched.sources),
                 }

@@ -35,6 +35,7 @@ from connectors.ehr import Ehr
 from connectors.ledger_store import LedgerStore
 from medvlm.errors import EhrError, EhrInvalidResourceError
 from medvlm.settings import FairnessSettings
+from pipeline.ehr_rules import created_ids
 from pipeline.fairness import (
     FairnessRecord,
     compute_report,
@@ -222,9 +223,8 @@ def write_measure_report(services: FairnessServices, report: FairnessReport) -> 
         ),
     )
     response = services.ehr.transaction(Bundle(type="transaction", entry=[entry]))
-    answers = [e.response for e in response.entry or [] if e.response is not None]
-    location = str(answers[0].location or "") if answers else ""
-    rid = location.split("MeasureReport/")[-1].split("/")[0] if "MeasureReport/" in location else ""
+    created = created_ids(e.response.location for e in response.entry or [] if e.response)
+    rid = created.get("MeasureReport", [""])[0]
     if not rid:
         raise EhrInvalidResourceError("MeasureReport: transaction answer names no resource")
     services.ledger.save_fairness_run(

@@ -22,19 +22,16 @@ from dataclasses import dataclass
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from pipeline.ehr_rules import SIGNED_REPORT_STATUSES, carries_identifier, reference_target
 from pipeline.fhir_resources import LOINC, V2_0074
 from pipeline.prompts import StudyContext
 
 MAX_CONDITIONS = 8
 MAX_FIELD_CHARS = 300
 
-#: DiagnosticReport.status values of a signed report (FHIR R4 diagnostic-report-status): final,
-#: or amended/corrected after it was final. ``preliminary`` (incl. our own drafts) is excluded.
-SIGNED_REPORT_STATUSES: tuple[str, ...] = ("final", "amended", "corrected")
 
 #: HL7 v2 table 0074 (Diagnostic Service Section ID) codes of radiology sections: Radiology,
 #: Radiograph, CAT Scan, Nuclear Magnetic Resonance, Nuclear Medicine Scan, Radiology /
@@ -222,32 +219,6 @@ def report_time(report: DiagnosticReport) -> dt.datetime | dt.date | str | None:
     return report.issued
 
 
-def _reference_target(reference: str) -> tuple[str, str] | None:
-    """``(type, id)`` of a relative or absolute literal ``Reference.reference`` (FHIR R4
-    References), ignoring a ``/_history/{vid}`` suffix; None for other forms (``#contained``)."""
-    path = reference.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    parts = path.split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    if len(parts) < 2 or not parts[-2] or not parts[-1]:
-        return None
-    return parts[-2], parts[-1]
-
-
-def _carries(identifiers: Iterable[Identifier], value: str, system: str | None) -> bool:
-    """Whether one of ``identifiers`` has ``value`` in ``system`` (any system when None).
-
-    An identifier without a system matches even when ``system`` is given: its namespace is
-    unknown, and excluding a genuine prior is safer than leaking this study's own report.
-    """
-    for identifier in identifiers:
-        if identifier.value is None or str(identifier.value).strip() != value:
-            continue
-        if system is None or identifier.system is None or str(identifier.system) == system:
-            return True
-    return False
-
-
 def _is_ai_asserted(report: DiagnosticReport) -> bool:
     """``DiagnosticReport.meta.security`` carries AIAST (in any code system, to be safe)."""
     security = report.meta.security if report.meta is not None else None
@@ -278,7 +249,7 @@ def eligible_priors(
       (relative, absolute or versioned), or a logical reference whose identifier is the
       accession number;
     - no ``DiagnosticReport.identifier`` with ``accession_number`` (in ``accession_system``
-      when given, see ``_carries``; in any system otherwise);
+      when given, see ``pipeline.ehr_rules.carries_identifier``; in any system otherwise);
     - not an AI draft (``DiagnosticReport.meta.security`` AIAST), even one a radiologist signed.
 
     Ordered latest first by that time, comparing real instants (on equal starts the wider
@@ -293,7 +264,7 @@ def eligible_priors(
     study_start = study[0]
     wanted_order = order_id.strip() if order_id else None
     if wanted_order and "/" in wanted_order:  # given as "ServiceRequest/{id}" or a full URL
-        target = _reference_target(wanted_order)
+        target = reference_target(wanted_order)
         wanted_order = target[1] if target is not None else wanted_order
     accession = accession_number.strip() if accession_number else None
     kept: list[tuple[tuple[dt.datetime, dt.datetime], DiagnosticReport]] = []
@@ -307,7 +278,7 @@ def eligible_priors(
             continue
         based_on = report.basedOn or []
         if wanted_order and any(
-            (target := _reference_target(str(ref.reference))) is not None
+            (target := reference_target(str(ref.reference))) is not None
             and target == ("ServiceRequest", wanted_order)
             for ref in based_on
             if ref.reference
@@ -316,7 +287,9 @@ def eligible_priors(
         if accession:
             identifiers = list(report.identifier or [])
             identifiers += [ref.identifier for ref in based_on if ref.identifier is not None]
-            if _carries(identifiers, accession, accession_system):
+            if carries_identifier(
+                identifiers, accession, accession_system, unknown_system_matches=True
+            ):
                 continue
         kept.append((span, report))
     kept.sort(key=lambda item: item[0], reverse=True)

@@ -34,8 +34,10 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.dicom_time import fhir_datetime
+from pipeline.identity import DicomPatient
 from pipeline.report import DraftReport, Finding, Presence
 
 DEFAULT_IDENTIFIER_SYSTEM = "urn:medvlm-pipeline:draft"
@@ -70,23 +72,46 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
-@dataclass(frozen=True)
-class StudyLinks:
-    """What the draft refers to in the EHR, as FHIR references (``Type/id``)."""
+class StudyLinks(BaseModel):
+    """What a study's draft refers to in the EHR (FHIR references ``Type/id``) and the facts
+    the write gate checks again before writing."""
 
-    accession_number: str
-    patient: str
-    service_request: str | None = None
-    imaging_study: str | None = None
-    # When the study started (DICOM StudyDate/StudyTime in the right zone, see
-    # pipeline.dicom_time.study_instant): an aware datetime, or a date when only that is known.
-    study_started: datetime | date | None = None
+    model_config = ConfigDict(frozen=True)
+
+    accession_number: str = Field(description="Accession number (or the study UID without one).")
+    patient: str | None = Field(default=None, description="Patient/{id}; None: not in the EHR.")
+    service_request: str | None = Field(default=None, description="ServiceRequest/{id}.")
+    imaging_study: str | None = Field(default=None, description="ImagingStudy/{id}.")
+    study_started: datetime | date | None = Field(
+        default=None,
+        description=(
+            "When the study started (pipeline.dicom_time.study_instant): an aware datetime, or "
+            "a date when only that is known."
+        ),
+    )
+    dicom_patient: DicomPatient | None = Field(
+        default=None, description="Who the images say they belong to (a digest, no MRN)."
+    )
+
+    @field_validator("study_started", mode="before")
+    @classmethod
+    def _date_or_datetime(cls, value: Any) -> Any:
+        # A date-only string is a date (day precision), never midnight of some zone.
+        if isinstance(value, str):
+            return date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
+        return value
 
 
 def draft_id(accession_number: str, model_version: str) -> str:
     """Stable per (accession, model version); a hash, so the accession is not spread."""
     digest = hashlib.sha256(f"{accession_number}\x1f{model_version}".encode()).hexdigest()
     return f"draft-{digest[:32]}"
+
+
+def _subject(links: StudyLinks) -> str:
+    if links.patient is None:
+        raise ValueError("a draft needs the Patient it is about (StudyLinks.patient)")
+    return links.patient
 
 
 def _effective(links: StudyLinks) -> str | None:
@@ -177,7 +202,7 @@ def _observation(
                 "coding": [_coding(FINDING_SYSTEM, finding.name.value)],
                 "text": finding.name.value.replace("_", " "),
             },
-            "subject": {"reference": links.patient},
+            "subject": {"reference": _subject(links)},
             "basedOn": [{"reference": links.service_request}] if links.service_request else None,
             "derivedFrom": [{"reference": links.imaging_study}] if links.imaging_study else None,
             "effectiveDateTime": _effective(links),
@@ -244,7 +269,7 @@ def build_draft_bundle(
                 {"coding": [_coding(V2_0074, "RAD", "Radiology")]},
             ],
             "code": {"coding": [_coding(LOINC, "18748-4", "Diagnostic imaging study")]},
-            "subject": {"reference": links.patient},
+            "subject": {"reference": _subject(links)},
             "basedOn": [{"reference": links.service_request}] if links.service_request else None,
             "imagingStudy": [{"reference": links.imaging_study}] if links.imaging_study else None,
             # The clinically relevant time is the study's; without one there is no effective
@@ -324,7 +349,7 @@ def build_document_reference(
             "docStatus": "preliminary",
             "type": {"coding": [_coding(LOINC, "18748-4", "Diagnostic imaging study")]},
             "category": [{"coding": [_coding(LOINC, "LP29684-5", "Radiology")]}],
-            "subject": {"reference": links.patient},
+            "subject": {"reference": _subject(links)},
             "date": issued.isoformat(),
             "description": f"Preliminary AI draft ({model.name} {model.version})",
             "content": [
