@@ -1,13 +1,16 @@
 """Shared test configuration.
 
-Tiers: ``unit`` (pure logic, real sample DICOM), ``integration`` (real Orthanc, FHIR server,
-Ray Serve, vLLM; servers started once per session by fixtures). Run the fast tier alone with
-``-m unit``. The whole suite is meant to run inside a loopback-only network namespace
-(scripts/test.sh); nothing here talks to anything but 127.0.0.1.
+Tiers: ``unit`` (pure logic, real sample DICOM; no server, engine or type checker), ``lint``
+(ruff and mypy --strict), ``integration`` (real Orthanc, FHIR server, Ray Serve, vLLM, Prefect;
+servers started once per session by fixtures). Run the fast tier alone with ``-m unit``;
+``pytest_runtest_setup`` below fails a ``unit`` test that asks for a server fixture. The whole
+suite is meant to run inside a loopback-only network namespace (scripts/test.sh); nothing here
+talks to anything but 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Iterator
@@ -20,12 +23,68 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
-pytest_plugins = ["tests.integration.conftest_servers"]
+pytest_plugins = ["tests.integration.conftest_servers", "pytester"]
 
 from medvlm.settings import MedvlmSettings  # noqa: E402
 from medvlm.telemetry import disable_third_party_telemetry  # noqa: E402
 
 disable_third_party_telemetry()
+
+# Fixtures that start a server or an engine (tests/integration/conftest*.py): no unit test may
+# use one, directly or through another fixture.
+SERVER_FIXTURES = frozenset(
+    {"serve_handle", "serve_url", "dev_servers", "orthanc", "fhir_base_url", "prefect_api"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a ``unit`` test that needs a server before any of its fixtures start one."""
+    if item.get_closest_marker("unit") is None:
+        return
+    servers = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if servers:
+        pytest.fail(
+            f"a unit test starts no server, but this one uses {', '.join(sorted(servers))}: "
+            "mark it integration",
+            pytrace=False,
+        )
+    if item.get_closest_marker("lint") is not None:
+        pytest.fail("a test is unit or lint, not both: -m unit runs no type checker", pytrace=False)
+
+
+# Warnings are errors (pyproject), so a ResourceWarning from a finalizer (an unclosed socket,
+# file, event loop, ZMQ context) is an error in whichever test runs when the cyclic collector
+# happens to fire. Collecting after every test pins it on the test whose garbage it was. A full
+# collection walks ~1M objects once torch and vLLM are imported (~0.5 s); gc.freeze() moves the
+# survivors out of the collector's sight, so the next collection walks only what one test made.
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_the_garbage_of_each_test() -> Iterator[None]:
+    """Torn down after the test's other fixtures; pytest then reports what finalizers raised."""
+    yield
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_fixture_post_finalizer(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> None:
+    """What a module- or session-scoped fixture held was frozen: unfreeze and collect it now."""
+    if fixturedef.scope != "function":
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    gc.unfreeze()  # pytest's last collection sees everything
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""ruff (lint + format) and mypy --strict on the packages, as part of the suite."""
+"""ruff (lint + format) and mypy --strict on the packages, as part of the suite.
+
+Marked ``lint``, not ``unit``: a cold mypy --strict run takes a minute or more, so the fast
+tier (``-m unit``) leaves it out while the full suite (no ``-m``) runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.lint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -48,7 +48,7 @@ RESULT = DraftResult(
 )
 
 
-def _drafter(statuses: list[int], seen: list[httpx.Request]) -> HttpDrafter:
+async def _draft(statuses: list[int], seen: list[httpx.Request]) -> DraftResult:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         status = statuses.pop(0)
@@ -56,13 +56,15 @@ def _drafter(statuses: list[int], seen: list[httpx.Request]) -> HttpDrafter:
             return httpx.Response(200, content=RESULT.model_dump_json())
         return httpx.Response(status, text="overloaded" if status == 503 else "bad input")
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return HttpDrafter(client, "http://model.test", api_key="k", attempts=3)
+    # The client is the caller's (HttpDrafter does not close a client it was given).
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        drafter = HttpDrafter(client, "http://model.test", api_key="k", attempts=3)
+        return await drafter.draft(INPUT)
 
 
 def test_a_503_is_retried_and_the_draft_arrives() -> None:
     seen: list[httpx.Request] = []
-    result = asyncio.run(_drafter([503, 200], seen).draft(INPUT))
+    result = asyncio.run(_draft([503, 200], seen))
     assert result == RESULT
     assert len(seen) == 2
     assert seen[0].headers["Authorization"] == "Bearer k"
@@ -71,5 +73,5 @@ def test_a_503_is_retried_and_the_draft_arrives() -> None:
 def test_a_400_is_not_retried_and_names_the_study() -> None:
     seen: list[httpx.Request] = []
     with pytest.raises(ServingError, match="study-r: model service answered 400"):
-        asyncio.run(_drafter([400, 200], seen).draft(INPUT))
+        asyncio.run(_draft([400, 200], seen))
     assert len(seen) == 1
