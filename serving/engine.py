@@ -168,3 +168,10 @@ class VllmChatEngine:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+        # vLLM 0.32's shutdown closes the client's ZMQ sockets but not its ZMQ context; pyzmq
+        # then warns (ResourceWarning) whenever the context is garbage-collected, which in a
+        # long-lived process can be anywhere. Destroy it here (a no-op if vLLM starts doing so).
+        resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
+        context = getattr(resources, "ctx", None)
+        if context is not None and not context.closed:
+            context.destroy(linger=0)
