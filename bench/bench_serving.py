@@ -62,7 +62,8 @@ def main() -> None:
 
     import httpx
 
-    from flows.demo import sample_model_input
+    from medvlm.dev.demo import sample_model_input
+    from medvlm.dev.tiny_model import with_tiny_checkpoint
     from medvlm.settings import MedvlmSettings
     from pipeline.prompts import build_messages
     from pipeline.report import report_json_schema
@@ -73,6 +74,7 @@ def main() -> None:
 
     settings = MedvlmSettings()
     settings.model.allow_random_weights = True  # the tiny model unless MEDVLM_MODEL__SOURCE is set
+    settings = with_tiny_checkpoint(settings)
     resolved = resolve_model(settings)
     settings = with_kv_cache(settings, resolved.source)
     model_input = sample_model_input()

@@ -30,8 +30,7 @@ def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]
     """The model's identity for the ledger and FHIR Device, and the source to serve locally."""
     job = settings.job
     if job.model_endpoint == "local":
-        from serving.model_source import resolve_model
-        from serving.tiny_model import weights_sha256
+        from serving.model_source import resolve_model, weights_sha256
 
         resolved = resolve_model(settings)
         local = Path(resolved.source)

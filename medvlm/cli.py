@@ -22,7 +22,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from connectors.pacs import StudyQuery
-from medvlm.cli_dev import app as dev_app
+from medvlm.dev.cli import app as dev_app
 from medvlm.errors import MedvlmError
 from medvlm.settings import MedvlmSettings, TinyArchitecture
 from medvlm.telemetry import disable_third_party_telemetry
@@ -54,6 +54,16 @@ def _settings() -> MedvlmSettings:
         raise typer.Exit(2) from exc
 
 
+def _model_settings(settings: MedvlmSettings) -> MedvlmSettings:
+    """With MEDVLM_MODEL__ALLOW_RANDOM_WEIGHTS and no source (development only), the tiny
+    random-weight checkpoint as the source; otherwise ``settings`` as they are."""
+    if settings.model.source is not None or not settings.model.allow_random_weights:
+        return settings
+    from medvlm.dev.tiny_model import with_tiny_checkpoint
+
+    return with_tiny_checkpoint(settings)
+
+
 def _fail(exc: MedvlmError) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(1) from exc
@@ -66,7 +76,8 @@ def build_tiny(
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
 ) -> None:
     """Build a tiny random-weight VLM checkpoint offline (for tests and demos only)."""
-    from serving.tiny_model import build_tiny_checkpoint, weights_sha256
+    from medvlm.dev.tiny_model import build_tiny_checkpoint
+    from serving.model_source import weights_sha256
 
     if architecture not in ("qwen2_vl", "gemma3"):
         console.print(f"[red]unknown architecture {architecture!r}[/red]")
@@ -87,7 +98,7 @@ def serve() -> None:
     from serving.model_source import resolve_model
     from serving.ray_runtime import shutdown_ray
 
-    settings = _settings()
+    settings = _model_settings(_settings())
     try:
         resolved = resolve_model(settings)
         start_model_service(settings, resolved.source)
@@ -164,7 +175,7 @@ def run(
 
     Exit code 3 when some studies failed or were dead-lettered (listed, with reasons).
     """
-    settings = _settings()
+    settings = _model_settings(_settings())
     query = (
         None
         if new
@@ -213,8 +224,8 @@ def demo(
     ] = False,
 ) -> None:
     """Run the main job on the sample cohort: dev Orthanc + FHIR server, tiny model, Ray Serve."""
-    from flows.demo import demo_settings, load_sample_cohort
-    from pipeline.sample_cohort import DEMO_STUDY_DATE
+    from medvlm.dev.demo import demo_settings, load_sample_cohort
+    from medvlm.dev.sample_cohort import DEMO_STUDY_DATE
 
     settings = _settings()
     try:
@@ -250,7 +261,7 @@ def demo(
 @app.command("draft-one")
 def draft_one() -> None:
     """Draft one report for the sample chest radiograph through Ray Serve (a quick check)."""
-    from flows.demo import run_demo
+    from medvlm.dev.demo import run_demo
 
     settings = _settings()
     console.print("starting the model service (Ray Serve + vLLM); the first start takes a minute…")

@@ -8,7 +8,7 @@
 #   3. The LD_PRELOAD shim scripts/bind_loopback.c, compiled to MEDVLM_HOME/lib/bind_loopback.so,
 #      which keeps Orthanc (no bind-address option in 1.10) on loopback.
 #
-# The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/devservers.py).
+# The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/dev/servers.py).
 #
 # Environment:
 #   MEDVLM_HOME               project home (default: $HOME/.cache/medvlm)

@@ -96,7 +96,7 @@ def medvlm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny Qwen2-VL checkpoint, built once into a cache shared across sessions."""
-    from serving.tiny_model import build_tiny_checkpoint
+    from medvlm.dev.tiny_model import build_tiny_checkpoint
 
     cache = Path(os.environ.get("MEDVLM_TEST_MODEL_CACHE", Path.home() / ".cache" / "medvlm-test"))
     return build_tiny_checkpoint(cache / "tiny-qwen2_vl", architecture="qwen2_vl", seed=0)

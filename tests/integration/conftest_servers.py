@@ -2,7 +2,7 @@
 
 Registered from ``tests/conftest.py`` with ``pytest_plugins``. The servers run from a workdir under
 pytest's temporary directory on free loopback ports, through the product's own
-``medvlm.devservers.DevServers``, and are stopped by PID at the end of the session. Works inside a
+``medvlm.dev.servers.DevServers``, and are stopped by PID at the end of the session. Works inside a
 private network namespace (``unshare -n`` with ``lo`` up) and outside it (then Orthanc is kept on
 loopback by the bind shim that ``scripts/install-servers.sh`` builds).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medvlm.devservers import DevServers, OrthancInfo, dev_settings_from
+from medvlm.dev.servers import DevServers, OrthancInfo, dev_settings_from
 from medvlm.settings import DevServerSettings, MedvlmSettings
 
 DevSettingsFactory = Callable[[Path], DevServerSettings]

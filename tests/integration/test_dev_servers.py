@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medvlm.devservers import DevServers, OrthancInfo, listening_sockets
+from medvlm.dev.servers import DevServers, OrthancInfo, listening_sockets
 from medvlm.settings import DevServerSettings
 
 pytestmark = pytest.mark.integration

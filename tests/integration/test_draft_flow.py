@@ -30,26 +30,26 @@ from connectors.factory import build_image_source
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.pacs import StudyQuery
-from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
 from flows.draft_reports import (
     FLAG_NO_ORDER,
     Services,
     draft_reports,
 )
-from medvlm.devservers import OrthancInfo
-from medvlm.settings import EhrSettings, JobSettings, MedvlmSettings, PacsSettings
-from pipeline.fairness_types import ATTRIBUTES
-from pipeline.fhir_resources import ModelIdentity
-from pipeline.ledger import JobState
-from pipeline.sample_cohort import (
+from medvlm.dev.sample_cohort import (
     ACCESSION_SYSTEM,
     MRN_SYSTEM,
     SEX_BY_CASE,
     SampleCase,
     sample_cohort,
 )
+from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.dev.servers import OrthancInfo
+from medvlm.dev.synthetic_dicom import make_study
+from medvlm.settings import EhrSettings, JobSettings, MedvlmSettings, PacsSettings
+from pipeline.fairness_types import ATTRIBUTES
+from pipeline.fhir_resources import ModelIdentity
+from pipeline.ledger import JobState
 from pipeline.subgroups import age_band
-from pipeline.synthetic_dicom import make_study
 from serving.clients import HandleDrafter, HttpDrafter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import sample_model_input
+from medvlm.dev.demo import sample_model_input
 from medvlm.settings import ModelSettings
 from pipeline.prompts import build_messages
 from pipeline.report import parse_report, report_json_schema

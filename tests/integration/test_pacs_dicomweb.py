@@ -1,6 +1,6 @@
 """DICOMweb image source against the session's real Orthanc (QIDO-RS, WADO-RS, STOW-RS).
 
-Studies are synthetic (``pipeline.synthetic_dicom``) or pydicom's sample files with fresh UIDs,
+Studies are synthetic (``medvlm.dev.synthetic_dicom``) or pydicom's sample files with fresh UIDs,
 each test on its own StudyDate so that tests sharing the session's Orthanc do not see each other.
 """
 
@@ -24,12 +24,12 @@ from pydicom.uid import generate_uid
 from connectors.dicomweb import DicomWebSource
 from connectors.factory import build_image_source
 from connectors.pacs import ImageSource, StudyQuery
-from connectors.sample_data import sample_file
-from medvlm.devservers import OrthancInfo
+from medvlm.dev.sample_data import sample_file
+from medvlm.dev.servers import OrthancInfo
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import InvalidDicomError, PacsUnauthorizedError
 from medvlm.settings import PacsSettings
 from pipeline.imaging import study_reference
-from pipeline.synthetic_dicom import make_study
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from connectors.dicomweb import DicomWebSource
 from connectors.dimse import DimseClient, DimseEndpoint, DimseSource, study_identifier
 from connectors.factory import build_image_source
 from connectors.pacs import ImageSource, StudyQuery
-from medvlm.devservers import DevServers, OrthancInfo
+from medvlm.dev.servers import DevServers, OrthancInfo
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import PacsUnavailableError
 from medvlm.settings import PacsSettings
-from pipeline.synthetic_dicom import make_study
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

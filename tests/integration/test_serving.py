@@ -10,7 +10,7 @@ import openai
 import pytest
 from ray.serve.handle import DeploymentHandle
 
-from flows.demo import sample_model_input
+from medvlm.dev.demo import sample_model_input
 from medvlm.settings import MedvlmSettings
 from pipeline.prompts import ModelInput, png_data_url
 from pipeline.report import DraftReport, DraftResult, report_json_schema

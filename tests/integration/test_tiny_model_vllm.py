@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from PIL import Image
 
+from medvlm.dev.tiny_model import Architecture, build_tiny_checkpoint
 from medvlm.settings import ModelSettings
 from pipeline.prompts import png_data_url
 from pipeline.report import parse_report, report_json_schema
 from serving.kv_cache import cpu_kv_cache
-from serving.tiny_model import Architecture, build_tiny_checkpoint
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams

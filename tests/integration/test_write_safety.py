@@ -33,15 +33,15 @@ from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.pacs import StudyQuery
 from flows.draft_reports import RunSummary, Services, run_draft_job
-from medvlm.devservers import OrthancInfo
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
+from medvlm.dev.servers import OrthancInfo
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.settings import EhrSettings, JobSettings
 from pipeline.fhir_resources import ModelIdentity
 from pipeline.imaging import study_reference
 from pipeline.ledger import DraftJob, JobState
 from pipeline.prompts import ModelInput, context_text
 from pipeline.report import DraftResult
-from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
-from pipeline.synthetic_dicom import make_study
 from serving.clients import HandleDrafter
 from tests.integration.loopback import FhirProxy
 

@@ -14,10 +14,10 @@ from pydicom.fileset import FileSet
 from connectors.dicom_folder import DicomFolderSource
 from connectors.factory import build_image_source
 from connectors.pacs import ImageSource, StudyQuery
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import InvalidDicomError, PacsNotFoundError
 from medvlm.settings import PacsSettings
 from pipeline.imaging import study_reference
-from pipeline.synthetic_dicom import make_study
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.valuerep import DA, TM
 
-from connectors.sample_data import sample_file
+from medvlm.dev.sample_data import sample_file
 from pipeline.dicom_time import (
     fhir_datetime,
     parse_da,

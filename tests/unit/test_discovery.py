@@ -12,9 +12,9 @@ from connectors.dicom_folder import DicomFolderSource
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.ndjson import NdjsonEhr
 from flows.draft_reports import Services, discover
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.settings import JobSettings
 from pipeline.fhir_resources import ModelIdentity
-from pipeline.synthetic_dicom import make_study
 
 pytestmark = pytest.mark.unit
 

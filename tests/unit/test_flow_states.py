@@ -34,14 +34,14 @@ from flows.draft_reports import (
     Services,
     run_draft_job,
 )
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
+from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import LedgerUnavailableError
 from medvlm.settings import JobSettings
 from pipeline.fhir_resources import ModelIdentity
 from pipeline.imaging import study_reference
 from pipeline.ledger import DraftJob, JobState
 from pipeline.prompts import context_text
-from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
-from pipeline.synthetic_dicom import make_study
 from tests.flow_doubles import Outcome, ProcessKilled, ScriptedDrafter
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ import pytest
 from fhir.resources.R4B.patient import Patient
 from pydicom.dataset import Dataset
 
-from connectors.sample_data import sample_file
+from medvlm.dev.sample_data import sample_file
 from pipeline.identity import (
     DicomPatient,
     IdentityCheck,

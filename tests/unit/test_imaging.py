@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
 from medvlm.errors import ImagingError
 from pipeline.imaging import (
     PixelBudget,

@@ -11,7 +11,7 @@ from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 from pydicom.uid import UID, generate_uid
 
-from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
 from pipeline.reportable import (
     DEFAULT_REPORTABLE_MODALITIES,
     DEFAULT_REPORTABLE_SOP_CLASSES,

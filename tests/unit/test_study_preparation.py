@@ -11,11 +11,11 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from medvlm.dev.synthetic_dicom import make_study
 from pipeline.ehr_rules import EhrContext, created_ids, signed_report_of
 from pipeline.fhir_resources import StudyLinks
 from pipeline.identity import DicomPatient, patient_id_digest
 from pipeline.study import FLAG_NO_STUDY_TIME, prepare_study
-from pipeline.synthetic_dicom import make_study
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from medvlm.dev.synthetic_dicom import SYNTHETIC_PATIENT_NAME, make_study
 from pipeline.imaging import dataset_frames
-from pipeline.synthetic_dicom import SYNTHETIC_PATIENT_NAME, make_study
 
 pytestmark = pytest.mark.unit
 

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from medvlm.errors import ConfigurationError
-from serving.tiny_model import (
+from medvlm.dev.tiny_model import (
     MARKER_FILE,
     Architecture,
     build_tiny_checkpoint,
     read_marker,
     weights_sha256,
 )
+from medvlm.errors import ConfigurationError
 
 pytestmark = pytest.mark.unit
 
@@ -257,7 +257,7 @@ def test_transformers_loads_every_weight_and_generates_from_an_image(
 
 def test_import_loads_no_model_runtime() -> None:
     code = (
-        "import sys, serving.tiny_model\n"
+        "import sys, medvlm.dev.tiny_model\n"
         "heavy = {'torch', 'transformers', 'tokenizers', 'vllm'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -18,7 +18,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from pipeline.synthetic_dicom import make_study
+from medvlm.dev.synthetic_dicom import make_study
 
 MRN_SYSTEM = "urn:medvlm-pipeline:synthetic-mrn"
 ACCESSION_SYSTEM = "urn:medvlm-pipeline:synthetic-accession"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import pydicom
 
 from connectors.factory import build_ehr, build_image_source
-from connectors.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.dev.sample_cohort import SampleCase, sample_cohort
+from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
+from medvlm.dev.tiny_model import with_tiny_checkpoint
 from medvlm.settings import MedvlmSettings
 from pipeline.imaging import image_to_png, instance_to_images, study_reference
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftResult
-from pipeline.sample_cohort import SampleCase, sample_cohort
 from serving.app import start_model_service
 from serving.model_source import ResolvedModel, resolve_model
 from serving.ray_runtime import shutdown_ray
@@ -42,9 +43,10 @@ def sample_model_input() -> ModelInput:
 
 
 def with_random_weights(settings: MedvlmSettings) -> MedvlmSettings:
-    """``settings`` allowing the tiny random-weight model: what the demo and draft-one ask for."""
+    """``settings`` allowing the tiny random-weight model, and naming it when no model source is
+    set: what the demo and draft-one ask for."""
     model = settings.model.model_copy(update={"allow_random_weights": True})
-    return settings.model_copy(update={"model": model})
+    return with_tiny_checkpoint(settings.model_copy(update={"model": model}))
 
 
 def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
@@ -69,8 +71,8 @@ def run_demo(settings: MedvlmSettings) -> tuple[ResolvedModel, DraftResult]:
 def demo_settings(settings: MedvlmSettings, *, use_servers: bool) -> MedvlmSettings:
     """The demo's settings: the dev servers (or folders under HOME/demo), a demo ledger, and
     the model served in-process."""
-    from medvlm.devservers import DevServers, dev_settings_from
-    from pipeline.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+    from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+    from medvlm.dev.servers import DevServers, dev_settings_from
 
     demo_home = settings.home / "demo"
     settings = with_random_weights(settings)

@@ -1,6 +1,6 @@
 """`medvlm dev ...`: start, stop and inspect the local development servers (Orthanc, FHIR R4).
 
-A thin command layer over ``medvlm.devservers.DevServers``: it loads ``MedvlmSettings()`` once,
+A thin command layer over ``medvlm.dev.servers.DevServers``: it loads ``MedvlmSettings()`` once,
 passes ``.dev`` down and prints tables. It never prints a password (only where it is stored).
 """
 
@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medvlm.devservers import DevServers, ServerStatus, dev_settings_from
+from medvlm.dev.servers import DevServers, ServerStatus, dev_settings_from
 from medvlm.errors import MedvlmError
 from medvlm.settings import MedvlmSettings
 

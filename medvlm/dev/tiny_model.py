@@ -17,13 +17,12 @@ checkpoint is written into a temporary sibling directory and renamed into place,
 leaves a half-written checkpoint. Importing this module is cheap: torch, transformers and
 tokenizers are imported only when a checkpoint is built.
 
-``weights_sha256`` hashes the weights of any checkpoint directory, real or tiny; it is the model's
-weights hash recorded with every draft (FHIR ``Device.version``/identifier of the model).
+Its marker file and the weights hash are production code (``serving.model_source``): a served
+model is recognised as this random-weight one by the marker, whatever its path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from medvlm.errors import ConfigurationError
+from medvlm.settings import MedvlmSettings
+from serving.model_source import MARKER_FILE, read_marker, weights_sha256
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin, TokenizersBackend
@@ -44,6 +45,7 @@ __all__ = [
     "build_tiny_checkpoint",
     "read_marker",
     "weights_sha256",
+    "with_tiny_checkpoint",
 ]
 
 Architecture = Literal["qwen2_vl", "gemma3"]
@@ -51,9 +53,6 @@ Architecture = Literal["qwen2_vl", "gemma3"]
 # Bump when anything that changes the built files changes (sizes, corpus, tokenizer, templates):
 # an existing checkpoint with another version is rebuilt instead of reused.
 BUILDER_VERSION: Final = 1
-MARKER_FILE: Final = "medvlm_tiny.json"
-
-_HASH_CHUNK: Final = 1 << 20
 
 # Text sizes. vLLM's CPU attention accepts only some head sizes (16 fails, 64 works), so the text
 # model keeps head_dim 64 with 2 query heads and 1 KV head (grouped-query, like the real models).
@@ -258,32 +257,6 @@ _REQUIRED_FILES: Final = (
     "preprocessor_config.json",
     "chat_template.jinja",
 )
-
-
-def weights_sha256(checkpoint_dir: Path) -> str:
-    """SHA-256 over the bytes of the ``*.safetensors`` files of a checkpoint, in sorted name order.
-
-    Works for any Hugging Face checkpoint directory, sharded or not. For a single-file checkpoint
-    it equals ``sha256sum model.safetensors`` (and the hub's LFS object id of that file).
-    """
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
-    if not files:
-        raise ConfigurationError(f"no *.safetensors weights in model directory {checkpoint_dir}")
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as stream:
-            while chunk := stream.read(_HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_marker(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """The ``medvlm_tiny.json`` marker of a tiny checkpoint, or None for any other directory."""
-    try:
-        marker = json.loads((checkpoint_dir / MARKER_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-    return marker if isinstance(marker, dict) else None
 
 
 def build_tiny_checkpoint(
@@ -692,3 +665,19 @@ def _restore_released_siglip_names(weights_file: Path) -> None:
         for k, tensor in tensors.items()
     }
     save_file(renamed, weights_file, metadata={"format": "pt"})
+
+
+def with_tiny_checkpoint(settings: MedvlmSettings) -> MedvlmSettings:
+    """``settings`` naming the tiny checkpoint (built under MEDVLM_HOME if needed) as the model
+    source, when no source is set and random weights are allowed; otherwise unchanged (and
+    ``serving.model_source.resolve_model`` then refuses a missing source)."""
+    model = settings.model
+    if model.source is not None or not model.allow_random_weights:
+        return settings
+    path = build_tiny_checkpoint(
+        settings.models_dir / f"tiny-{model.tiny_architecture}",
+        architecture=model.tiny_architecture,
+        seed=0,
+    )
+    tiny = model.model_copy(update={"source": str(path)})
+    return settings.model_copy(update={"model": tiny})
