@@ -355,23 +355,3 @@ def build_prompt_context(
         prior_impression=impression[0] if impression else None,
     )
     return PromptContext(context=context, sources=tuple(dict.fromkeys(sources)))
-
-
-def study_context(
-    *,
-    modality: str,
-    body_part: str | None,
-    study_description: str | None,
-    service_request: ServiceRequest | None,
-    conditions: Sequence[Condition],
-    prior_reports: Sequence[DiagnosticReport],
-) -> StudyContext:
-    """The ``StudyContext`` alone; see ``build_prompt_context`` for the sources too."""
-    return build_prompt_context(
-        modality=modality,
-        body_part=body_part,
-        study_description=study_description,
-        service_request=service_request,
-        conditions=conditions,
-        prior_reports=prior_reports,
-    ).context

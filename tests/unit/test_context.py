@@ -15,7 +15,6 @@ from pipeline.context import (
     build_prompt_context,
     eligible_priors,
     is_radiology_report,
-    study_context,
 )
 from pipeline.dicom_time import study_instant
 from pipeline.prompts import ModelInput, build_messages
@@ -52,28 +51,28 @@ PRIORS = [
 
 
 def test_context_takes_reason_conditions_and_latest_prior_impression() -> None:
-    context = study_context(
+    context = build_prompt_context(
         modality="CR",
         body_part="CHEST",
         study_description="XR CHEST PA",
         service_request=ORDER,
         conditions=CONDITIONS,
         prior_reports=PRIORS,
-    )
+    ).context
     assert context.indication == "Cough"
     assert context.conditions == ("Asthma", "J44.9")
     assert context.prior_impression == "No acute cardiopulmonary process."
 
 
 def test_missing_ehr_context_still_gives_a_usable_prompt() -> None:
-    context = study_context(
+    context = build_prompt_context(
         modality="US",
         body_part=None,
         study_description=None,
         service_request=None,
         conditions=[],
         prior_reports=[],
-    )
+    ).context
     text = build_messages(ModelInput(reference="s", images_png=(b"x",), context=context))[1][
         "content"
     ][-1]["text"]
@@ -81,14 +80,14 @@ def test_missing_ehr_context_still_gives_a_usable_prompt() -> None:
 
 
 def test_patient_names_in_references_never_reach_the_prompt() -> None:
-    context = study_context(
+    context = build_prompt_context(
         modality="CR",
         body_part=None,
         study_description=None,
         service_request=ORDER,
         conditions=CONDITIONS,
         prior_reports=PRIORS,
-    )
+    ).context
     messages = build_messages(ModelInput(reference="s", images_png=(b"x",), context=context))
     assert "Jane" not in str(messages) and "syn-1" not in str(messages)
 
@@ -460,15 +459,3 @@ def test_sources_follow_order_conditions_prior_and_skip_resources_without_id() -
     assert built.context.conditions == ("Migraine", "Hypertension")
     assert built.sources == ("ServiceRequest/1", "Condition/7", "DiagnosticReport/9")
     assert not any(source.startswith("Patient/") for source in built.sources)
-
-
-def test_study_context_is_the_context_of_build_prompt_context() -> None:
-    arguments: dict[str, Any] = {
-        "modality": "CR",
-        "body_part": "CHEST",
-        "study_description": "XR CHEST PA",
-        "service_request": ORDER,
-        "conditions": CONDITIONS,
-        "prior_reports": PRIORS,
-    }
-    assert study_context(**arguments) == build_prompt_context(**arguments).context

@@ -407,26 +407,30 @@ def test_a_study_with_nothing_reportable_is_skipped_before_any_pixel_is_decoded(
     assert world.run(drafter).attempted == 0  # skipped is final: never retried
 
 
-def _signed_report(case: Case) -> list[dict[str, Any]]:
-    return [
-        {
-            "resourceType": "DiagnosticReport",
-            "identifier": [{"system": "urn:test:signed", "value": f"{case.accession}-signed"}],
-            "status": "final",
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "LP29684-5"}]}],
-            "code": {"text": "signed"},
-            "subject": {"reference": "Patient/unknown"},
-            "basedOn": [{"identifier": {"system": ACCESSION_SYSTEM, "value": case.accession}}],
-            "effectiveDateTime": "2026-11-02T12:00:00+01:00",
-            "conclusion": "THE RADIOLOGIST'S SIGNED ANSWER.",
-        }
-    ]
+def _radiology_report(case: Case, key: str, when: str, conclusion: str) -> dict[str, Any]:
+    """A signed radiology report of the case's patient (subject fixed by the tests as needed)."""
+    return {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": f"urn:test:{key}", "value": f"{case.accession}-{key}"}],
+        "status": "final",
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "LP29684-5"}]}],
+        "code": {"text": key},
+        "subject": {"reference": "Patient/unknown"},
+        "effectiveDateTime": when,
+        "conclusion": conclusion,
+    }
+
+
+def _signed_report(case: Case) -> dict[str, Any]:
+    return _radiology_report(
+        case, "signed", "2026-11-02T12:00:00+01:00", "THE RADIOLOGIST'S SIGNED ANSWER."
+    )
 
 
 def test_a_study_whose_order_is_already_signed_gets_no_draft(world: World) -> None:
     case = world.add()
     order = json.loads((world.root / "ehr" / "ServiceRequest.ndjson").read_text().splitlines()[0])
-    signed = _signed_report(case)[0] | {"basedOn": [{"reference": f"ServiceRequest/{order['id']}"}]}
+    signed = _signed_report(case) | {"basedOn": [{"reference": f"ServiceRequest/{order['id']}"}]}
     world.ehr.conditional_create(resource_model(signed), identifier_of(signed))
     drafter = ScriptedDrafter()
     world.run(drafter)
@@ -443,7 +447,7 @@ def test_an_order_signed_between_drafting_and_writing_gets_no_draft(world: World
     world.run(ScriptedDrafter(), dry_run=True)
     assert world.job(case).state is JobState.DRAFTED
     order = json.loads((world.root / "ehr" / "ServiceRequest.ndjson").read_text().splitlines()[0])
-    signed = _signed_report(case)[0] | {"basedOn": [{"reference": f"ServiceRequest/{order['id']}"}]}
+    signed = _signed_report(case) | {"basedOn": [{"reference": f"ServiceRequest/{order['id']}"}]}
     world.ehr.conditional_create(resource_model(signed), identifier_of(signed))
     world.run(ScriptedDrafter())
     job = world.job(case)
@@ -510,18 +514,7 @@ def test_a_study_without_a_date_has_no_effective_time_and_is_flagged(world: Worl
 
 def test_the_prompt_shows_priors_from_before_the_study_only(world: World) -> None:
     def later_ct(case: Case) -> list[dict[str, Any]]:
-        return [
-            {
-                "resourceType": "DiagnosticReport",
-                "identifier": [{"system": "urn:test:later", "value": f"{case.accession}-later"}],
-                "status": "final",
-                "category": [{"coding": [{"system": "http://loinc.org", "code": "LP29684-5"}]}],
-                "code": {"text": "CT chest"},
-                "subject": {"reference": "Patient/x"},
-                "effectiveDateTime": "2026-12-24T09:00:00Z",
-                "conclusion": "A LATER CT FINDING.",
-            }
-        ]
+        return [_radiology_report(case, "later", "2026-12-24T09:00:00Z", "A LATER CT FINDING.")]
 
     case = world.add(extra=later_ct)
     drafter = ScriptedDrafter()
