@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ from medvlm.errors import (
     EngineUnavailableError,
     LedgerUnavailableError,
     MedvlmError,
+    one_line,
 )
 from medvlm.settings import JobSettings, host_timezone
 from pipeline.ehr_rules import created_ids
@@ -305,7 +305,6 @@ def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
 
 
 _PACKAGES = frozenset({"connectors", "flows", "medvlm", "pipeline", "serving", "tests"})
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def failure_reason(exc: BaseException, job: DraftJob, stage: JobState) -> str:
@@ -316,8 +315,7 @@ def failure_reason(exc: BaseException, job: DraftJob, stage: JobState) -> str:
     was raised are recorded; the traceback goes to the debug log.
     """
     if isinstance(exc, MedvlmError):
-        lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
-        return (lines[0] if lines else type(exc).__name__)[:500]
+        return one_line(str(exc), limit=500) or type(exc).__name__
     frames = traceback.extract_tb(exc.__traceback__)
     # The innermost frame in a file of this project's packages, else the innermost at all.
     ours = [f for f in frames if Path(f.filename).parent.name in _PACKAGES]

@@ -9,6 +9,8 @@ boundaries (only positional ``args`` are used).
 
 from __future__ import annotations
 
+import re
+
 
 class MedvlmError(Exception):
     """Root of every error raised by this project."""
@@ -32,6 +34,10 @@ class ServingError(MedvlmError):
 
 class EngineUnavailableError(ServingError):
     """The model engine is not running or not reachable."""
+
+
+class RayStartError(EngineUnavailableError):
+    """Ray could not be started locally or joined; its message names the logs and a remedy."""
 
 
 class InvalidModelOutputError(ServingError):
@@ -96,3 +102,15 @@ class EhrUnavailableError(EhrError):
 
 class LedgerUnavailableError(MedvlmError):
     """The job ledger's database cannot be read or written: the run stops, no study is blamed."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """The first non-empty line of an error message, without colour codes, at most ``limit``
+    characters: what a ledger row or a CLI error line shows (Ray's messages carry whole,
+    colour-coded tracebacks)."""
+    lines = [line.strip() for line in _ANSI.sub("", message).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from medvlm.errors import InvalidModelOutputError
+from medvlm.errors import EngineUnavailableError, InvalidModelOutputError, MedvlmError, one_line
 from medvlm.settings import MedvlmSettings, ModelSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import (
@@ -232,16 +232,44 @@ def build_app(settings: MedvlmSettings, model_source: str) -> serve.Application:
     return deployment.options(**spec.options).bind(spec)
 
 
+# serve.start() waits a fixed 60 s for its HTTP proxies (Ray 2.60, not settable); a loaded machine
+# can need more (measured: ~70-88 s on 2 busy cores). Asking again waits again on the same proxies.
+_SERVE_START_ATTEMPTS = 3
+
+
 def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any]:
-    """Start Serve's HTTP proxy on the configured host/port and run the application."""
+    """Start Serve's HTTP proxy on the configured host/port and run the application.
+
+    A Serve that does not come up is one ``EngineUnavailableError`` with a hint, not Ray's
+    traceback.
+    """
     serving = settings.serving
-    serve.start(http_options={"host": serving.host, "port": serving.port})
-    return serve.run(
-        build_app(settings, model_source),
-        name=serving.app_name,
-        route_prefix=serving.route_prefix,
-        blocking=False,
-    )
+    for attempt in range(1, _SERVE_START_ATTEMPTS + 1):
+        try:
+            serve.start(http_options={"host": serving.host, "port": serving.port})
+            break
+        except Exception as exc:  # Ray Serve raises TimeoutError, RayServeException, RayError
+            if attempt == _SERVE_START_ATTEMPTS:
+                raise EngineUnavailableError(
+                    f"Ray Serve did not start its HTTP proxy on {serving.host}:{serving.port} "
+                    f"({attempt} attempts): {type(exc).__name__}: {one_line(str(exc))}; hint: is "
+                    "the port free, and the machine not overloaded? (MEDVLM_SERVING__PORT)"
+                ) from exc
+            log.warning("Serve's HTTP proxy not ready yet (%s); waiting again", type(exc).__name__)
+    try:
+        return serve.run(
+            build_app(settings, model_source),
+            name=serving.app_name,
+            route_prefix=serving.route_prefix,
+            blocking=False,
+        )
+    except MedvlmError:
+        raise
+    except Exception as exc:  # a replica failing in its constructor surfaces here
+        raise EngineUnavailableError(
+            f"the model service did not start: {type(exc).__name__}: {one_line(str(exc))}; "
+            "hint: the replica's log under the Ray session's logs/serve says why"
+        ) from exc
 
 
 def with_kv_cache(settings: MedvlmSettings, model_source: str) -> MedvlmSettings:
