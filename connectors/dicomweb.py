@@ -31,12 +31,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import Retrying
 
 from connectors.pacs import (
     ChangeFeed,
@@ -56,7 +51,8 @@ from medvlm.errors import (
     PacsUnauthorizedError,
     PacsUnavailableError,
 )
-from medvlm.settings import PacsSettings
+from medvlm.http_edge import retry_policy
+from medvlm.settings import HttpEdgeSettings, PacsSettings
 from pipeline.imaging import study_reference
 
 T = TypeVar("T")
@@ -106,18 +102,12 @@ def is_transient(exc: BaseException) -> bool:
 class HttpEdge:
     """Retries and exception translation for every HTTP call to the PACS, in one place."""
 
-    def __init__(self, attempts: int, max_wait_s: float) -> None:
-        self._attempts = attempts
-        self._max_wait_s = max_wait_s
+    def __init__(self, settings: HttpEdgeSettings) -> None:
+        self._settings = settings
 
     def call(self, fn: Callable[[], T], *, study_uid: str | None, what: str) -> T:
         """Run ``fn`` with retries; library errors come out as ``PacsError`` subclasses."""
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential(multiplier=0.2, max=self._max_wait_s),
-            reraise=True,
-        )
+        retrying = Retrying(**retry_policy(self._settings, retry_on=is_transient))
         try:
             return retrying(fn)
         except (requests.RequestException, *_PARSE_ERRORS) as exc:
@@ -205,7 +195,7 @@ class DicomWebSource:
         self._media_types = (("application/dicom", transfer_syntax),)
         self._client_side_modalities = filter_modalities_client_side
         self._lookback_days = lookback_days
-        self._edge = edge or HttpEdge(attempts=3, max_wait_s=5.0)
+        self._edge = edge or HttpEdge(HttpEdgeSettings(retry_attempts=3, retry_max_backoff_s=5.0))
         self._change_feed = change_feed
         self._session = session
 
@@ -228,7 +218,7 @@ class DicomWebSource:
             session=http,
             timeout=(settings.connect_timeout_s, settings.read_timeout_s),
         )
-        edge = HttpEdge(settings.retry_attempts, settings.retry_max_wait_s)
+        edge = HttpEdge(settings)
         return cls(
             client,
             page_size=settings.page_size,

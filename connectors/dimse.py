@@ -72,7 +72,8 @@ from medvlm.errors import (
     PacsUnauthorizedError,
     PacsUnavailableError,
 )
-from medvlm.settings import PacsSettings
+from medvlm.http_edge import backoff_s
+from medvlm.settings import HttpEdgeSettings, PacsSettings
 from pipeline.imaging import study_reference
 
 # SOP classes used as SCU (PS3.4 Annex C.6.2, A.4); pynetdicom's sop_class module builds these
@@ -196,9 +197,12 @@ def _decoded(event: Any) -> Dataset:
 class DimseClient:
     """SCU towards one PACS. One association per operation; timeouts from the endpoint."""
 
-    def __init__(self, endpoint: DimseEndpoint, *, attempts: int = 3) -> None:
+    def __init__(self, endpoint: DimseEndpoint, *, retries: HttpEdgeSettings | None = None) -> None:
         self.endpoint = endpoint
-        self._attempts = attempts
+        # Association attempts and their backoff: the PACS's retry policy (HttpEdgeSettings).
+        self._retries = retries or HttpEdgeSettings(
+            retry_attempts=3, retry_initial_backoff_s=0.2, retry_max_backoff_s=5.0
+        )
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.endpoint.calling_aet)
@@ -225,7 +229,8 @@ class DimseClient:
                 roles.append(build_role(sop, scp_role=True))
         ep = self.endpoint
         assoc: Association | None = None
-        for attempt in range(self._attempts):
+        attempts = self._retries.retry_attempts
+        for attempt in range(1, attempts + 1):
             assoc = ae.associate(
                 ep.host,
                 ep.port,
@@ -235,7 +240,8 @@ class DimseClient:
             )
             if assoc.is_established or assoc.is_rejected:
                 break
-            time.sleep(min(0.2 * 2**attempt, 5.0))  # back off before the next attempt
+            if attempt < attempts:
+                time.sleep(backoff_s(self._retries, attempt))
         assert assoc is not None
         if assoc.is_rejected:
             raise PacsUnauthorizedError(
@@ -243,7 +249,7 @@ class DimseClient:
             )
         if not assoc.is_established:
             raise PacsUnavailableError(
-                f"pacs: no association with {ep.host}:{ep.port} after {self._attempts} attempts"
+                f"pacs: no association with {ep.host}:{ep.port} after {attempts} attempts"
             )
         try:
             yield assoc
@@ -440,7 +446,7 @@ class DimseSource:
                 timeout_s=settings.dimse_timeout_s,
             )
         return cls(
-            DimseClient(endpoint, attempts=settings.retry_attempts),
+            DimseClient(endpoint, retries=settings),
             retrieve=settings.dimse_retrieve,
             scp=scp,
             lookback_days=settings.qido_watermark_lookback_days,

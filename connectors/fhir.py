@@ -19,7 +19,6 @@ import email.utils
 import json
 import logging
 import re
-import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -37,9 +36,6 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from connectors.ehr import (
@@ -61,6 +57,7 @@ from medvlm.errors import (
     EhrUnauthorizedError,
     EhrUnavailableError,
 )
+from medvlm.http_edge import backoff, httpx_timeout, retry_policy, tls_verify
 from medvlm.settings import EhrSettings
 from pipeline.ehr_rules import is_active, local_id, signed_report_of
 
@@ -77,22 +74,10 @@ __all__ = ["FHIR_JSON", "FhirEhr", "build_http_client", "error_for_status"]
 
 def build_http_client(settings: EhrSettings) -> httpx.Client:
     """The one pooled client for the EHR: finite timeouts, TLS verified, auth from settings."""
-    verify: ssl.SSLContext | bool
-    if not settings.verify_tls:
-        verify = False
-    elif settings.ca_bundle is not None:
-        verify = ssl.create_default_context(cafile=str(settings.ca_bundle))
-    else:
-        verify = True
     return httpx.Client(
-        timeout=httpx.Timeout(
-            connect=settings.connect_timeout_s,
-            read=settings.read_timeout_s,
-            write=settings.write_timeout_s,
-            pool=settings.pool_timeout_s,
-        ),
+        timeout=httpx_timeout(settings),
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-        verify=verify,
+        verify=tls_verify(settings),
         auth=build_auth(settings),
         headers={"Accept": FHIR_JSON, "User-Agent": "medvlm-pipeline"},
         follow_redirects=False,
@@ -238,12 +223,7 @@ class FhirEhr:
             after = _retry_after_s(exc.response)
             if after is not None:
                 return min(after, s.retry_max_backoff_s)
-        backoff = wait_exponential_jitter(
-            initial=s.retry_initial_backoff_s,
-            max=s.retry_max_backoff_s,
-            jitter=s.retry_initial_backoff_s,
-        )
-        return float(backoff(state))
+        return float(backoff(s)(state))
 
     def _log_retry(self, ref: str, method: str) -> Any:
         def before_sleep(state: RetryCallState) -> None:
@@ -285,14 +265,15 @@ class FhirEhr:
             content = json.dumps(body, separators=(",", ":")).encode()
             send_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
         retrying = Retrying(
-            stop=stop_after_attempt(attempts),
-            wait=self._wait,
-            # EhrUnavailableError: a SMART token endpoint answering 429/5xx inside the auth flow.
-            retry=retry_if_exception_type(
-                (_RetryableStatus, httpx.TransportError, EhrUnavailableError)
-            ),
-            before_sleep=self._log_retry(ref, method),
-            reraise=True,
+            **retry_policy(
+                self._settings,
+                # EhrUnavailableError: a SMART token endpoint answering 429/5xx in the auth flow.
+                retry_on=lambda exc: isinstance(
+                    exc, _RetryableStatus | httpx.TransportError | EhrUnavailableError
+                ),
+                wait=self._wait,
+                before_sleep=self._log_retry(ref, method),
+            )
         )
         try:
             for attempt in retrying:

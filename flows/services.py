@@ -89,7 +89,7 @@ def open_services(
         elif job.model_url is None:
             raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
         elif job.model_endpoint == "http":
-            drafter = HttpDrafter(None, job.model_url, api_key=api_key)
+            drafter = HttpDrafter(None, job.model_url, api_key=api_key, edge=job.model_client)
         else:
             drafter = OpenAIChatDrafter(
                 None,
@@ -97,6 +97,7 @@ def open_services(
                 settings.model.served_name,
                 max_tokens=settings.model.max_tokens,
                 api_key=api_key,
+                edge=job.model_client,
             )
         source = build_image_source(settings.pacs)
         stack.callback(source.close)

@@ -269,7 +269,53 @@ class DevServerSettings(BaseModel):
     )
 
 
-class PacsSettings(BaseModel):
+class HttpEdgeSettings(BaseModel):
+    """TLS, timeouts and the retry policy of one peer called over the network.
+
+    Shared by the PACS, the EHR and the model service (``job.model_client``): the same names,
+    the same meaning, one retry helper (``medvlm.http_edge``). Retries happen on connection
+    errors, timeouts and 429/502/503/504 only.
+    """
+
+    verify_tls: bool = Field(
+        default=True, description="Verify the peer's TLS certificate. Leave on outside loopback."
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM CA bundle of the hospital's own CA. Unset: system CAs."
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds to open a (TLS) connection."
+    )
+    read_timeout_s: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for data between bytes of an answer."
+    )
+    write_timeout_s: float = Field(default=30.0, gt=0, description="Seconds to send a request.")
+    pool_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds to wait for a free pooled connection."
+    )
+    retry_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Attempts per request on connection errors, timeouts and 429/502/503/504.",
+    )
+    retry_initial_backoff_s: float = Field(
+        default=0.5, ge=0, description="First backoff; doubles per attempt, plus jitter."
+    )
+    retry_max_backoff_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="Upper bound of one backoff, also of an honoured Retry-After.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ca_bundle(self) -> HttpEdgeSettings:
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
+        return self
+
+
+class PacsSettings(HttpEdgeSettings):
     """The image source: a DICOM folder (default), a DICOMweb PACS, or a DIMSE PACS.
 
     Owned by connectors/ (see connectors/pacs.py); extend here, one description per field.
@@ -296,26 +342,12 @@ class PacsSettings(BaseModel):
         default=None,
         description="File holding the bearer token, re-read for every new client (rotation).",
     )
-    verify_tls: bool = Field(
-        default=True, description="Verify the PACS TLS certificate. Leave on outside loopback."
-    )
-    ca_bundle: Path | None = Field(
-        default=None, description="CA bundle (PEM) to verify the PACS certificate with."
-    )
-    connect_timeout_s: float = Field(
-        default=10.0, gt=0, description="Seconds to open a connection to the PACS."
-    )
+    # TLS, timeouts and retries: HttpEdgeSettings (a DICOMweb answer can be a large multipart).
     read_timeout_s: float = Field(
         default=120.0, gt=0, description="Seconds to wait for data between bytes of an answer."
     )
-    retry_attempts: int = Field(
-        default=4,
-        ge=1,
-        le=20,
-        description="Attempts per request on connection errors and 429/502/503/504.",
-    )
-    retry_max_wait_s: float = Field(
-        default=10.0, gt=0, description="Longest back-off between two attempts (exponential)."
+    retry_max_backoff_s: float = Field(
+        default=10.0, ge=0, description="Upper bound of one backoff between two attempts."
     )
     page_size: int = Field(
         default=100, ge=1, le=10000, description="QIDO results per page (limit/offset)."
@@ -404,8 +436,6 @@ class PacsSettings(BaseModel):
             raise ValueError("pacs.auth 'basic' needs pacs.username and pacs.password")
         if self.auth == "bearer" and self.token is None and self.token_file is None:
             raise ValueError("pacs.auth 'bearer' needs pacs.token or pacs.token_file")
-        if self.ca_bundle is not None and not self.ca_bundle.is_file():
-            raise ValueError(f"pacs.ca_bundle {self.ca_bundle} is not a file")
         if self.timezone is not None:
             try:
                 ZoneInfo(self.timezone)
@@ -414,7 +444,7 @@ class PacsSettings(BaseModel):
         return self
 
 
-class EhrSettings(BaseModel):
+class EhrSettings(HttpEdgeSettings):
     """The EHR: an NDJSON/Bundle folder (default) or a FHIR R4 REST server.
 
     Owned by connectors/ (see connectors/fhir.py); extend here, one description per field.
@@ -473,32 +503,9 @@ class EhrSettings(BaseModel):
             "OAuth2 token endpoint. Unset: discovered from BASE/.well-known/smart-configuration."
         ),
     )
+    # TLS, timeouts and retries: HttpEdgeSettings.
     connect_timeout_s: float = Field(default=5.0, gt=0, description="TCP/TLS connect timeout.")
     read_timeout_s: float = Field(default=30.0, gt=0, description="Timeout waiting for a response.")
-    write_timeout_s: float = Field(default=30.0, gt=0, description="Timeout sending a request.")
-    pool_timeout_s: float = Field(
-        default=10.0, gt=0, description="Timeout waiting for a free pooled connection."
-    )
-    retry_attempts: int = Field(
-        default=4,
-        ge=1,
-        le=20,
-        description="Attempts per request on 429/502/503/504 and connection errors.",
-    )
-    retry_initial_backoff_s: float = Field(
-        default=0.5, ge=0, description="First backoff; doubles per attempt, plus jitter."
-    )
-    retry_max_backoff_s: float = Field(
-        default=20.0,
-        ge=0,
-        description="Upper bound of one backoff, also of an honoured Retry-After.",
-    )
-    verify_tls: bool = Field(
-        default=True, description="Verify the server's TLS certificate. Leave on outside tests."
-    )
-    ca_bundle: Path | None = Field(
-        default=None, description="PEM CA bundle for the hospital's own CA. Unset: system CAs."
-    )
     patient_identifier_system: str | None = Field(
         default=None,
         description="Identifier system of the MRN that DICOM PatientID carries; used to find "
@@ -541,8 +548,6 @@ class EhrSettings(BaseModel):
                 "ehr.auth 'smart' needs ehr.smart_client_id, ehr.smart_private_key_file and "
                 "ehr.smart_key_id"
             )
-        if self.ca_bundle is not None and not self.ca_bundle.is_file():
-            raise ValueError(f"ehr.ca_bundle {self.ca_bundle} is not a file")
         return self
 
 
@@ -584,6 +589,13 @@ class JobSettings(BaseModel):
     model_url: str | None = Field(
         default=None,
         description="Base URL for `http` (Serve root) or `openai` (…/v1) model endpoints.",
+    )
+    model_client: HttpEdgeSettings = Field(
+        default_factory=lambda: HttpEdgeSettings(read_timeout_s=300.0),
+        description=(
+            "TLS, timeouts and retries of the model service for `http` and `openai` endpoints "
+            "(a draft can take minutes on a loaded service)."
+        ),
     )
     draft_timeout_s: float = Field(
         default=600.0,

@@ -19,12 +19,7 @@ import weakref
 from typing import Any, Protocol
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying
 
 from medvlm.errors import (
     EngineUnavailableError,
@@ -32,6 +27,8 @@ from medvlm.errors import (
     MedvlmError,
     ServingError,
 )
+from medvlm.http_edge import httpx_timeout, retry_policy, tls_verify
+from medvlm.settings import HttpEdgeSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import DraftResult, report_json_schema, result_from_completion
 
@@ -95,15 +92,14 @@ class _HttpBase:
         client: httpx.AsyncClient | None = None,
         *,
         api_key: str | None = None,
-        attempts: int = 4,
-        timeout_s: float = 300.0,
+        edge: HttpEdgeSettings | None = None,
     ) -> None:
         self._given = client
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
         self._per_loop = weakref.WeakKeyDictionary()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._attempts = attempts
-        self._timeout = timeout_s
+        # TLS, timeouts and retries of the model service (job.model_client).
+        self._edge = edge or HttpEdgeSettings(read_timeout_s=300.0)
 
     def _client(self) -> httpx.AsyncClient:
         if self._given is not None:
@@ -111,7 +107,9 @@ class _HttpBase:
         loop = asyncio.get_running_loop()
         client = self._per_loop.get(loop)
         if client is None:
-            client = self._per_loop[loop] = httpx.AsyncClient()
+            client = self._per_loop[loop] = httpx.AsyncClient(
+                verify=tls_verify(self._edge), trust_env=False
+            )
         return client
 
     async def aclose(self) -> None:
@@ -125,15 +123,10 @@ class _HttpBase:
     ) -> httpx.Response:
         headers = {**self._headers, **(headers or {})}
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_retryable),
-                stop=stop_after_attempt(self._attempts),
-                wait=wait_exponential_jitter(initial=0.5, max=20),
-                reraise=True,
-            ):
+            async for attempt in AsyncRetrying(**retry_policy(self._edge, retry_on=_retryable)):
                 with attempt:
                     response = await self._client().post(
-                        url, headers=headers, timeout=self._timeout, **kwargs
+                        url, headers=headers, timeout=httpx_timeout(self._edge), **kwargs
                     )
                     response.raise_for_status()
                     return response

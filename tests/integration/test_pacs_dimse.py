@@ -22,7 +22,7 @@ from connectors.pacs import ImageSource, StudyQuery
 from medvlm.dev.servers import DevServers, OrthancInfo
 from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import PacsUnavailableError
-from medvlm.settings import PacsSettings
+from medvlm.settings import HttpEdgeSettings, PacsSettings
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,8 @@ def test_echo_returns_success_status(source: DimseSource) -> None:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreachable_pacs_raises_unavailable() -> None:
     client = DimseClient(
-        DimseEndpoint("127.0.0.1", free_port(), "NOBODY", "MEDVLM", 2.0), attempts=1
+        DimseEndpoint("127.0.0.1", free_port(), "NOBODY", "MEDVLM", 2.0),
+        retries=HttpEdgeSettings(retry_attempts=1),
     )
     with pytest.raises(PacsUnavailableError):
         client.echo()

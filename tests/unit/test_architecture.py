@@ -99,7 +99,7 @@ def test_pipeline_is_pure_domain_logic() -> None:
 
 
 def test_connectors_never_reach_up_into_flows_serving_or_the_cli() -> None:
-    allowed = ("connectors.", "pipeline.", "medvlm.errors", "medvlm.settings")
+    allowed = ("connectors.", "pipeline.", "medvlm.errors", "medvlm.settings", "medvlm.http_edge")
     assert _violations("connectors", allowed) == {}
 
 
@@ -109,7 +109,7 @@ def test_only_entry_points_choose_implementations() -> None:
 
 
 def test_serving_does_not_depend_on_flows_or_connectors() -> None:
-    allowed = ("serving.", "pipeline.", "medvlm.errors", "medvlm.settings")
+    allowed = ("serving.", "pipeline.", "medvlm.errors", "medvlm.settings", "medvlm.http_edge")
     assert _violations("serving", allowed) == {}
 
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from medvlm.errors import ServingError
+from medvlm.settings import HttpEdgeSettings, MedvlmSettings
 from pipeline.prompts import ModelInput, StudyContext
 from pipeline.report import DraftReport, DraftResult
 from serving.clients import HttpDrafter
@@ -58,7 +59,8 @@ async def _draft(statuses: list[int], seen: list[httpx.Request]) -> DraftResult:
 
     # The client is the caller's (HttpDrafter does not close a client it was given).
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        drafter = HttpDrafter(client, "http://model.test", api_key="k", attempts=3)
+        edge = HttpEdgeSettings(retry_attempts=3, retry_initial_backoff_s=0.01)
+        drafter = HttpDrafter(client, "http://model.test", api_key="k", edge=edge)
         return await drafter.draft(INPUT)
 
 
@@ -75,3 +77,39 @@ def test_a_400_is_not_retried_and_names_the_study() -> None:
     with pytest.raises(ServingError, match="study-r: model service answered 400"):
         asyncio.run(_draft([400, 200], seen))
     assert len(seen) == 1
+
+
+def test_the_model_clients_timeouts_and_retries_come_from_settings() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503, text="overloaded")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            settings = MedvlmSettings(
+                job={
+                    "model_client": {
+                        "read_timeout_s": 7,
+                        "retry_attempts": 2,
+                        "retry_initial_backoff_s": 0.01,
+                    }
+                }
+            )
+            drafter = HttpDrafter(client, "http://model.test", edge=settings.job.model_client)
+            await drafter.draft(INPUT)
+
+    with pytest.raises(ServingError, match="model service 503"):
+        asyncio.run(run())
+    assert len(seen) == 2  # retry_attempts
+    assert seen[0].extensions["timeout"]["read"] == 7
+
+
+def test_pacs_ehr_and_model_service_share_one_shape_of_network_settings() -> None:
+    settings = MedvlmSettings()
+    for edge in (settings.pacs, settings.ehr, settings.job.model_client):
+        assert isinstance(edge, HttpEdgeSettings)
+    # Each keeps the defaults its peer needs (DICOMweb answers are large, drafts are slow).
+    assert (settings.pacs.read_timeout_s, settings.ehr.read_timeout_s) == (120.0, 30.0)
+    assert settings.job.model_client.read_timeout_s == 300.0

@@ -17,7 +17,7 @@ from medvlm.errors import (
     PacsUnauthorizedError,
     PacsUnavailableError,
 )
-from medvlm.settings import MedvlmSettings, PacsSettings
+from medvlm.settings import HttpEdgeSettings, MedvlmSettings, PacsSettings
 from pipeline.imaging import study_reference
 
 pytestmark = pytest.mark.unit
@@ -92,7 +92,12 @@ def test_edge_retries_transient_failures_then_succeeds() -> None:
             raise _http_error(503)
         return "ok"
 
-    assert HttpEdge(attempts=3, max_wait_s=0.01).call(flaky, study_uid=None, what="x") == "ok"
+    assert (
+        HttpEdge(HttpEdgeSettings(retry_attempts=3, retry_initial_backoff_s=0.01)).call(
+            flaky, study_uid=None, what="x"
+        )
+        == "ok"
+    )
     assert len(calls) == 3
 
 
@@ -104,7 +109,9 @@ def test_edge_does_not_retry_client_errors_and_translates_them() -> None:
         raise _http_error(401)
 
     with pytest.raises(PacsUnauthorizedError) as info:
-        HttpEdge(attempts=5, max_wait_s=0.01).call(refused, study_uid="1.2.3", what="QIDO-RS")
+        HttpEdge(HttpEdgeSettings(retry_attempts=5, retry_initial_backoff_s=0.01)).call(
+            refused, study_uid="1.2.3", what="QIDO-RS"
+        )
     assert len(calls) == 1
     assert isinstance(info.value.__cause__, requests.HTTPError)
     assert str(info.value).startswith(study_reference("1.2.3"))

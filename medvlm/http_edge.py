@@ -1,0 +1,76 @@
+"""The one retry policy and TLS/timeout set-up of every network edge (PACS, EHR, model service).
+
+Built from ``HttpEdgeSettings``; used by connectors/dicomweb.py, connectors/dimse.py,
+connectors/fhir.py and serving/clients.py, each of which keeps only what is its own: which
+failures are worth another attempt, and how library exceptions become ``medvlm.errors``.
+Backoff is exponential with jitter (tenacity), starting at ``retry_initial_backoff_s`` and never
+longer than ``retry_max_backoff_s``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from tenacity import retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from medvlm.settings import HttpEdgeSettings
+
+__all__ = ["backoff", "backoff_s", "httpx_timeout", "retry_policy", "tls_verify"]
+
+
+def backoff(edge: HttpEdgeSettings) -> wait_base:
+    """Exponential backoff with jitter for tenacity."""
+    return wait_exponential_jitter(
+        initial=edge.retry_initial_backoff_s,
+        max=edge.retry_max_backoff_s,
+        jitter=edge.retry_initial_backoff_s,
+    )
+
+
+def backoff_s(edge: HttpEdgeSettings, attempt: int) -> float:
+    """The (jitter-free) wait after failed attempt number ``attempt`` (1, 2, …), for loops that
+    are not exceptions (a DIMSE association that was neither accepted nor rejected)."""
+    return float(min(edge.retry_initial_backoff_s * 2 ** (attempt - 1), edge.retry_max_backoff_s))
+
+
+def retry_policy(
+    edge: HttpEdgeSettings,
+    *,
+    retry_on: Callable[[BaseException], bool],
+    wait: wait_base | Callable[[Any], float] | None = None,
+    before_sleep: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: ``retry_attempts``
+    attempts while ``retry_on`` says the failure is transient, then the last one is raised."""
+    policy: dict[str, Any] = {
+        "retry": retry_if_exception(retry_on),
+        "stop": stop_after_attempt(edge.retry_attempts),
+        "wait": wait if wait is not None else backoff(edge),
+        "reraise": True,
+    }
+    if before_sleep is not None:
+        policy["before_sleep"] = before_sleep
+    return policy
+
+
+def tls_verify(edge: HttpEdgeSettings) -> ssl.SSLContext | bool:
+    """httpx ``verify``: off, the hospital's CA bundle, or the system CAs."""
+    if not edge.verify_tls:
+        return False
+    if edge.ca_bundle is not None:
+        return ssl.create_default_context(cafile=str(edge.ca_bundle))
+    return True
+
+
+def httpx_timeout(edge: HttpEdgeSettings) -> httpx.Timeout:
+    """Finite connect, read, write and pool timeouts."""
+    return httpx.Timeout(
+        connect=edge.connect_timeout_s,
+        read=edge.read_timeout_s,
+        write=edge.write_timeout_s,
+        pool=edge.pool_timeout_s,
+    )
