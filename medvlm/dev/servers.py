@@ -316,7 +316,10 @@ class DevServers:
         return out
 
     def close(self) -> None:
-        """Release the HTTP client. Running servers keep running."""
+        """Release the HTTP client and reap servers that have exited (stopped, perhaps, by
+        another ``DevServers`` of this workdir). Running servers keep running."""
+        for pid in list(self._children):
+            self._reap(pid)
         self._http.close()
 
     def __enter__(self) -> DevServers:
@@ -532,7 +535,13 @@ class DevServers:
         if not _process_alive(pid):
             return False
         argv = _cmdline(pid)
-        return self._program(name) in argv and str(self._config_path(name)) in argv
+        # This server: its program (by name: a venv or binary path may be spelt differently by
+        # other settings, and the PID file must not be dropped for a server still running) with
+        # this workdir's own config file.
+        program = Path(self._program(name)).name
+        return str(self._config_path(name)) in argv and any(
+            Path(arg).name == program for arg in argv
+        )
 
     def _reap(self, pid: int) -> None:
         child = self._children.get(pid)

@@ -234,3 +234,25 @@ def test_down_never_signals_a_pid_that_is_not_the_server(
         assert servers.down() == []
     assert not tmp_path.joinpath("orthanc.pid").exists()
     assert not tmp_path.joinpath("fhir.pid").exists()
+
+
+def test_down_stops_servers_started_with_the_program_path_spelt_differently(
+    tmp_path: Path, dev_settings_factory: SettingsFactory
+) -> None:
+    """`medvlm dev down` under other settings (a symlinked FHIR venv) must still stop the
+    servers of its workdir, never orphan them by dropping their PID files."""
+    settings = dev_settings_factory(tmp_path / "work")
+    assert settings.fhir_venv is not None
+    link = tmp_path / "venv-link"
+    link.symlink_to(settings.fhir_venv)
+    # The starting instance stays open until the end: it is the servers' parent and reaps them.
+    with DevServers(settings) as starter:
+        started = {s.name: s.pid for s in starter.up()}
+        other = settings.model_copy(update={"fhir_venv": link})
+        try:
+            with DevServers(other) as servers:
+                stopped = servers.down()
+        finally:
+            starter.down()  # a no-op when the other stopped them; else leave nothing behind
+        assert sorted(stopped) == ["fhir", "orthanc"]
+        assert all(pid is not None and _gone(pid) for pid in started.values())
