@@ -65,7 +65,7 @@ from pipeline.ledger import (
 from pipeline.prompts import ModelInput
 from pipeline.report import DraftReport, DraftResult
 from pipeline.reportable import not_reportable_reason, select_reportable
-from pipeline.study import prepare_study
+from pipeline.study import header_value, prepare_study
 from pipeline.subgroups import SUBGROUP_HEADER_KEYWORDS, subgroup_attributes
 from serving.clients import Drafter
 
@@ -126,10 +126,6 @@ class _Fetched:
     sources: tuple[str, ...]
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 def discover(services: Services, query: StudyQuery | None) -> list[StudyRef]:
     """Find studies and register one ledger row per (study, model version).
 
@@ -175,11 +171,6 @@ def _ehr_context(
     return context, [FLAG_NO_ORDER]
 
 
-def _header(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value) if value not in (None, "") else None
-
-
 def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
     """EHR context and study images for one job (blocking I/O; runs in a worker thread).
 
@@ -201,13 +192,13 @@ def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
         if services.job.skip_burned_in_annotation:
             return Skip(SKIP_BURNED_IN)
         flags.append(FLAG_BURNED_IN)
-    context, ehr_flags = _ehr_context(services, job, _header(first, "PatientID"))
+    context, ehr_flags = _ehr_context(services, job, header_value(first, "PatientID"))
     flags += ehr_flags
     # Captured before the images are decoded, so a study that fails to decode (or is skipped
     # as signed) still counts in its groups' failure (skip) rates.
     job.subgroups = subgroup_attributes(
         context.patient if context is not None else None,
-        {keyword: _header(first, keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
+        {keyword: header_value(first, keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
     )
     order = context.service_request if context is not None else None
     # Checked again right before the write; here it saves drafting (a backfill of signed

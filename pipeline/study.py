@@ -39,7 +39,8 @@ class PreparedStudy:
     flags: tuple[str, ...]
 
 
-def _header(ds: Dataset, keyword: str) -> str | None:
+def header_value(ds: Dataset, keyword: str) -> str | None:
+    """A header attribute as text, None when absent or empty."""
     value = ds.get(keyword)
     return str(value) if value not in (None, "") else None
 
@@ -76,9 +77,9 @@ def prepare_study(
         header.get("TimezoneOffsetFromUTC"),
         site_timezone,
     )
-    modality = _header(header, "Modality") or "OT"
-    body_part = _header(header, "BodyPartExamined")
-    description = _header(header, "StudyDescription")
+    modality = header_value(header, "Modality") or "OT"
+    body_part = header_value(header, "BodyPartExamined")
+    description = header_value(header, "StudyDescription")
     links: dict[str, Any] = {
         "accession_number": accession_number or study_uid,
         "study_started": started,
