@@ -178,14 +178,15 @@ class ServingSettings(BaseModel):
         ),
     )
     ray_worker_niceness: int = Field(
-        default=15,
+        default=0,
         ge=0,
         le=19,
         description=(
-            "Nice value of a local Ray's workers (Serve controller, proxy, replicas), Ray's "
-            "`worker_niceness`. Ray's 15 favours its raylet and GCS, but loses every CPU "
-            "contest: on a loaded 2-core machine serve.start() took ~70 s at 15 and ~4 s at 0 "
-            "(measured), near Serve's fixed 60 s proxy wait. 0 on a shared development machine."
+            "Nice value of a local Ray's workers (Serve controller, proxy, replicas and the vLLM "
+            "engine they start), Ray's `worker_niceness`. Ray's own default, 15, loses every CPU "
+            "contest: beside two busy processes on 2 cores serve.start() took ~70-100 s and a "
+            "replica had not loaded the tiny model after 13 minutes (measured); at 0 they run "
+            "as any other program."
         ),
     )
     startup_timeout_s: float = Field(
