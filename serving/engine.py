@@ -171,7 +171,12 @@ class VllmChatEngine:
         # vLLM 0.32's shutdown closes the client's ZMQ sockets but not its ZMQ context; pyzmq
         # then warns (ResourceWarning) whenever the context is garbage-collected, which in a
         # long-lived process can be anywhere. Destroy it here (a no-op if vLLM starts doing so).
+        # Only when no event loop is still to close the sockets (vLLM hands that to the loop
+        # that ran the engine if it is alive): destroying a context under a thread that still
+        # uses its sockets aborts the process in libzmq.
         resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
         context = getattr(resources, "ctx", None)
-        if context is not None and not context.closed:
+        task = getattr(resources, "output_queue_task", None)
+        loop = getattr(task, "_loop", None)
+        if context is not None and not context.closed and (loop is None or loop.is_closed()):
             context.destroy(linger=0)

@@ -65,6 +65,10 @@ def engine(
         finally:
             client: Any = llm.llm_engine.engine_core  # the multiprocess client
             client.shutdown()
+            # The shutdown only signals the client's output thread; destroying the ZMQ context
+            # while that thread still closes its socket aborts the process in libzmq (seen in
+            # CI: "Fatal Python error: Aborted" in process_outputs_socket). Let it finish first.
+            client.output_queue_thread.join(timeout=30)
             # vLLM 0.32's shutdown closes the client's ZMQ sockets but not its context; pyzmq
             # then warns (ResourceWarning, an error here) whenever the context is collected.
             client.ctx.destroy(linger=0)
