@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -64,7 +64,11 @@ class DraftJob(SQLModel, table=True):
     """One study drafted by one model version."""
 
     __tablename__ = "draft_job"
-    __table_args__ = (UniqueConstraint("study_uid", "model_version", name="uq_study_model"),)
+    __table_args__ = (
+        UniqueConstraint("study_uid", "model_version", name="uq_study_model"),
+        # A run's queries: counts per state (index only) and pending pages in id order.
+        Index("ix_draft_job_version_state_id", "model_version", "state", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     study_uid: str = Field(index=True, max_length=64, description="Study Instance UID.")
