@@ -3,8 +3,9 @@
 The embedded default of ``connectors.pacs.ImageSource`` (``pacs.kind = "folder"``). The index
 is built lazily from headers only (``stop_before_pixels=True``) and refreshed on every search:
 files already indexed are re-read only when their size or mtime changed, so new files dropped
-into the folder are found by ``find_studies`` and ``new_studies_since``. Pixel data is read one
-instance at a time in ``iter_instances``.
+into the folder are found by ``find_studies`` and ``new_studies_since``. ``instance_headers``
+hands out those indexed headers; pixel data is read one instance at a time in ``iter_instances``,
+and only for the instances asked for in ``retrieve_instances``.
 
 A DICOMDIR (PS3.10 §8, a file named ``DICOMDIR`` at the root, or the path of one) is followed
 through ``pydicom.fileset.FileSet``; otherwise the directory is walked recursively and files that
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,20 +204,41 @@ class DicomFolderSource:
         ]
         order = {id(e.header): e.path for e in entries}
         for header in sort_instances([e.header for e in entries]):
-            path = order[id(header)]
-            try:
-                ds = pydicom.dcmread(path)
-                for _ in ds:  # parse every element now so a broken file fails here
-                    pass
-                check_instance(ds, study_uid)
-            except (*_HEADER_ERRORS, OSError) as exc:
-                raise InvalidDicomError(
-                    f"{study_reference(study_uid)}: unreadable instance ({type(exc).__name__})"
-                ) from exc
-            yield ds
+            yield _read_instance(order[id(header)], study_uid)
+
+    def instance_headers(self, study_uid: str) -> list[Dataset]:
+        """The indexed headers (read with ``stop_before_pixels``), series then instance order."""
+        return sort_instances([e.header for e in self._study_entries(study_uid)])
+
+    def retrieve_instances(self, study_uid: str, headers: Sequence[Dataset]) -> list[Dataset]:
+        """The files of exactly ``headers`` (by SOPInstanceUID), read one at a time, in order."""
+        paths = {
+            str(e.header.get("SOPInstanceUID", "")): e.path for e in self._study_entries(study_uid)
+        }
+        wanted = [str(h.get("SOPInstanceUID", "")) for h in headers]
+        missing = sum(1 for uid in wanted if uid not in paths)
+        if missing:
+            raise PacsNotFoundError(
+                f"{study_reference(study_uid)}: {missing} instance(s) not in the DICOM folder"
+            )
+        return [_read_instance(paths[uid], study_uid) for uid in wanted]
 
     def new_studies_since(self, watermark: Watermark | None) -> tuple[list[StudyRef], Watermark]:
         floor = watermark.floor_date if watermark else None
         return advance_date_watermark(
             watermark, self.find_studies(StudyQuery(date_from=floor)), self._lookback_days
         )
+
+
+def _read_instance(path: Path, study_uid: str) -> Dataset:
+    """One full instance, every element parsed now so that a broken file fails here."""
+    try:
+        ds = pydicom.dcmread(path)
+        for _ in ds:  # parse every element now so a broken file fails here
+            pass
+        check_instance(ds, study_uid)
+    except (*_HEADER_ERRORS, OSError) as exc:
+        raise InvalidDicomError(
+            f"{study_reference(study_uid)}: unreadable instance ({type(exc).__name__})"
+        ) from exc
+    return ds

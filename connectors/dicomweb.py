@@ -13,7 +13,8 @@ frames are asked for with an explicit media type (quirk 3); stored datasets get 
 (quirk 4).
 
 What this module must not do: log URLs or query values (they may carry a patient ID), or hold a
-whole study in memory (WADO-RS responses are streamed part by part).
+whole study in memory (WADO-RS responses are streamed part by part; ``instance_headers`` fetches
+metadata only and ``retrieve_instances`` one instance per request).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from requests.adapters import HTTPAdapter
 from tenacity import Retrying
 
 from connectors.pacs import (
@@ -42,6 +44,7 @@ from connectors.pacs import (
     Watermark,
     advance_date_watermark,
     check_instance,
+    sort_instances,
 )
 from medvlm.errors import (
     ConfigurationError,
@@ -137,6 +140,10 @@ def build_session(settings: PacsSettings) -> requests.Session:
     """One pooled session with auth and TLS settings; environment variables are ignored."""
     session = requests.Session()
     session.trust_env = False  # no proxy or CA bundle from the environment: settings decide
+    # Keep-alive connections for every study fetched at once (requests keeps 10 by default).
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.max_connections)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     session.verify = str(settings.ca_bundle) if settings.ca_bundle else settings.verify_tls
     if settings.auth == "basic":
         if settings.username is None or settings.password is None:
@@ -339,6 +346,57 @@ class DicomWebSource:
             )
         yield from self._checked(stream, study_uid)
 
+    def instance_headers(self, study_uid: str) -> list[Dataset]:
+        """WADO-RS RetrieveStudyMetadata: every instance's attributes, without pixel data.
+
+        Bulk data (pixel data, and any value the server moved out as a BulkDataURI) is left out
+        and never fetched.
+        """
+        what = "WADO-RS metadata"
+        items = self._edge.call(
+            lambda: self._client.retrieve_study_metadata(study_uid),
+            study_uid=study_uid,
+            what=what,
+        )
+        headers: list[Dataset] = []
+        for item in items:
+            try:
+                headers.append(Dataset.from_json(_without_bulk_data(item), _no_bulk_data))
+            except _PARSE_ERRORS as exc:
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+        return sort_instances(headers)
+
+    def retrieve_instances(self, study_uid: str, headers: Sequence[Dataset]) -> list[Dataset]:
+        """WADO-RS RetrieveInstance for each header (one request, one instance in memory each)."""
+        what = "WADO-RS instance"
+        out: list[Dataset] = []
+        for header in headers:
+            series_uid = str(header.get("SeriesInstanceUID", ""))
+            sop_uid = str(header.get("SOPInstanceUID", ""))
+            if not series_uid or not sop_uid:
+                raise PacsNotFoundError(
+                    f"{study_reference(study_uid)}: {what}: header without series or SOP UID"
+                )
+            ds = self._edge.call(
+                partial(
+                    self._client.retrieve_instance,
+                    study_uid,
+                    series_uid,
+                    sop_uid,
+                    media_types=self._media_types,
+                ),
+                study_uid=study_uid,
+                what=what,
+            )
+            try:
+                check_instance(ds, study_uid)
+                if str(ds.SOPInstanceUID) != sop_uid:
+                    raise ValueError("the PACS returned another instance than asked for")
+            except _PARSE_ERRORS as exc:
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+            out.append(ds)
+        return out
+
     def _checked(self, stream: Iterator[Dataset], study_uid: str) -> Iterator[Dataset]:
         what = "WADO-RS"
         while True:
@@ -401,6 +459,24 @@ class DicomWebSource:
         floor = watermark.floor_date if watermark else None
         found_all = self.find_studies(StudyQuery(date_from=floor))
         return advance_date_watermark(watermark, found_all, self._lookback_days)
+
+
+_PIXEL_TAGS: Final = frozenset({"7FE00008", "7FE00009", "7FE00010"})
+
+
+def _without_bulk_data(item: dict[str, Any]) -> dict[str, Any]:
+    """A DICOM JSON dataset (PS3.18 F.2) without pixel data and top-level BulkDataURI values."""
+    return {
+        tag: value
+        for tag, value in item.items()
+        if tag.upper() not in _PIXEL_TAGS
+        and not (isinstance(value, dict) and "BulkDataURI" in value)
+    }
+
+
+def _no_bulk_data(tag: str, vr: str, uri: str) -> None:
+    """Bulk data nested in sequences is not fetched: the header keeps an empty value."""
+    return None
 
 
 def _with_preamble(ds: Dataset) -> Dataset:

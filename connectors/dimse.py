@@ -56,6 +56,7 @@ from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
 from connectors.pacs import (
+    HEADER_KEYWORDS,
     InstanceRef,
     SeriesRef,
     StudyQuery,
@@ -69,6 +70,7 @@ from medvlm.errors import (
     ConfigurationError,
     InvalidDicomError,
     PacsError,
+    PacsNotFoundError,
     PacsUnauthorizedError,
     PacsUnavailableError,
 )
@@ -408,8 +410,51 @@ def study_identifier(query: StudyQuery) -> Dataset:
     return ds
 
 
+_STUDY_LEVEL_KEYWORDS: Final = frozenset(
+    {
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientSex",
+        "PatientBirthDate",
+        "StudyDate",
+        "StudyTime",
+        "TimezoneOffsetFromUTC",
+        "AccessionNumber",
+        "StudyDescription",
+    }
+)
+_SERIES_LEVEL_KEYWORDS: Final = frozenset(
+    {
+        "Modality",
+        "SeriesNumber",
+        "BodyPartExamined",
+        "InstitutionName",
+        "Manufacturer",
+        "ManufacturerModelName",
+    }
+)
+
+
+def _present(found: Dataset, only: frozenset[str] | None = None) -> Dataset:
+    """A C-FIND answer without its empty keys and QueryRetrieveLevel (optionally ``only``)."""
+    out = Dataset()
+    for element in found:
+        keyword = element.keyword
+        if keyword in ("QueryRetrieveLevel", "") or (only is not None and keyword not in only):
+            continue
+        if element.VR != "SQ" and element.value in (None, "", b"", []):
+            continue
+        out[element.tag] = element
+    return out
+
+
+def _sop_instance_in(uids: frozenset[str]) -> Callable[[Dataset], bool]:
+    return lambda ds: str(ds.get("SOPInstanceUID", "")) in uids
+
+
 class DimseSource:
-    """``ImageSource`` over DIMSE: C-FIND to search, C-GET or C-MOVE per series to fetch."""
+    """``ImageSource`` over DIMSE: C-FIND to search, C-GET or C-MOVE per series (or per chosen
+    instances) to fetch."""
 
     def __init__(
         self,
@@ -510,11 +555,92 @@ class DimseSource:
         for uid in series:
             yield from sort_instances(self._fetch_series(study_uid, uid))
 
+    def instance_headers(self, study_uid: str) -> list[Dataset]:
+        """C-FIND at IMAGE level, series by series, for ``HEADER_KEYWORDS``.
+
+        A key the PACS leaves empty is dropped (absent, not empty). Series and study attributes
+        a PACS does not return at IMAGE level are taken from the SERIES and STUDY level answers.
+        """
+        study = self._study_attributes(study_uid)
+        headers: list[Dataset] = []
+        for series in self._series_attributes(study_uid):
+            ident = Dataset()
+            for keyword in HEADER_KEYWORDS:
+                setattr(ident, keyword, None)
+            ident.QueryRetrieveLevel = "IMAGE"
+            ident.StudyInstanceUID = study_uid
+            ident.SeriesInstanceUID = series.SeriesInstanceUID
+            for found in self._found(self.client.find(ident), study_uid):
+                header = _present(found)
+                for inherited in (series, study):
+                    for element in inherited:
+                        if element.keyword not in header:
+                            header[element.tag] = element
+                headers.append(header)
+        return sort_instances(headers)
+
+    def _study_attributes(self, study_uid: str) -> Dataset:
+        ident = Dataset()
+        for keyword in HEADER_KEYWORDS:
+            if keyword in _STUDY_LEVEL_KEYWORDS:
+                setattr(ident, keyword, None)
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study_uid
+        found = self._found(self.client.find(ident), study_uid)
+        if not found:
+            raise PacsNotFoundError(f"{study_reference(study_uid)}: not found on the PACS")
+        return _present(found[0], only=_STUDY_LEVEL_KEYWORDS)
+
+    def _series_attributes(self, study_uid: str) -> list[Dataset]:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = study_uid
+        ident.SeriesInstanceUID = ""
+        ident.Modality = ""
+        ident.SeriesNumber = None
+        ident.BodyPartExamined = ""
+        ident.InstitutionName = ""
+        ident.Manufacturer = ""
+        ident.ManufacturerModelName = ""
+        found = self._found(self.client.find(ident), study_uid)
+        keep = frozenset({"SeriesInstanceUID", *_SERIES_LEVEL_KEYWORDS})
+        return [_present(ds, only=keep) for ds in found if ds.get("SeriesInstanceUID")]
+
+    def retrieve_instances(self, study_uid: str, headers: Sequence[Dataset]) -> list[Dataset]:
+        """C-GET (or C-MOVE) at IMAGE level, one operation per series with the list of its
+        SOP Instance UIDs (PS3.4 C.4.2.2.1, list of UID matching); returned in ``headers`` order.
+        """
+        wanted = [str(h.get("SOPInstanceUID", "")) for h in headers]
+        by_series: dict[str, list[str]] = {}
+        for header, sop_uid in zip(headers, wanted, strict=True):
+            by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(sop_uid)
+        got: dict[str, Dataset] = {}
+        for series_uid, sop_uids in by_series.items():
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "IMAGE"
+            ident.StudyInstanceUID = study_uid
+            ident.SeriesInstanceUID = series_uid
+            ident.SOPInstanceUID = sop_uids[0] if len(sop_uids) == 1 else sop_uids
+            for ds in self._fetch(ident, study_uid, _sop_instance_in(frozenset(sop_uids))):
+                got[str(ds.SOPInstanceUID)] = ds
+        missing = sum(1 for uid in wanted if uid not in got)
+        if missing:
+            raise PacsNotFoundError(
+                f"{study_reference(study_uid)}: {missing} instance(s) not returned by the PACS"
+            )
+        return [got[uid] for uid in wanted]
+
     def _fetch_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
         ident = Dataset()
         ident.QueryRetrieveLevel = "SERIES"
         ident.StudyInstanceUID = study_uid
         ident.SeriesInstanceUID = series_uid
+        return self._fetch(ident, study_uid, lambda ds: ds.get("SeriesInstanceUID") == series_uid)
+
+    def _fetch(
+        self, ident: Dataset, study_uid: str, belongs: Callable[[Dataset], bool]
+    ) -> list[Dataset]:
+        """C-GET or C-MOVE of ``ident``; with C-MOVE, what the SCP received that ``belongs``."""
         ref = study_reference(study_uid)
         if self._retrieve == "get":
             got: list[Dataset] = []
@@ -525,7 +651,7 @@ class DimseSource:
             self._scp.start()
             before = self._scp.undecodable
             result = self.client.move(ident, self._scp.ae_title)
-            got = [ds for ds in self._scp.drain() if ds.get("SeriesInstanceUID") == series_uid]
+            got = [ds for ds in self._scp.drain() if belongs(ds)]
             undecodable = self._scp.undecodable - before
         for ds in got:
             try:

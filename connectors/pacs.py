@@ -32,6 +32,40 @@ from pydicom.dataset import Dataset
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
+HEADER_KEYWORDS: tuple[str, ...] = (
+    # identity of the instance and what it is (pipeline.reportable)
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+    "BurnedInAnnotation",
+    # slice and frame choice (pipeline.imaging.choose_images)
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "NumberOfFrames",
+    # the study's context and links (pipeline.study.prepare_study, pipeline.identity)
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyDate",
+    "StudyTime",
+    "TimezoneOffsetFromUTC",
+    "AccessionNumber",
+    "StudyDescription",
+    "BodyPartExamined",
+    # fairness subgroups (pipeline.subgroups.SUBGROUP_HEADER_KEYWORDS)
+    "PatientSex",
+    "PatientBirthDate",
+    "InstitutionName",
+    "Manufacturer",
+    "ManufacturerModelName",
+)
+"""What ``ImageSource.instance_headers`` must carry for each instance (where the PACS has it)."""
+
+
 @dataclass(frozen=True)
 class StudyQuery:
     """Study-level search (PS3.4 C.6.2.1.2 Study Root; PS3.18 §10.6 QIDO-RS).
@@ -243,6 +277,24 @@ class ImageSource(Protocol):
         """Instances with pixel data, streamed (a series or an instance at a time in memory).
 
         A payload that does not parse raises ``InvalidDicomError`` naming the study reference.
+        """
+        ...
+
+    def instance_headers(self, study_uid: str) -> list[Dataset]:
+        """Every instance's header, without pixel data: at least ``HEADER_KEYWORDS`` where the
+        PACS has them (an attribute it does not return is absent, never empty).
+
+        Enough to decide what is reportable and which slices or frames the model sees
+        (``pipeline.imaging.choose_images``) before any pixel data is fetched.
+        """
+        ...
+
+    def retrieve_instances(self, study_uid: str, headers: Sequence[Dataset]) -> list[Dataset]:
+        """The full instances of exactly ``headers`` (matched by SOPInstanceUID), in that order,
+        each checked with ``check_instance``.
+
+        An instance the source does not return raises ``PacsNotFoundError``; one that does not
+        parse ``InvalidDicomError``; both name the study reference.
         """
         ...
 

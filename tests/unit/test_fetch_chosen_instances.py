@@ -1,0 +1,130 @@
+"""Only what the model sees is read: headers first, then the chosen instances (folder source).
+
+A 200-slice CT in a DICOM folder: ``instance_headers`` carries no pixel data, the reportable
+selection (burned-in check included) works on it, and ``load_model_images`` reads exactly the
+files of the chosen slices, giving the PNGs the whole-study path gave.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from connectors.dicom_folder import DicomFolderSource
+from flows.study_images import load_model_images
+from medvlm.dev.synthetic_dicom import make_study
+from medvlm.errors import PacsNotFoundError
+from pipeline.imaging import (
+    PixelBudget,
+    choose_images,
+    image_to_png,
+    study_images,
+    study_reference,
+)
+from pipeline.reportable import select_reportable
+
+pytestmark = pytest.mark.unit
+
+SLICES = 200
+
+
+@pytest.fixture(scope="module")
+def ct_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Dataset]]:
+    root = tmp_path_factory.mktemp("ct200")
+    study = make_study("CT", instances_per_series=SLICES, rows=256, columns=256, seed=5)
+    study[17].BurnedInAnnotation = "YES"
+    for i, ds in enumerate(reversed(study)):  # file order is not slice order
+        ds.save_as(root / f"f{i:04d}.dcm", enforce_file_format=True)
+    return root, study
+
+
+class _FullReads:
+    """Counts the full (pixel data) reads of pydicom.dcmread; header reads are not counted."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sop_uids: list[str] = []
+        real = pydicom.dcmread
+
+        def dcmread(path: Any, *args: Any, **kwargs: Any) -> Dataset:
+            ds = real(path, *args, **kwargs)
+            if not kwargs.get("stop_before_pixels"):
+                self.sop_uids.append(str(ds.SOPInstanceUID))
+            return ds
+
+        monkeypatch.setattr(pydicom, "dcmread", dcmread)
+
+
+def test_headers_carry_no_pixel_data_and_serve_the_reportable_selection(
+    ct_folder: tuple[Path, list[Dataset]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, study = ct_folder
+    src = DicomFolderSource(root)
+    reads = _FullReads(monkeypatch)
+    headers = src.instance_headers(str(study[0].StudyInstanceUID))
+    assert len(headers) == SLICES
+    assert not any("PixelData" in h for h in headers)
+    assert [int(h.InstanceNumber) for h in headers] == list(range(1, SLICES + 1))
+    reportable = select_reportable(headers)
+    assert len(reportable.instances) == SLICES
+    assert reportable.burned_in_annotation  # BurnedInAnnotation is read from the header
+    assert reads.sop_uids == []
+
+
+def test_only_the_chosen_slices_are_read_and_the_images_are_those_of_the_whole_study_path(
+    ct_folder: tuple[Path, list[Dataset]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, study = ct_folder
+    study_uid = str(study[0].StudyInstanceUID)
+    src = DicomFolderSource(root)
+    headers = src.instance_headers(study_uid)
+    series = {str(study[0].SeriesInstanceUID): headers}
+    chosen = [p.sop_instance_uid for p in choose_images(series, reference="s", max_images=4)]
+
+    reads = _FullReads(monkeypatch)
+    tracemalloc.start()
+    try:
+        pngs = load_model_images(
+            src, study_uid, headers, reference="s", max_images=4, max_side=1024
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reads.sop_uids == chosen
+    assert len(pngs) == 4
+    one_slice = 256 * 256 * 2
+    assert peak < SLICES * one_slice // 5  # a few slices, never the study
+
+    monkeypatch.undo()
+    whole = list(src.iter_instances(study_uid))
+    expected = study_images(
+        {str(study[0].SeriesInstanceUID): whole},
+        reference="s",
+        max_images=4,
+        budget=PixelBudget(max_side=1024),
+    )
+    assert pngs == [image_to_png(image) for image in expected]
+
+
+def test_retrieve_instances_keeps_the_order_given_and_names_the_study_on_a_missing_one(
+    ct_folder: tuple[Path, list[Dataset]],
+) -> None:
+    root, study = ct_folder
+    study_uid = str(study[0].StudyInstanceUID)
+    src = DicomFolderSource(root)
+    headers = src.instance_headers(study_uid)
+    asked = [headers[150], headers[3], headers[77]]
+    got = src.retrieve_instances(study_uid, asked)
+    assert [str(ds.SOPInstanceUID) for ds in got] == [str(h.SOPInstanceUID) for h in asked]
+    assert all("PixelData" in ds for ds in got)
+
+    ghost = Dataset()
+    ghost.SOPInstanceUID = "1.2.3.4.5"
+    ghost.SeriesInstanceUID = str(study[0].SeriesInstanceUID)
+    with pytest.raises(PacsNotFoundError, match=study_reference(study_uid)) as caught:
+        src.retrieve_instances(study_uid, [headers[0], ghost])
+    assert "SYN-" not in str(caught.value)  # no patient identifier in the message
