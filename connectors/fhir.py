@@ -76,7 +76,10 @@ def build_http_client(settings: EhrSettings) -> httpx.Client:
     """The one pooled client for the EHR: finite timeouts, TLS verified, auth from settings."""
     return httpx.Client(
         timeout=httpx_timeout(settings),
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        ),
         verify=tls_verify(settings),
         auth=build_auth(settings),
         headers={"Accept": FHIR_JSON, "User-Agent": "medvlm-pipeline"},

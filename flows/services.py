@@ -23,7 +23,7 @@ from medvlm.errors import ConfigurationError
 from medvlm.settings import MedvlmSettings
 from pipeline.fhir_resources import ModelIdentity
 from pipeline.ledger import DraftJob
-from serving.clients import Drafter, HandleDrafter, HttpDrafter, OpenAIChatDrafter
+from serving.clients import Drafter, HandleDrafter, HttpDrafter, LazyDrafter, OpenAIChatDrafter
 
 
 def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]:
@@ -48,6 +48,17 @@ def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]
         )
     name = settings.model.source or settings.model.served_name
     return ModelIdentity(name=name, version=settings.model.version), None
+
+
+def model_capacity(settings: MedvlmSettings) -> int:
+    """Requests the model service takes at once: every replica's ``max_ongoing_requests``.
+
+    Local and ``http`` endpoints are this project's Serve application, configured by the same
+    ``serving`` settings; an ``openai`` endpoint is taken as one replica of that size.
+    """
+    serving = settings.serving
+    replicas = 1 if settings.job.model_endpoint == "openai" else serving.num_replicas
+    return replicas * serving.max_ongoing_requests
 
 
 def source_name(settings: MedvlmSettings) -> str:
@@ -77,19 +88,31 @@ def open_services(
     model, local_source = model_identity(settings)
     job = settings.job
     api_key = settings.serving.api_key.get_secret_value() if settings.serving.api_key else None
+    capacity = model_capacity(settings)
+    in_flight = job.concurrency or capacity
     with ExitStack() as stack:
         drafter: Drafter
         if job.model_endpoint == "local":
-            from serving.app import start_model_service
+            from serving.app import start_model_service, with_kv_cache
             from serving.ray_runtime import shutdown_ray
 
             assert local_source is not None
-            drafter = HandleDrafter(start_model_service(settings, local_source))
-            stack.callback(shutdown_ray)
+            # Checked now (a bad KV cache size fails before anything runs); started on the
+            # first study that needs a draft, so a run with nothing to draft starts no model.
+            sized = with_kv_cache(settings, local_source)
+            lazy = LazyDrafter(lambda: HandleDrafter(start_model_service(sized, local_source)))
+            drafter = lazy
+            stack.callback(lambda: shutdown_ray() if lazy.started else None)
         elif job.model_url is None:
             raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
         elif job.model_endpoint == "http":
-            drafter = HttpDrafter(None, job.model_url, api_key=api_key, edge=job.model_client)
+            drafter = HttpDrafter(
+                None,
+                job.model_url,
+                api_key=api_key,
+                edge=job.model_client,
+                max_connections=in_flight,
+            )
         else:
             drafter = OpenAIChatDrafter(
                 None,
@@ -98,6 +121,7 @@ def open_services(
                 max_tokens=settings.model.max_tokens,
                 api_key=api_key,
                 edge=job.model_client,
+                max_connections=in_flight,
             )
         source = build_image_source(settings.pacs)
         stack.callback(source.close)
@@ -115,6 +139,7 @@ def open_services(
             accession_system=settings.ehr.accession_system,
             site_timezone=settings.pacs.site_timezone,
             source_name=source_name(settings),
+            model_capacity=capacity,
             on_progress=on_progress,
         )
 

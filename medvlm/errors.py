@@ -40,6 +40,11 @@ class RayStartError(EngineUnavailableError):
     """Ray could not be started locally or joined; its message names the logs and a remedy."""
 
 
+class ModelServiceStartError(EngineUnavailableError):
+    """The model service a run starts on first use did not come up: the run stops, no study is
+    blamed (its studies stay where they were and are taken up by the next run)."""
+
+
 class InvalidModelOutputError(ServingError):
     """The model answered with text that is not a valid report for the schema."""
 

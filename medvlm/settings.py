@@ -294,6 +294,16 @@ class HttpEdgeSettings(BaseModel):
     pool_timeout_s: float = Field(
         default=10.0, gt=0, description="Seconds to wait for a free pooled connection."
     )
+    max_connections: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description=(
+            "Keep-alive connections pooled for this peer at most (one pool per run). At least "
+            "job.fetch_concurrency + job.write_concurrency, so that no study waits for one; "
+            "the model client takes at least the run's model concurrency."
+        ),
+    )
     retry_attempts: int = Field(
         default=4,
         ge=1,
@@ -563,11 +573,36 @@ class JobSettings(BaseModel):
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Failed attempts before a study is dead-lettered."
     )
-    chunk_size: int = Field(
-        default=8, ge=1, le=500, description="Studies per Prefect task (orchestration batching)."
+    page_size: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description=(
+            "Pending jobs read from the ledger per query (keyset pages): a run holds at most "
+            "this many job rows besides the studies in flight, however large the ledger."
+        ),
     )
-    concurrency: int = Field(
-        default=4, ge=1, le=256, description="Studies in flight to the model at once."
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "Studies at the model at once. Unset: what the model service takes, "
+            "serving.num_replicas × serving.max_ongoing_requests (for `openai` endpoints "
+            "serving.max_ongoing_requests), so every replica is kept busy."
+        ),
+    )
+    fetch_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "Studies fetched and decoded at once (EHR context, PACS retrieve, image "
+            "preprocessing), overlapped with drafting so the model does not wait for I/O."
+        ),
+    )
+    write_concurrency: int = Field(
+        default=4, ge=1, le=256, description="Draft write-backs to the EHR at once."
     )
     max_image_side: int = Field(
         default=1024, ge=64, description="Longest image side sent to the model, in pixels."

@@ -14,8 +14,10 @@ Retries on overload (429/503) and connection errors live here, at the I/O edge.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
@@ -25,7 +27,9 @@ from medvlm.errors import (
     EngineUnavailableError,
     InvalidModelOutputError,
     MedvlmError,
+    ModelServiceStartError,
     ServingError,
+    one_line,
 )
 from medvlm.http_edge import httpx_timeout, retry_policy, tls_verify
 from medvlm.settings import HttpEdgeSettings
@@ -49,6 +53,50 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
     return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in _RETRY_STATUS
+
+
+class LazyDrafter:
+    """A drafter started on first use: a run with nothing to draft starts no model service.
+
+    ``start`` runs once, in a worker thread (it blocks: a local Ray and vLLM take tens of
+    seconds). If it fails, every caller gets one ``ModelServiceStartError``, which stops the
+    run instead of failing each study in turn; it is not tried again.
+    """
+
+    def __init__(self, start: Callable[[], Drafter]) -> None:
+        self._start = start
+        self._drafter: Drafter | None = None
+        self._failure: ModelServiceStartError | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._drafter is not None
+
+    def _started(self) -> Drafter:
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._drafter is None:
+                try:
+                    self._drafter = self._start()
+                except Exception as exc:
+                    why = one_line(str(exc)) or type(exc).__name__
+                    self._failure = ModelServiceStartError(
+                        f"the model service did not start: {why}"
+                    )
+                    raise self._failure from exc
+            return self._drafter
+
+    async def draft(self, model_input: ModelInput) -> DraftResult:
+        drafter = self._drafter
+        if drafter is None:
+            drafter = await asyncio.to_thread(self._started)
+        return await drafter.draft(model_input)
+
+    async def aclose(self) -> None:
+        if self._drafter is not None:
+            await self._drafter.aclose()
 
 
 class HandleDrafter:
@@ -84,8 +132,9 @@ class HandleDrafter:
 
 class _HttpBase:
     """``client`` is used when given; otherwise one pooled client per event loop is made on
-    first use (a Prefect task runs each chunk in its own loop, and an httpx.AsyncClient
-    belongs to the loop it was first used in)."""
+    first use (each run drives its studies in its own loop, and an httpx.AsyncClient belongs
+    to the loop it was first used in), with ``max_connections`` keep-alive connections at
+    least (the run's model concurrency)."""
 
     def __init__(
         self,
@@ -93,6 +142,7 @@ class _HttpBase:
         *,
         api_key: str | None = None,
         edge: HttpEdgeSettings | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self._given = client
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
@@ -100,6 +150,11 @@ class _HttpBase:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # TLS, timeouts and retries of the model service (job.model_client).
         self._edge = edge or HttpEdgeSettings(read_timeout_s=300.0)
+        # Every request the run keeps at the model needs its own connection.
+        connections = max(self._edge.max_connections, max_connections or 0)
+        self._limits = httpx.Limits(
+            max_connections=connections, max_keepalive_connections=connections
+        )
 
     def _client(self) -> httpx.AsyncClient:
         if self._given is not None:
@@ -108,7 +163,7 @@ class _HttpBase:
         client = self._per_loop.get(loop)
         if client is None:
             client = self._per_loop[loop] = httpx.AsyncClient(
-                verify=tls_verify(self._edge), trust_env=False
+                verify=tls_verify(self._edge), trust_env=False, limits=self._limits
             )
         return client
 

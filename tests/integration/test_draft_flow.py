@@ -124,7 +124,7 @@ def world(
         ehr=ehr,
         job=JobSettings(
             max_attempts=2,
-            chunk_size=2,
+            page_size=2,
             concurrency=2,
             identifier_system=f"urn:medvlm-test:{prefix}",
         ),

@@ -309,7 +309,7 @@ def test_an_unexpected_exception_fails_one_study_and_the_other_four_are_written(
     drafter = WatchingDrafter(
         HandleDrafter(serve_handle), fail_for=frozenset({study_reference(studies[2])})
     )
-    summary = site.run(drafter, chunk_size=5, concurrency=5)
+    summary = site.run(drafter, page_size=5, concurrency=5)
     assert summary.counts["written"] == 4 and summary.counts["failed"] == 1
     assert len(summary.failures) == 1  # what makes `medvlm run` exit with code 3
     failed = site.job(studies[2])

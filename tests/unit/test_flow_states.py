@@ -146,7 +146,7 @@ class World:
             job=JobSettings.model_validate(
                 {
                     "max_attempts": 2,
-                    "chunk_size": 2,
+                    "page_size": 2,
                     "concurrency": 2,
                     "identifier_system": DRAFT_SYSTEM,
                     **job,
@@ -296,7 +296,7 @@ def test_an_unexpected_exception_fails_one_study_with_its_type_and_the_run_goes_
 ) -> None:
     for _ in range(5):
         world.add()
-    summary = world.run(scripted(world, {2: "crash"}), chunk_size=5, concurrency=5)
+    summary = world.run(scripted(world, {2: "crash"}), page_size=5, concurrency=5)
     assert summary.counts["written"] == 4 and summary.counts["failed"] == 1
     job = world.job(world.cases[2])
     assert job.error_type == "KeyError" and job.attempts == 1
@@ -349,7 +349,7 @@ def test_a_failure_at_the_write_resumes_at_the_write_without_drafting_again(
 def test_a_killed_run_resumes_a_fetched_study_by_fetching_and_drafting_it(world: World) -> None:
     case = world.add()
     with pytest.raises(ProcessKilled):
-        world.run(scripted(world, {0: "killed"}), chunk_size=1, concurrency=1)
+        world.run(scripted(world, {0: "killed"}), page_size=1, concurrency=1)
     assert world.job(case).state is JobState.FETCHED
     drafter = ScriptedDrafter()
     world.run(drafter)
@@ -381,7 +381,7 @@ def test_a_failing_ledger_stops_the_run_instead_of_blaming_a_study(world: World)
             return await super().draft(model_input)
 
     with pytest.raises(LedgerUnavailableError, match="job ledger"):
-        world.run(LedgerVanishes(), chunk_size=1, concurrency=1)
+        world.run(LedgerVanishes(), page_size=1, concurrency=1)
 
 
 # -- safety: what is never drafted or never written ------------------------------------------
@@ -525,3 +525,165 @@ def test_the_prompt_shows_priors_from_before_the_study_only(world: World) -> Non
     sources = world.job(case).context_sources
     assert any(s.startswith("DiagnosticReport/") for s in sources)
     assert any(s.startswith("ServiceRequest/") for s in sources)
+
+
+# -- the pipeline: every stage bounded, stages overlapping, the model started on demand ------
+
+
+class GatedDrafter(ScriptedDrafter):
+    """Holds every draft until ``release`` studies are at the model at once (or a timeout),
+    recording how many were there together at most."""
+
+    def __init__(self, release: int) -> None:
+        super().__init__()
+        self.release = release
+        self.at_model = 0
+        self.most = 0
+        self._full: Any = None
+
+    async def draft(self, model_input: Any) -> Any:
+        import asyncio
+
+        if self._full is None:
+            self._full = asyncio.Event()
+        self.at_model += 1
+        self.most = max(self.most, self.at_model)
+        if self.at_model >= self.release:
+            self._full.set()
+        try:
+            await asyncio.wait_for(self._full.wait(), timeout=10)
+            return await super().draft(model_input)
+        finally:
+            self.at_model -= 1
+
+
+def test_the_run_keeps_the_model_service_full_but_never_over_its_capacity(world: World) -> None:
+    for _ in range(7):
+        world.add()
+    drafter = GatedDrafter(release=3)
+    services = world.services(drafter, concurrency=None)
+    services.model_capacity = 3  # e.g. 3 replicas x max_ongoing_requests 1
+    summary = run_draft_job(services, StudyQuery(date_from=STUDY_DATE, date_to=STUDY_DATE))
+    assert summary.counts["written"] == 7
+    # All three slots were used together (the gate opens only then), and never a fourth.
+    assert drafter.most == 3
+    assert summary.tally is not None and summary.tally.model_mean_in_flight > 0
+
+
+def test_an_explicit_concurrency_overrides_the_model_capacity(world: World) -> None:
+    for _ in range(4):
+        world.add()
+    drafter = GatedDrafter(release=2)
+    services = world.services(drafter, concurrency=2)
+    services.model_capacity = 64
+    run_draft_job(services, StudyQuery(date_from=STUDY_DATE, date_to=STUDY_DATE))
+    assert drafter.most == 2
+
+
+def test_studies_are_fetched_and_written_while_the_model_is_busy(world: World) -> None:
+    """The model never waits for I/O: with one slot at the model, the first draft is held
+    until the other study has been fetched, and the second draft until the first study has
+    been written."""
+    import asyncio
+    import time
+
+    first, second = world.add(), world.add()
+
+    by_ref = {first.ref: first, second.ref: second}
+
+    class Watching(ScriptedDrafter):
+        async def draft(self, model_input: Any) -> Any:
+            if not self.calls:  # the first at the model: the other study is fetched meanwhile
+                (other,) = (c for ref, c in by_ref.items() if ref != model_input.reference)
+                state = JobState.FETCHED
+            else:  # the second: the first was written meanwhile
+                other, state = by_ref[self.calls[0]], JobState.WRITTEN
+            deadline = time.monotonic() + 10
+            while world.ledger.states[other.study_uid][-1:] != [state.value]:
+                assert time.monotonic() < deadline, f"{other.ref} not {state} while drafting"
+                await asyncio.sleep(0.01)
+            return await super().draft(model_input)
+
+    summary = world.run(Watching(), concurrency=1, fetch_concurrency=2, write_concurrency=1)
+    assert summary.counts["written"] == 2
+
+
+def test_concurrent_stage_changes_share_ledger_commits(world: World) -> None:
+    for _ in range(8):
+        world.add()
+    commits: list[int] = []
+    save = world.ledger.save
+
+    def counting(jobs: Iterable[DraftJob]) -> None:
+        jobs = list(jobs)
+        commits.append(len(jobs))
+        save(jobs)
+
+    world.ledger.save = counting  # type: ignore[method-assign]
+    summary = world.run(ScriptedDrafter(), concurrency=8, fetch_concurrency=8)
+    assert summary.counts["written"] == 8
+    # 8 studies x 3 saves (fetched, drafted, written) in fewer commits than saves.
+    assert sum(commits) == 24 and len(commits) < 24
+
+
+def test_a_run_with_nothing_to_draft_starts_no_model(world: World) -> None:
+    from serving.clients import LazyDrafter
+
+    world.add()
+    world.run(ScriptedDrafter())  # everything written
+    starts: list[int] = []
+
+    def start() -> ScriptedDrafter:
+        starts.append(1)
+        return ScriptedDrafter()
+
+    summary = world.run(LazyDrafter(start))  # type: ignore[arg-type]
+    assert starts == [] and summary.attempted == 0 and summary.counts["written"] == 1
+
+
+def test_a_model_service_that_does_not_start_stops_the_run_and_blames_no_study(
+    world: World,
+) -> None:
+    from medvlm.errors import EngineUnavailableError, ModelServiceStartError
+    from serving.clients import LazyDrafter
+
+    cases = [world.add() for _ in range(3)]
+    starts: list[int] = []
+
+    def start() -> ScriptedDrafter:
+        starts.append(1)
+        raise EngineUnavailableError("Ray Serve did not start its HTTP proxy")
+
+    with pytest.raises(ModelServiceStartError, match="did not start its HTTP proxy"):
+        world.run(LazyDrafter(start), concurrency=3)  # type: ignore[arg-type]
+    assert starts == [1]  # tried once, not once per study
+    for case in cases:
+        job = world.job(case)
+        assert job.attempts == 0 and job.state in (JobState.DISCOVERED, JobState.FETCHED)
+    drafter = ScriptedDrafter()
+    assert world.run(drafter).counts["written"] == 3  # the next run takes them up
+
+
+def test_the_summary_lists_this_runs_failures_and_counts_the_whole_ledger(world: World) -> None:
+    bad, good = world.add(), world.add()
+    world.run(scripted(world, {0: "invalid-json"}), max_attempts=1)
+    assert world.job(bad).state is JobState.DEAD_LETTERED
+    later = world.add()
+    summary = world.run(ScriptedDrafter(), max_attempts=1)
+    assert summary.attempted == 1 and summary.failures == []  # the dead letter is not re-listed
+    assert summary.counts["dead_lettered"] == 1 and summary.counts["written"] == 2
+    assert world.job(later).state is JobState.WRITTEN and world.job(good).state is JobState.WRITTEN
+
+
+def test_model_capacity_is_every_replicas_max_ongoing_requests() -> None:
+    from flows.services import model_capacity
+    from medvlm.settings import MedvlmSettings
+
+    settings = MedvlmSettings.model_validate(
+        {"serving": {"num_replicas": 3, "max_ongoing_requests": 8}}
+    )
+    assert model_capacity(settings) == 24
+    openai = settings.model_copy(
+        update={"job": settings.job.model_copy(update={"model_endpoint": "openai"})}
+    )
+    assert model_capacity(openai) == 8
