@@ -262,3 +262,34 @@ def sample_cohort(
         )
         cases.append(SampleCase(name, relabelled, bundle, accession, mrn))
     return cases
+
+
+def chest_cohort(
+    chest_radiograph: Dataset,
+    count: int,
+    *,
+    prefix: str = "BENCH",
+    study_date: dt.date = DEMO_STUDY_DATE,
+) -> list[SampleCase]:
+    """``count`` chest CR studies made of the one real radiograph, each with its own patient,
+    order, condition and prior (for benchmarks: identical images, distinct studies)."""
+    if not 1 <= len(prefix) <= 6:
+        raise ValueError("prefix must have 1 to 6 characters (accession numbers are DICOM SH)")
+    date = study_date.strftime("%Y%m%d")
+    cases = []
+    for i in range(count):
+        mrn, accession = f"SYN-{prefix}-{i:06d}", f"{prefix}{i:06d}"
+        relabelled = _relabel([chest_radiograph], accession=accession, mrn=mrn, date=date)
+        bundle = ehr_bundle(
+            mrn=mrn,
+            accession=accession,
+            study_uid=str(relabelled[0].StudyInstanceUID),
+            modality="CR",
+            reason="Cough and fever for one week",
+            condition="Asthma",
+            prior_impression="No acute cardiopulmonary abnormality.",
+            sex=SEX_BY_CASE[i % len(SEX_BY_CASE)],
+            birth_date=f"{1940 + i % 60}-01-01",
+        )
+        cases.append(SampleCase(f"chest CR {i}", relabelled, bundle, accession, mrn))
+    return cases

@@ -1,0 +1,504 @@
+"""The whole flow against raw vLLM on identical requests, side by side in one run.
+
+The same N chest CR studies (the real radiograph from pydicom-data, each relabelled as its own
+patient and order: folder PACS, NDJSON EHR, SQLite ledger) go, interleaved ``--repeats`` times,
+
+  (a) raw: to a vLLM engine in this process, all N requests submitted at once (the model inputs
+      are what the pipeline's own fetch step makes of each study: same images, prompt, schema,
+      max tokens, seed);
+  (b) pipeline: through the ``draft-reports`` Prefect flow (discover, fetch, draft on the Ray
+      Serve replica, write to the EHR, ledger), a fresh ledger and EHR each time;
+
+and then (c) through the flow with a no-op drafter (orchestration alone). It prints the
+figures last, one ``name: value`` line each:
+
+  raw_studies_per_s, pipeline_studies_per_s, pipeline_vs_raw (medians of the repeats; the
+  ratio is the median of each repeat's pipeline/raw), stage_*_s_per_study (summed stage time
+  over N), model_mean_in_flight (requests at the model over the run, as the flow sees it),
+  pipeline_peak_rss_mib (this process while the flow ran), noop_studies_per_s,
+  noop_ms_per_study, rss_noop_<N>_mib for each ``--rss-sizes`` (peak RSS of a fresh process
+  running the no-op flow over N studies) and rss_growth_ratio (largest over smallest), and
+  noop_run_<rows>_rows_s (a run with nothing to do on a ledger of ``--ledger-rows`` written
+  rows, in a fresh process: discovery, the pending query and the summary).
+
+    .venv/bin/python bench/bench_pipeline.py [--studies 128] [--repeats 3]
+        [--rss-sizes 128,512] [--ledger-rows 100000]
+
+Run it in a loopback-only namespace as the tests do: ``scripts/bench.sh`` (or
+``unshare -rn sh -c 'ip link set lo up && .venv/bin/python bench/bench_pipeline.py'``).
+Method and latest figures: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STUDY_DATE = dt.date(2026, 11, 2)
+
+
+def _rss_mib() -> float:
+    """This process's resident set now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per CPU from /proc/stat."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + values[4]  # idle + iowait
+            out.append((sum(values) - idle, sum(values)))
+    return out
+
+
+@contextmanager
+def _cpu_busy() -> Iterator[list[float]]:
+    """Yields a list filled, after the block, with each CPU's busy fraction during it."""
+    before = _cpu_times()
+    result: list[float] = []
+    try:
+        yield result
+    finally:
+        after = _cpu_times()
+        result += [
+            (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+            for (b0, t0), (b1, t1) in zip(before, after, strict=True)
+        ]
+
+
+@contextmanager
+def _peak_rss() -> Iterator[list[float]]:
+    """Samples VmRSS every 20 ms while the block runs; yields a one-item list with the peak."""
+    peak = [_rss_mib()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], _rss_mib())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_mib())
+
+
+@dataclass
+class Site:
+    """A folder PACS with N studies and an NDJSON EHR template with their records."""
+
+    root: Path
+    count: int
+
+    @property
+    def dicom(self) -> Path:
+        return self.root / "dicom"
+
+    @property
+    def ehr_template(self) -> Path:
+        return self.root / "ehr-template"
+
+
+def build_site(root: Path, count: int) -> Site:
+    import pydicom
+    from fhir.resources.R4B.bundle import Bundle
+
+    from connectors.ndjson import NdjsonEhr
+    from medvlm.dev.sample_cohort import chest_cohort
+    from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
+
+    site = Site(root, count)
+    chest = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
+    ehr = NdjsonEhr(site.ehr_template)
+    for case in chest_cohort(chest, count, study_date=STUDY_DATE):
+        for ds in case.datasets:
+            path = site.dicom / case.study_uid / f"{ds.SOPInstanceUID}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+        assert case.bundle is not None
+        ehr.transaction(Bundle.model_validate(case.bundle))
+    return site
+
+
+def site_settings(settings: Any, site: Site, run_dir: Path) -> Any:
+    """Settings for one run: the site's PACS, a fresh copy of its EHR, a fresh ledger."""
+    from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(site.ehr_template, run_dir / "ehr")
+    return settings.model_copy(
+        update={
+            "pacs": settings.pacs.model_copy(update={"kind": "folder", "folder": site.dicom}),
+            "ehr": settings.ehr.model_copy(
+                update={
+                    "kind": "folder",
+                    "folder": run_dir / "ehr",
+                    "accession_system": ACCESSION_SYSTEM,
+                    "patient_identifier_system": MRN_SYSTEM,
+                }
+            ),
+            "job": settings.job.model_copy(
+                update={"ledger_url": f"sqlite:///{run_dir / 'ledger.db'}"}
+            ),
+        }
+    )
+
+
+@contextmanager
+def flow_services(settings: Any, drafter: Any, model: Any) -> Iterator[Any]:
+    """The flow's services as ``open_services`` builds them, with the given drafter."""
+    from connectors.factory import build_ehr, build_image_source
+    from connectors.ledger_store import LedgerStore, open_engine
+    from flows.draft_reports import Services
+    from flows.services import model_capacity, source_name
+
+    source = build_image_source(settings.pacs)
+    engine = open_engine(settings.job.ledger_url)
+    try:
+        yield Services(
+            source=source,
+            ehr=build_ehr(settings.ehr),
+            drafter=drafter,
+            ledger=LedgerStore(engine),
+            model=model,
+            job=settings.job,
+            max_images=settings.model.max_images_per_prompt,
+            patient_identifier_system=settings.ehr.patient_identifier_system,
+            accession_system=settings.ehr.accession_system,
+            site_timezone=settings.pacs.site_timezone,
+            source_name=source_name(settings),
+            model_capacity=model_capacity(settings),
+        )
+    finally:
+        source.close()
+        engine.dispose()
+
+
+NOOP_REPORT = {
+    "rationale": "No-op drafter: orchestration benchmark.",
+    "findings": [
+        {
+            "name": "cardiomegaly",
+            "presence": "absent",
+            "laterality": "not_applicable",
+            "location": "heart",
+            "severity": "not_applicable",
+            "detail": "Normal cardiac silhouette.",
+        }
+    ],
+    "impression": "No acute abnormality.",
+    "critical": False,
+    "recommendation": "none",
+}
+
+
+class NoopDrafter:
+    """Answers at once with one fixed valid report: what is left is orchestration."""
+
+    async def draft(self, model_input: Any) -> Any:
+        from pipeline.report import result_from_completion
+
+        return result_from_completion(
+            json.dumps(NOOP_REPORT),
+            reference=model_input.reference,
+            finish_reason="stop",
+            model="noop",
+            prompt_tokens=0,
+            completion_tokens=0,
+            latency_s=0.0,
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+def run_flow(settings: Any, drafter: Any, model: Any) -> tuple[Any, float, float]:
+    """The Prefect flow over every study of the site; (summary, seconds, peak RSS MiB)."""
+    from flows.draft_reports import draft_reports
+
+    with flow_services(settings, drafter, model) as services, _peak_rss() as peak:
+        started = time.perf_counter()
+        summary = draft_reports(services, None)
+        seconds = time.perf_counter() - started
+    return summary, seconds, peak[0]
+
+
+def model_inputs(settings: Any, model: Any) -> list[Any]:
+    """What the pipeline's fetch step makes of each study: the raw path's requests."""
+    from flows.draft_reports import Skip, discover, fetch, pending_pages
+
+    with flow_services(settings, NoopDrafter(), model) as services:
+        discover(services, None)
+        inputs = []
+        for page in pending_pages(services):
+            for job in page:
+                fetched = fetch(services, job)
+                assert not isinstance(fetched, Skip), fetched
+                inputs.append(fetched.model_input)
+    return inputs
+
+
+async def raw_vllm(engine: Any, settings: Any, inputs: list[Any]) -> float:
+    """All requests submitted at once to the engine; seconds until the last completes."""
+    from pipeline.prompts import build_messages
+    from pipeline.report import report_json_schema
+    from serving.engine import GenerationOptions
+
+    options = GenerationOptions(
+        max_tokens=settings.model.max_tokens,
+        temperature=settings.model.temperature,
+        seed=settings.model.seed,
+        json_schema=report_json_schema(),
+    )
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(
+            engine.chat(build_messages(item), options, request_id=f"raw-{i}")
+            for i, item in enumerate(inputs)
+        )
+    )
+    return time.perf_counter() - started
+
+
+class EngineThread:
+    """The raw engine on one event loop of its own for the whole benchmark (vLLM's AsyncLLM
+    binds its output handler to the loop of its first request)."""
+
+    def __init__(self, resolved_source: str, settings: Any) -> None:
+        from serving.engine import VllmChatEngine
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def make() -> Any:
+            return VllmChatEngine(resolved_source, settings.model, on_gpu=False)
+
+        self.engine = self.run(make())
+
+    def run(self, work: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+
+def rss_probe(count: int) -> None:
+    """(In a fresh process.) Peak RSS of the no-op flow over ``count`` studies."""
+    import resource
+
+    settings, model = bench_settings()
+    with tempfile.TemporaryDirectory(prefix="medvlm-bench-rss-") as tmp:
+        site = build_site(Path(tmp) / "site", count)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with _peak_rss() as peak:
+            summary, seconds, _ = run_flow(
+                site_settings(settings, site, Path(tmp) / "run"), NoopDrafter(), model
+            )
+        assert summary.counts["written"] == count, summary.counts
+    print(json.dumps({"peak_mib": peak[0], "before_mib": before, "seconds": seconds}))
+
+
+def ledger_probe(rows: int) -> None:
+    """(In a fresh process.) A run with nothing to do on a ledger of ``rows`` written rows."""
+    from sqlalchemy import insert
+
+    from connectors.ledger_store import open_engine
+    from flows.draft_reports import run_draft_job
+    from pipeline.ledger import DraftJob, JobState
+
+    settings, model = bench_settings()
+    with tempfile.TemporaryDirectory(prefix="medvlm-bench-ledger-") as tmp:
+        site = build_site(Path(tmp) / "site", 1)
+        run = site_settings(settings, site, Path(tmp) / "run")
+        engine = open_engine(run.job.ledger_url)
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        with engine.begin() as connection:
+            for start in range(0, rows, 5000):
+                connection.execute(
+                    insert(table),
+                    [
+                        {
+                            "study_uid": f"1.2.826.0.1.3680043.10.999.{i}",
+                            "study_ref": f"study-{i:08x}",
+                            "accession_number": f"L{i:08d}",
+                            "model_version": model.version,
+                            "state": JobState.WRITTEN,
+                            "attempts": 0,
+                            "flags": [],
+                            "timings": {},
+                            "links": {},
+                            "subgroups": {},
+                            "fhir_ids": {},
+                            "context_sources": [],
+                        }
+                        for i in range(start, min(rows, start + 5000))
+                    ],
+                )
+        engine.dispose()
+        with flow_services(run, NoopDrafter(), model) as services:
+            run_draft_job(services, None)  # registers the site's one study, drafts it
+            started = time.perf_counter()
+            summary = run_draft_job(services, None)  # nothing new, nothing pending
+            seconds = time.perf_counter() - started
+        assert summary.attempted == 0, summary
+        assert summary.counts["written"] == rows + 1, summary.counts
+    print(json.dumps({"seconds": seconds}))
+
+
+def bench_settings() -> tuple[Any, Any]:
+    """The tiny random-weight model's settings and identity (built once, cached on disk)."""
+    from flows.services import model_identity
+    from medvlm.dev.tiny_model import with_tiny_checkpoint
+    from medvlm.settings import MedvlmSettings
+
+    settings = MedvlmSettings()
+    settings.model.allow_random_weights = True  # the tiny model unless MEDVLM_MODEL__SOURCE is set
+    settings = with_tiny_checkpoint(settings)
+    model, _ = model_identity(settings)
+    return settings, model
+
+
+def _probe(kind: str, value: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, f"--{kind}-probe", str(value)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--studies", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-sizes", default="128,512")
+    parser.add_argument("--ledger-rows", type=int, default=100_000)
+    parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ledger-probe", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_probe:
+        rss_probe(args.rss_probe)
+        return
+    if args.ledger_probe:
+        ledger_probe(args.ledger_probe)
+        return
+
+    from serving.app import start_model_service, with_kv_cache
+    from serving.clients import HandleDrafter
+    from serving.model_source import resolve_model
+    from serving.ray_runtime import shutdown_ray
+
+    settings, model = bench_settings()
+    resolved = resolve_model(settings)
+    settings = with_kv_cache(settings, resolved.source)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="medvlm-bench-") as tmp:
+        site = build_site(Path(tmp) / "site", args.studies)
+        inputs = model_inputs(site_settings(settings, site, Path(tmp) / "inputs"), model)
+        raw = EngineThread(resolved.source, settings)
+        handle = start_model_service(settings, resolved.source)
+        drafter = HandleDrafter(handle)
+        try:
+            raw.run(raw_vllm(raw.engine, settings, inputs[:2]))  # warm-up, not counted
+            run_flow(
+                site_settings(settings, site, Path(tmp) / "warm"), NoopDrafter(), model
+            )  # Prefect's temporary API server starts here, not counted
+            raws, pipes, ratios, peaks = [], [], [], []
+            busy_raw: list[list[float]] = []
+            busy_pipe: list[list[float]] = []
+            tally = None
+            for repeat in range(args.repeats):
+                with _cpu_busy() as busy:
+                    raw_s = raw.run(raw_vllm(raw.engine, settings, inputs))
+                busy_raw.append(busy)
+                with _cpu_busy() as busy:
+                    summary, pipe_s, peak = run_flow(
+                        site_settings(settings, site, Path(tmp) / f"run{repeat}"), drafter, model
+                    )
+                busy_pipe.append(busy)
+                done = summary.attempted
+                assert done == args.studies, summary.counts
+                raws.append(args.studies / raw_s)
+                pipes.append(done / pipe_s)
+                ratios.append(raw_s / pipe_s)
+                peaks.append(peak)
+                tally = summary.tally
+                print(
+                    f"repeat {repeat + 1}: raw {raw_s:.1f} s, pipeline {pipe_s:.1f} s "
+                    f"({summary.counts}), ratio {raw_s / pipe_s:.2f}",
+                    flush=True,
+                )
+        finally:
+            raw.close()
+            shutdown_ray()
+        figures["raw_studies_per_s"] = statistics.median(raws)
+        figures["pipeline_studies_per_s"] = statistics.median(pipes)
+        figures["pipeline_vs_raw"] = statistics.median(ratios)
+        assert tally is not None
+        for stage, seconds in sorted(tally.stage_s.items()):
+            figures[f"stage_{stage.removesuffix('_s')}_s_per_study"] = seconds / args.studies
+        figures["model_mean_in_flight"] = tally.model_mean_in_flight
+        figures["pipeline_peak_rss_mib"] = max(peaks)
+        for name, samples in (("raw", busy_raw), ("pipeline", busy_pipe)):
+            for cpu in range(len(samples[0])):
+                figures[f"cpu{cpu}_busy_{name}"] = statistics.median(b[cpu] for b in samples)
+
+        noop = []
+        for repeat in range(args.repeats):
+            summary, seconds, _ = run_flow(
+                site_settings(settings, site, Path(tmp) / f"noop{repeat}"), NoopDrafter(), model
+            )
+            assert summary.attempted == args.studies, summary.counts
+            noop.append(seconds)
+        figures["noop_studies_per_s"] = args.studies / statistics.median(noop)
+        figures["noop_ms_per_study"] = 1000 * statistics.median(noop) / args.studies
+
+    sizes = [int(n) for n in args.rss_sizes.split(",") if n]
+    rss = {n: _probe("rss", n)["peak_mib"] for n in sizes}
+    for n, mib in rss.items():
+        figures[f"rss_noop_{n}_mib"] = mib
+    if len(rss) > 1:
+        figures["rss_growth_ratio"] = rss[max(sizes)] / rss[min(sizes)]
+    figures[f"noop_run_{args.ledger_rows}_rows_s"] = _probe("ledger", args.ledger_rows)["seconds"]
+
+    print(f"\nmodel {model.version}; {args.studies} studies, {args.repeats} repeats interleaved")
+    for name, value in figures.items():
+        print(f"{name}: {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
