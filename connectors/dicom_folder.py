@@ -61,6 +61,7 @@ class DicomFolderSource:
         self.root = Path(root)
         self._lookback_days = lookback_days
         self._entries: dict[Path, _Entry] = {}
+        self._by_study: dict[str, list[_Entry]] = {}
         self.skipped = 0
         """Files found that are not DICOM (at the last scan)."""
 
@@ -119,18 +120,35 @@ class DicomFolderSource:
                 skipped += 1
                 continue
             fresh[path] = _Entry(path, stamp, header)
-        self._entries = fresh
-        self.skipped = skipped
+        by_study: dict[str, list[_Entry]] = {}
+        for entry in fresh.values():
+            by_study.setdefault(str(entry.header.StudyInstanceUID), []).append(entry)
+        # Swapped whole: concurrent fetches read one index or the other, never half of one.
+        self._entries, self._by_study, self.skipped = fresh, by_study, skipped
 
     def _studies(self) -> dict[str, list[_Entry]]:
         self._scan()
-        by_study: dict[str, list[_Entry]] = {}
-        for entry in self._entries.values():
-            by_study.setdefault(str(entry.header.StudyInstanceUID), []).append(entry)
-        return by_study
+        return self._by_study
+
+    @staticmethod
+    def _unchanged(entries: list[_Entry]) -> bool:
+        for entry in entries:
+            try:
+                st = entry.path.stat()
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != entry.stamp:
+                return False
+        return True
 
     def _study_entries(self, study_uid: str) -> list[_Entry]:
-        entries = self._studies().get(study_uid)
+        """The study's indexed files; the folder is walked again only when the study is not
+        in the index or one of its files changed (a run's fetches cost a stat per instance of
+        the study, not a walk of the whole folder). Discovery always walks it."""
+        entries = self._by_study.get(study_uid)
+        if entries is None or not self._unchanged(entries):
+            self._scan()
+            entries = self._by_study.get(study_uid)
         if not entries:
             raise PacsNotFoundError(f"{study_reference(study_uid)}: not in the DICOM folder")
         return entries

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +49,10 @@ class PixelBudget:
         if scale >= 1.0:
             return image
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return image.resize(size, Image.Resampling.LANCZOS)
+        # Bicubic with Pillow's antialiasing support (the filter Qwen2-VL's own processor
+        # uses): about half the time of Lanczos on a 2k radiograph, for an input the
+        # model's processor resamples again anyway.
+        return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -171,16 +176,51 @@ def instance_to_images(
 
 
 PNG_COMPRESS_LEVEL = 1
-"""zlib level of the model's PNGs (lossless at any level). Measured on the sample chest
-radiograph (RG1_UNCR.dcm) fitted to 1024 px: level 1 encodes in ~49 ms to 446 KiB, Pillow's
-default 6 in ~260 ms to 382 KiB, level 0 in ~24 ms but stored uncompressed (965 KiB)."""
+"""zlib level of the model's PNGs (lossless at any level)."""
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOR_TYPES = {"L": 0, "RGB": 2}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+    )
 
 
 def image_to_png(image: Image.Image, *, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """Lossless PNG bytes; a fast zlib level, since the model decodes them at once."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
-    return buffer.getvalue()
+    """Lossless PNG bytes of an 8-bit ``L`` or ``RGB`` image (PNG 1.2 / ISO 15948).
+
+    Every row with the "Up" filter (the byte above subtracted, one numpy pass) and zlib at a
+    fast level, because Pillow's encoder tries every filter on every row: measured on the
+    sample chest radiograph fitted to 1024 px, ~28 ms to 432 KiB here against ~50-75 ms to
+    431 KiB through Pillow at the same zlib level (and ~260 ms at Pillow's default level 6),
+    per image of every study. Other modes go through Pillow.
+    """
+    color_type = _PNG_COLOR_TYPES.get(image.mode)
+    if color_type is None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
+        return buffer.getvalue()
+    pixels = np.asarray(image, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type Up (PNG 1.2 §6.3): Raw(x) - Prior(x), modulo 256
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), compress_level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def _slice_position(ds: Dataset) -> float:

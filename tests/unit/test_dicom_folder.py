@@ -174,3 +174,32 @@ def test_dicomdir_file_set_is_followed(tmp_path: Path) -> None:
     ct_uid = str(studies[0][0].StudyInstanceUID)
     assert len(list(src.iter_instances(ct_uid))) == 2
     assert pydicom.dcmread(tmp_path / "media" / "DICOMDIR").DirectoryRecordSequence
+
+
+def test_a_known_study_is_fetched_without_walking_the_whole_folder(
+    folder: tuple[Path, dict[str, list[Dataset]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import connectors.dicom_folder as module
+
+    root, _ = folder
+    src = DicomFolderSource(root)
+    refs = {s.accession_number: s for s in src.find_studies(StudyQuery())}  # discovery walks
+    walks: list[Path] = []
+    real_walk = os.walk
+
+    def counted(top: Path) -> object:
+        walks.append(top)
+        return real_walk(top)
+
+    monkeypatch.setattr(module.os, "walk", counted)
+    cr = refs["ACC-CR"].study_uid
+    assert len(src.instance_headers(cr)) == 1 and len(src.instance_headers(cr)) == 1
+    assert walks == []  # a stat per instance of the study, no walk of the folder
+    # A study whose file changed on disk (an instance sent again) is indexed again.
+    (path,) = root.glob("deep/cr/nested/*.dcm")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert len(src.instance_headers(cr)) == 1
+    assert walks == [root]

@@ -127,3 +127,61 @@ def test_compressed_greyscale_decodes(name: str) -> None:
 def test_empty_study_is_a_clear_error() -> None:
     with pytest.raises(ImagingError, match="study-e: study has no instances"):
         study_images({}, reference="study-e", max_images=2)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("L", (1, 1)), ("L", (7, 5)), ("L", (300, 257)), ("RGB", (9, 4, 3)), ("RGB", (64, 33, 3))],
+)
+def test_png_encoder_round_trips_every_pixel(mode: str, shape: tuple[int, ...]) -> None:
+    import io
+
+    from PIL import Image
+
+    from pipeline.imaging import image_to_png
+
+    pixels = np.random.default_rng(len(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    pixels[0, 0] = 255  # wraparound of the Up filter: 0 - 255 (mod 256)
+    data = image_to_png(Image.fromarray(pixels, mode))
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()  # checks every chunk CRC and the zlib stream
+    assert decoded.format == "PNG" and decoded.mode == mode
+    assert np.array_equal(np.asarray(decoded), pixels)
+
+
+def test_png_encoder_hands_other_modes_to_pillow() -> None:
+    import io
+
+    from PIL import Image
+
+    from pipeline.imaging import image_to_png
+
+    image = Image.new("LA", (3, 2), (10, 200))
+    decoded = Image.open(io.BytesIO(image_to_png(image)))
+    assert decoded.mode == "LA" and decoded.getpixel((2, 1)) == (10, 200)
+
+
+def _display_by_pydicom(ds: Dataset, frame: np.ndarray) -> np.ndarray:
+    """The reference: pydicom's modality and VOI LUTs in float64, stretched to 0..255."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_voi_lut(apply_modality_lut(frame, ds), ds, index=0), np.float64)
+    low, high = values.min(), values.max()
+    out = np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+
+
+def test_the_float32_linear_window_gives_pydicoms_pixels() -> None:
+    from pipeline.imaging import frame_to_image, linear_window
+
+    chest = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))  # MONOCHROME1, one window
+    ct = _mono("MONOCHROME2", (np.arange(64 * 48, dtype=np.uint16) % 4096).reshape(64, 48))
+    ct.RescaleSlope, ct.RescaleIntercept = 1, -1024
+    ct.WindowCenter, ct.WindowWidth = [40, -600], [400, 1500]  # soft tissue first, lung second
+    for ds in (chest, ct):
+        assert linear_window(ds) is not None
+        frame = ds.pixel_array
+        assert np.array_equal(np.asarray(frame_to_image(ds, frame)), _display_by_pydicom(ds, frame))
+    sigmoid = _mono("MONOCHROME2", np.arange(256, dtype=np.uint16).reshape(16, 16))
+    sigmoid.WindowCenter, sigmoid.WindowWidth, sigmoid.VOILUTFunction = 128, 64, "SIGMOID"
+    assert linear_window(sigmoid) is None  # pydicom computes the other functions
