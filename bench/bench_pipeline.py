@@ -77,6 +77,45 @@ def _cpu_times() -> list[tuple[int, int]]:
     return out
 
 
+def _process_ticks() -> dict[int, tuple[str, int]]:
+    """CPU ticks (user + system) so far of every process, with a short name."""
+    out: dict[int, tuple[str, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        words = [w.decode(errors="replace") for w in cmdline if w]
+        script = next((Path(w).name for w in words[1:3] if w.endswith(".py")), "")
+        out[int(stat.parent.name)] = (f"{name} {script}".strip(), int(fields[11]) + int(fields[12]))
+    return out
+
+
+@contextmanager
+def _cpu_by_process(label: str) -> Iterator[None]:
+    """Prints the processes that used the most CPU during the block (seconds), by name."""
+    before = _process_ticks()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        wall = time.perf_counter() - started
+        ticks = os.sysconf("SC_CLK_TCK")
+        used: dict[str, float] = {}
+        for pid, (name, total) in _process_ticks().items():
+            spent = (total - before.get(pid, (name, 0))[1]) / ticks
+            used[name] = used.get(name, 0.0) + spent
+        top = sorted(used.items(), key=lambda kv: -kv[1])[:8]
+        print(
+            f"cpu-seconds by process during {label} ({wall:.1f} s): "
+            + ", ".join(f"{name}={seconds:.1f}" for name, seconds in top if seconds > 0),
+            flush=True,
+        )
+
+
 @contextmanager
 def _cpu_busy() -> Iterator[list[float]]:
     """Yields a list filled, after the block, with each CPU's busy fraction during it."""
@@ -128,16 +167,21 @@ class Site:
         return self.root / "ehr-template"
 
 
-def build_site(root: Path, count: int) -> Site:
+def build_site(root: Path, count: int, image: str = "real") -> Site:
     import pydicom
     from fhir.resources.R4B.bundle import Bundle
 
     from connectors.ndjson import NdjsonEhr
     from medvlm.dev.sample_cohort import chest_cohort
     from medvlm.dev.sample_data import CHEST_RADIOGRAPH, sample_file
+    from medvlm.dev.synthetic_dicom import make_study
 
     site = Site(root, count)
-    chest = pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
+    chest = (
+        pydicom.dcmread(sample_file(CHEST_RADIOGRAPH))
+        if image == "real"
+        else make_study("CR", seed=11)[0]  # the demo's synthetic chest CR, 96 x 80
+    )
     ehr = NdjsonEhr(site.ehr_template)
     for case in chest_cohort(chest, count, study_date=STUDY_DATE):
         for ds in case.datasets:
@@ -267,8 +311,9 @@ def model_inputs(settings: Any, model: Any) -> list[Any]:
     return inputs
 
 
-async def raw_vllm(engine: Any, settings: Any, inputs: list[Any]) -> float:
-    """All requests submitted at once to the engine; seconds until the last completes."""
+async def raw_vllm(engine: Any, settings: Any, inputs: list[Any]) -> tuple[float, int]:
+    """All requests submitted at once to the engine; seconds until the last completes, and
+    the tokens generated."""
     from pipeline.prompts import build_messages
     from pipeline.report import report_json_schema
     from serving.engine import GenerationOptions
@@ -280,13 +325,13 @@ async def raw_vllm(engine: Any, settings: Any, inputs: list[Any]) -> float:
         json_schema=report_json_schema(),
     )
     started = time.perf_counter()
-    await asyncio.gather(
+    results = await asyncio.gather(
         *(
             engine.chat(build_messages(item), options, request_id=f"raw-{i}")
             for i, item in enumerate(inputs)
         )
     )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, sum(r.completion_tokens for r in results)
 
 
 class EngineThread:
@@ -314,13 +359,13 @@ class EngineThread:
         self._thread.join(timeout=30)
 
 
-def rss_probe(count: int) -> None:
+def rss_probe(count: int, image: str) -> None:
     """(In a fresh process.) Peak RSS of the no-op flow over ``count`` studies."""
     import resource
 
     settings, model = bench_settings()
     with tempfile.TemporaryDirectory(prefix="medvlm-bench-rss-") as tmp:
-        site = build_site(Path(tmp) / "site", count)
+        site = build_site(Path(tmp) / "site", count, image)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with _peak_rss() as peak:
             summary, seconds, _ = run_flow(
@@ -390,9 +435,9 @@ def bench_settings() -> tuple[Any, Any]:
     return settings, model
 
 
-def _probe(kind: str, value: int) -> dict[str, float]:
+def _probe(kind: str, value: int, image: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, f"--{kind}-probe", str(value)],
+        [sys.executable, __file__, f"--{kind}-probe", str(value), "--image", image],
         check=True,
         capture_output=True,
         text=True,
@@ -407,11 +452,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss-sizes", default="128,512")
     parser.add_argument("--ledger-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--image",
+        choices=("real", "synthetic"),
+        default="real",
+        help="the real 1955 x 1841 radiograph (default) or the synthetic 96 x 80 chest CR "
+        "(image preprocessing all but free: the orchestration alone)",
+    )
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:
-        rss_probe(args.rss_probe)
+        rss_probe(args.rss_probe, args.image)
         return
     if args.ledger_probe:
         ledger_probe(args.ledger_probe)
@@ -427,7 +479,7 @@ def main() -> None:
     settings = with_kv_cache(settings, resolved.source)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="medvlm-bench-") as tmp:
-        site = build_site(Path(tmp) / "site", args.studies)
+        site = build_site(Path(tmp) / "site", args.studies, args.image)
         inputs = model_inputs(site_settings(settings, site, Path(tmp) / "inputs"), model)
         raw = EngineThread(resolved.source, settings)
         handle = start_model_service(settings, resolved.source)
@@ -439,13 +491,14 @@ def main() -> None:
             )  # Prefect's temporary API server starts here, not counted
             raws, pipes, ratios, peaks = [], [], [], []
             busy_raw: list[list[float]] = []
+            token_ratios: list[float] = []
             busy_pipe: list[list[float]] = []
             tally = None
             for repeat in range(args.repeats):
-                with _cpu_busy() as busy:
-                    raw_s = raw.run(raw_vllm(raw.engine, settings, inputs))
+                with _cpu_busy() as busy, _cpu_by_process("raw"):
+                    raw_s, raw_tokens = raw.run(raw_vllm(raw.engine, settings, inputs))
                 busy_raw.append(busy)
-                with _cpu_busy() as busy:
+                with _cpu_busy() as busy, _cpu_by_process("pipeline"):
                     summary, pipe_s, peak = run_flow(
                         site_settings(settings, site, Path(tmp) / f"run{repeat}"), drafter, model
                     )
@@ -457,9 +510,13 @@ def main() -> None:
                 ratios.append(raw_s / pipe_s)
                 peaks.append(peak)
                 tally = summary.tally
+                assert summary.tally is not None
+                pipe_tokens = summary.tally.completion_tokens
+                token_ratios.append((pipe_tokens / pipe_s) / (raw_tokens / raw_s))
                 print(
-                    f"repeat {repeat + 1}: raw {raw_s:.1f} s, pipeline {pipe_s:.1f} s "
-                    f"({summary.counts}), ratio {raw_s / pipe_s:.2f}",
+                    f"repeat {repeat + 1}: raw {raw_s:.1f} s ({raw_tokens} tokens), pipeline "
+                    f"{pipe_s:.1f} s ({pipe_tokens} tokens; {summary.counts}), "
+                    f"ratio {raw_s / pipe_s:.2f}",
                     flush=True,
                 )
         finally:
@@ -468,6 +525,7 @@ def main() -> None:
         figures["raw_studies_per_s"] = statistics.median(raws)
         figures["pipeline_studies_per_s"] = statistics.median(pipes)
         figures["pipeline_vs_raw"] = statistics.median(ratios)
+        figures["pipeline_vs_raw_tokens_per_s"] = statistics.median(token_ratios)
         assert tally is not None
         for stage, seconds in sorted(tally.stage_s.items()):
             figures[f"stage_{stage.removesuffix('_s')}_s_per_study"] = seconds / args.studies
@@ -488,14 +546,19 @@ def main() -> None:
         figures["noop_ms_per_study"] = 1000 * statistics.median(noop) / args.studies
 
     sizes = [int(n) for n in args.rss_sizes.split(",") if n]
-    rss = {n: _probe("rss", n)["peak_mib"] for n in sizes}
+    rss = {n: _probe("rss", n, args.image)["peak_mib"] for n in sizes}
     for n, mib in rss.items():
         figures[f"rss_noop_{n}_mib"] = mib
     if len(rss) > 1:
         figures["rss_growth_ratio"] = rss[max(sizes)] / rss[min(sizes)]
-    figures[f"noop_run_{args.ledger_rows}_rows_s"] = _probe("ledger", args.ledger_rows)["seconds"]
+    figures[f"noop_run_{args.ledger_rows}_rows_s"] = _probe("ledger", args.ledger_rows, args.image)[
+        "seconds"
+    ]
 
-    print(f"\nmodel {model.version}; {args.studies} studies, {args.repeats} repeats interleaved")
+    print(
+        f"\nmodel {model.version}; {args.studies} studies ({args.image} chest CR), "
+        f"{args.repeats} repeats interleaved"
+    )
     for name, value in figures.items():
         print(f"{name}: {value:.3f}")
 

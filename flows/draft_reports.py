@@ -432,6 +432,7 @@ class _Stages:
         self._at_model = 0
         self._since = time.perf_counter()
         self.model_busy_s = 0.0  # ∫ requests at the model dt: / wall time = mean in flight
+        self.completion_tokens = 0
 
     def _io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -453,9 +454,11 @@ class _Stages:
         async with self._model:
             self._model_load(+1)
             try:
-                return await _timed(job, "draft_s", _draft(self.services, model_input))
+                result = await _timed(job, "draft_s", _draft(self.services, model_input))
             finally:
                 self._model_load(-1)
+            self.completion_tokens += result.completion_tokens
+            return result
 
     async def write(self, job: DraftJob) -> dict[str, Any] | Skip:
         async with self._write:
@@ -538,6 +541,7 @@ class RunTally:
     stage_s: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     model_busy_s: float = 0.0
+    completion_tokens: int = 0
 
     @property
     def model_mean_in_flight(self) -> float:
@@ -606,6 +610,7 @@ async def run_pending(
     tally.wall_s = time.perf_counter() - started
     stages._model_load(0)
     tally.model_busy_s = stages.model_busy_s
+    tally.completion_tokens = stages.completion_tokens
     return tally
 
 
