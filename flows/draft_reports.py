@@ -405,9 +405,8 @@ class _GroupCommit:
                 await loop.run_in_executor(
                     self._executor, self._ledger.save, [job for job, _ in batch]
                 )
-            except (
-                BaseException
-            ) as exc:  # handed to every waiter; LedgerUnavailableError stops the run
+            except BaseException as exc:
+                # Handed to every waiter (LedgerUnavailableError then stops the run).
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
@@ -442,6 +441,10 @@ class _Stages:
         self.model_busy_s += self._at_model * (now - self._since)
         self._at_model += change
         self._since = now
+
+    def settle(self) -> None:
+        """Bring ``model_busy_s`` up to now."""
+        self._model_load(0)
 
     async def save(self, job: DraftJob) -> None:
         await self._saves.save(job)
@@ -608,7 +611,7 @@ async def run_pending(
         finally:
             executor.shutdown(wait=True)
     tally.wall_s = time.perf_counter() - started
-    stages._model_load(0)
+    stages.settle()
     tally.model_busy_s = stages.model_busy_s
     tally.completion_tokens = stages.completion_tokens
     return tally

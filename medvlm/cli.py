@@ -155,6 +155,14 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
         console.print(f"[yellow]skipped[/yellow] {reference}: {reason}", highlight=False)
     for flag, count in sorted(summary.flags.items()):
         console.print(f"flag {flag}: {count} studies", highlight=False)
+    tally = summary.tally
+    if tally is not None and tally.attempted and tally.wall_s > 0:
+        console.print(
+            f"{tally.attempted} studies in {tally.wall_s:.1f} s "
+            f"({tally.attempted / tally.wall_s:.2f}/s), {tally.completion_tokens} tokens, "
+            f"mean requests at the model {tally.model_mean_in_flight:.1f}",
+            highlight=False,
+        )
     return summary
 
 
