@@ -247,32 +247,15 @@ def flow_services(settings: Any, drafter: Any, model: Any) -> Iterator[Any]:
         engine.dispose()
 
 
-NOOP_REPORT = {
-    "rationale": "No-op drafter: orchestration benchmark.",
-    "findings": [
-        {
-            "name": "cardiomegaly",
-            "presence": "absent",
-            "laterality": "not_applicable",
-            "location": "heart",
-            "severity": "not_applicable",
-            "detail": "Normal cardiac silhouette.",
-        }
-    ],
-    "impression": "No acute abnormality.",
-    "critical": False,
-    "recommendation": "none",
-}
-
-
 class NoopDrafter:
     """Answers at once with one fixed valid report: what is left is orchestration."""
 
     async def draft(self, model_input: Any) -> Any:
         from pipeline.report import result_from_completion
+        from tests.flow_doubles import VALID_REPORT
 
         return result_from_completion(
-            json.dumps(NOOP_REPORT),
+            json.dumps(VALID_REPORT),
             reference=model_input.reference,
             finish_reason="stop",
             model="noop",

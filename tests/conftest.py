@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +107,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def dimse_pacs_settings(orthanc: Any, dev_servers: Any, **extra: Any) -> Any:
+    """PacsSettings for the dev Orthanc over DIMSE (our storage SCP for C-MOVE), short timeouts."""
+    from medvlm.settings import PacsSettings
+
+    dev = dev_servers.settings
+    return PacsSettings.model_validate(
+        {
+            "kind": "dimse",
+            "dimse_host": orthanc.dicom_host,
+            "dimse_port": orthanc.dicom_port,
+            "called_aet": orthanc.aet,
+            "calling_aet": dev.scp_aet,
+            "scp_aet": dev.scp_aet,
+            "scp_host": "127.0.0.1",
+            "scp_port": dev.scp_port,
+            "dimse_timeout_s": 20,
+            "retry_attempts": 2,
+        }
+        | extra
+    )
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,6 @@ from flows.study_images import load_model_images
 from medvlm.dev.servers import DevServers, OrthancInfo
 from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import PacsNotFoundError
-from medvlm.settings import PacsSettings
 from pipeline.imaging import (
     PixelBudget,
     choose_images,
@@ -33,6 +32,7 @@ from pipeline.imaging import (
     study_reference,
 )
 from pipeline.reportable import select_reportable
+from tests.conftest import dimse_pacs_settings
 
 pytestmark = pytest.mark.integration
 
@@ -79,25 +79,6 @@ def recorded_dicomweb(orthanc: OrthancInfo) -> Iterator[tuple[DicomWebSource, _R
         yield src, adapter
     finally:
         session.close()
-
-
-def _dimse_settings(orthanc: OrthancInfo, dev_servers: DevServers, retrieve: str) -> PacsSettings:
-    dev = dev_servers.settings
-    return PacsSettings.model_validate(
-        {
-            "kind": "dimse",
-            "dimse_host": orthanc.dicom_host,
-            "dimse_port": orthanc.dicom_port,
-            "called_aet": orthanc.aet,
-            "calling_aet": dev.scp_aet,
-            "scp_aet": dev.scp_aet,
-            "scp_host": "127.0.0.1",
-            "scp_port": dev.scp_port,
-            "dimse_timeout_s": 20,
-            "retry_attempts": 2,
-            "dimse_retrieve": retrieve,
-        }
-    )
 
 
 def _whole_study_pngs(source: ImageSource, study_uid: str) -> list[bytes]:
@@ -200,7 +181,7 @@ def test_dimse_finds_headers_then_retrieves_only_the_chosen_instances(
     monkeypatch: pytest.MonkeyPatch,
     retrieve: str,
 ) -> None:
-    src = build_image_source(_dimse_settings(orthanc, dev_servers, retrieve))
+    src = build_image_source(dimse_pacs_settings(orthanc, dev_servers, dimse_retrieve=retrieve))
     assert isinstance(src, DimseSource)
     try:
         sent = studies["CT"]

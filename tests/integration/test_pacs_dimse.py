@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,28 +22,9 @@ from medvlm.dev.servers import DevServers, OrthancInfo
 from medvlm.dev.synthetic_dicom import make_study
 from medvlm.errors import PacsUnavailableError
 from medvlm.settings import HttpEdgeSettings, PacsSettings
-from tests.conftest import free_port
+from tests.conftest import dimse_pacs_settings, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _settings(orthanc: OrthancInfo, dev_servers: DevServers, **extra: Any) -> PacsSettings:
-    dev = dev_servers.settings
-    return PacsSettings.model_validate(
-        {
-            "kind": "dimse",
-            "dimse_host": orthanc.dicom_host,
-            "dimse_port": orthanc.dicom_port,
-            "called_aet": orthanc.aet,
-            "calling_aet": dev.scp_aet,
-            "scp_aet": dev.scp_aet,
-            "scp_host": "127.0.0.1",
-            "scp_port": dev.scp_port,
-            "dimse_timeout_s": 20,
-            "retry_attempts": 2,
-        }
-        | extra
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +58,7 @@ def studies(stow: DicomWebSource) -> dict[str, list[Dataset]]:
 
 @pytest.fixture
 def source(orthanc: OrthancInfo, dev_servers: DevServers) -> Iterator[DimseSource]:
-    src = build_image_source(_settings(orthanc, dev_servers))
+    src = build_image_source(dimse_pacs_settings(orthanc, dev_servers))
     assert isinstance(src, DimseSource)
     yield src
     src.close()
@@ -168,7 +148,7 @@ def test_c_get_streams_study_series_by_series_with_pixels_intact(
 def test_c_move_delivers_study_to_the_project_scp(
     orthanc: OrthancInfo, dev_servers: DevServers, studies: dict[str, list[Dataset]]
 ) -> None:
-    src = build_image_source(_settings(orthanc, dev_servers, dimse_retrieve="move"))
+    src = build_image_source(dimse_pacs_settings(orthanc, dev_servers, dimse_retrieve="move"))
     try:
         sent = studies["MR"]
         got = list(src.iter_instances(str(sent[0].StudyInstanceUID)))
