@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import multiprocessing
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,7 +100,8 @@ class Services:
 
     ``model_capacity``: requests the model service takes at once (replicas ×
     max_ongoing_requests); the run keeps that many studies at the model unless
-    ``job.concurrency`` says otherwise.
+    ``job.concurrency`` says otherwise. ``image_processes``: processes a run decodes and
+    encodes images in (0: in the fetch threads).
     """
 
     source: ImageSource
@@ -115,6 +117,7 @@ class Services:
     site_timezone: dt.tzinfo = field(default_factory=host_timezone)
     source_name: str = "default"
     model_capacity: int = 16
+    image_processes: int = 0
     on_progress: Callable[[DraftJob], None] | None = None
 
 
@@ -190,7 +193,9 @@ def _ehr_context(
     return context, [FLAG_NO_ORDER]
 
 
-def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
+def fetch(
+    services: Services, job: DraftJob, image_processes: Executor | None = None
+) -> _Fetched | Skip:
     """EHR context and study images for one job (blocking I/O; runs in a worker thread).
 
     Only reportable instances (``job.reportable_sop_classes`` / ``_modalities``) are decoded;
@@ -242,6 +247,7 @@ def fetch(services: Services, job: DraftJob) -> _Fetched | Skip:
         reference=job.study_ref,
         max_images=services.max_images,
         max_side=services.job.max_image_side,
+        processes=image_processes,
     )
     model_input = ModelInput(
         reference=job.study_ref, images_png=tuple(images_png), context=prepared.prompt.context
@@ -421,8 +427,15 @@ class _GroupCommit:
 class _Stages:
     """The stage limits of one run, its I/O threads, its ledger saves and the model's load."""
 
-    def __init__(self, services: Services, limits: StageLimits, executor: Executor) -> None:
+    def __init__(
+        self,
+        services: Services,
+        limits: StageLimits,
+        executor: Executor,
+        image_processes: Executor | None = None,
+    ) -> None:
         self.services = services
+        self._image_processes = image_processes
         self._fetch = asyncio.Semaphore(limits.fetch)
         self._model = asyncio.Semaphore(limits.model)
         self._write = asyncio.Semaphore(limits.write)
@@ -451,7 +464,9 @@ class _Stages:
 
     async def fetch(self, job: DraftJob) -> _Fetched | Skip:
         async with self._fetch:
-            return await _timed(job, "fetch_s", self._io(fetch, self.services, job))
+            return await _timed(
+                job, "fetch_s", self._io(fetch, self.services, job, self._image_processes)
+            )
 
     async def draft(self, job: DraftJob, model_input: ModelInput) -> DraftResult:
         async with self._model:
@@ -583,7 +598,13 @@ async def run_pending(
     executor = ThreadPoolExecutor(
         max_workers=limits.fetch + limits.write + 2, thread_name_prefix="medvlm-io"
     )
-    stages = _Stages(services, limits, executor)
+    processes = services.image_processes
+    image_pool = (
+        ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        if processes
+        else None
+    )
+    stages = _Stages(services, limits, executor, image_pool)
     alive = asyncio.Semaphore(limits.alive)
     page_iterator = iter(pages)
     loop = asyncio.get_running_loop()
@@ -610,6 +631,8 @@ async def run_pending(
             await services.drafter.aclose()
         finally:
             executor.shutdown(wait=True)
+            if image_pool is not None:
+                image_pool.shutdown(wait=True, cancel_futures=True)
     tally.wall_s = time.perf_counter() - started
     stages.settle()
     tally.model_busy_s = stages.model_busy_s

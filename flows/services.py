@@ -9,6 +9,7 @@ directly with their own connectors instead.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -59,6 +60,16 @@ def model_capacity(settings: MedvlmSettings) -> int:
     serving = settings.serving
     replicas = 1 if settings.job.model_endpoint == "openai" else serving.num_replicas
     return replicas * serving.max_ongoing_requests
+
+
+def image_processes(settings: MedvlmSettings) -> int:
+    """``job.image_processes``, or by default: none with a local model (it shares the CPUs),
+    else one per CPU this process may run on."""
+    if settings.job.image_processes is not None:
+        return settings.job.image_processes
+    if settings.job.model_endpoint == "local":
+        return 0
+    return len(os.sched_getaffinity(0))
 
 
 def source_name(settings: MedvlmSettings) -> str:
@@ -140,6 +151,7 @@ def open_services(
             site_timezone=settings.pacs.site_timezone,
             source_name=source_name(settings),
             model_capacity=capacity,
+            image_processes=image_processes(settings),
             on_progress=on_progress,
         )
 

@@ -9,6 +9,7 @@ only the few instances picked from it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from pydicom.dataset import Dataset
 
@@ -24,12 +25,14 @@ def load_model_images(
     reference: str,
     max_images: int,
     max_side: int,
+    processes: Executor | None = None,
 ) -> list[bytes]:
     """PNG bytes of at most ``max_images`` images of the study, each fitted to ``max_side``.
 
     ``reportable_headers`` are the headers of the instances the model may see
     (``pipeline.reportable.select_reportable`` over ``source.instance_headers(study_uid)``).
     Raises ``ImagingError`` when nothing decodes, ``PacsError`` when the retrieval fails.
+    ``processes``: a process pool to decode and encode in (CPU-bound work, off the GIL).
     """
     by_series: dict[str, list[Dataset]] = {}
     for header in reportable_headers:
@@ -40,4 +43,6 @@ def load_model_images(
         max_images=max_images,
     )
     instances = source.retrieve_instances(study_uid, [pick.header for pick in picks])
-    return encode_study_pngs(instances, picks, reference, max_side)
+    if processes is None:
+        return encode_study_pngs(instances, picks, reference, max_side)
+    return processes.submit(encode_study_pngs, instances, picks, reference, max_side).result()

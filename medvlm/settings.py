@@ -604,6 +604,17 @@ class JobSettings(BaseModel):
     write_concurrency: int = Field(
         default=4, ge=1, le=256, description="Draft write-backs to the EHR at once."
     )
+    image_processes: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description=(
+            "Processes that decode and encode the model's images (CPU-bound: a 2k radiograph "
+            "costs ~80 ms of CPU). 0: in the fetch threads. Unset: 0 with a local model, which "
+            "shares this machine's CPUs; else one per CPU this process may use (a worker whose "
+            "model runs on a GPU cluster)."
+        ),
+    )
     max_image_side: int = Field(
         default=1024, ge=64, description="Longest image side sent to the model, in pixels."
     )

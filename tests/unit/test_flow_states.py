@@ -687,3 +687,36 @@ def test_model_capacity_is_every_replicas_max_ongoing_requests() -> None:
         update={"job": settings.job.model_copy(update={"model_endpoint": "openai"})}
     )
     assert model_capacity(openai) == 8
+
+
+def test_images_made_in_a_process_pool_are_the_images_made_in_the_fetch_thread(
+    world: World,
+) -> None:
+    from flows.draft_reports import Skip, fetch
+
+    cases = [world.add(modality="CT"), world.add(modality="US"), world.add()]
+    drafter = ScriptedDrafter()
+    services = world.services(drafter)
+    services.image_processes = 2
+    summary = run_draft_job(services, StudyQuery(date_from=STUDY_DATE, date_to=STUDY_DATE))
+    assert summary.counts["written"] == 3
+    for case in cases:
+        in_thread = fetch(world.services(ScriptedDrafter()), world.job(case))
+        assert not isinstance(in_thread, Skip)
+        assert drafter.inputs[case.ref].images_png == in_thread.model_input.images_png
+
+
+def test_image_processes_default_to_none_beside_a_local_model_else_one_per_cpu() -> None:
+    import os
+
+    from flows.services import image_processes
+    from medvlm.settings import MedvlmSettings
+
+    local = MedvlmSettings()
+    remote = MedvlmSettings.model_validate(
+        {"job": {"model_endpoint": "http", "model_url": "http://model:8000"}}
+    )
+    assert image_processes(local) == 0
+    assert image_processes(remote) == len(os.sched_getaffinity(0))
+    pinned = remote.model_copy(update={"job": remote.job.model_copy(update={"image_processes": 3})})
+    assert image_processes(pinned) == 3
