@@ -1,0 +1,88 @@
+"""`medvlm run` end to end as an operator runs it: its own process, settings from the
+environment, folder PACS, NDJSON EHR, the model served by a local Ray Serve it starts itself.
+
+The model service starts on the first study that needs a draft (in a worker thread of the run)
+and not at all when nothing is left to draft.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from connectors.ndjson import NdjsonEhr
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
+from medvlm.dev.synthetic_dicom import make_study
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+DAY = dt.date(2026, 11, 3)
+
+
+def _site(root: Path, count: int) -> None:
+    ehr = NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
+    for i in range(count):
+        mrn, accession = f"SYN-CLI-{i:04d}", f"ACC-CLI-{i:03d}"
+        (ds,) = make_study("CR", seed=100 + i, accession=accession, patient_id=mrn, study_date=DAY)
+        path = root / "dicom" / f"{i}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        bundle = ehr_bundle(
+            mrn=mrn,
+            accession=accession,
+            study_uid=str(ds.StudyInstanceUID),
+            modality="CR",
+            reason="Cough",
+            condition="Asthma",
+            prior_impression="No acute abnormality.",
+            sex="female",
+            birth_date="1970-01-01",
+        )
+        ehr.transaction(Bundle.model_validate(bundle))
+
+
+def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
+    tmp_path: Path, tiny_model_dir: Path, prefect_api: None
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    _site(tmp_path, 2)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "MEDVLM_HOME": str(tmp_path / "home"),
+        "MEDVLM_MODEL__SOURCE": str(tiny_model_dir),
+        "MEDVLM_MODEL__ALLOW_RANDOM_WEIGHTS": "true",  # the project's test model
+        "MEDVLM_PACS__KIND": "folder",
+        "MEDVLM_PACS__FOLDER": str(tmp_path / "dicom"),
+        "MEDVLM_EHR__KIND": "folder",
+        "MEDVLM_EHR__FOLDER": str(tmp_path / "ehr"),
+        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
+        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+        "MEDVLM_JOB__LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "MEDVLM_SERVING__PORT": str(free_port()),  # beside the session's own Serve
+        "COLUMNS": "200",
+    }
+    medvlm = str(Path(sys.executable).parent / "medvlm")
+    args = [medvlm, "run", "--since", DAY.isoformat(), "--until", DAY.isoformat()]
+
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0, output[-4000:]
+    assert "Started a local Ray instance" in output
+    assert "2 studies in" in output  # the run's rate line
+    lines = (tmp_path / "ehr" / "DiagnosticReport.ndjson").read_text().splitlines()
+    assert sum('"preliminary"' in line for line in lines) == 2
+
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-4000:]
+    assert "Started a local Ray instance" not in output  # nothing to draft: no model started
+    assert "studies in" not in output and "written" in output
