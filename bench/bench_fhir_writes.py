@@ -2,7 +2,7 @@
 
 Each of N drafts (a DiagnosticReport, its Observations, the model's Device and the Provenance,
 exactly what the flow writes: ``pipeline.fhir_resources.build_draft_bundle``) goes to the dev
-FHIR server (started if it is not running) either
+FHIR server (started for the benchmark and stopped after it) either
 
   (a) as the flow sends it: one ``transaction`` Bundle of conditional creates, or
   (b) as an EHR without transactions needs it: one conditional create (``If-None-Exist``) per
@@ -134,6 +134,7 @@ def main() -> None:
                     print(f"{kind}: {rates[kind][-1]:.1f} drafts/s", flush=True)
     finally:
         client.close()
+        servers.down()
     transaction = statistics.median(rates["transaction"])
     individual = statistics.median(rates["individual"])
     print(
