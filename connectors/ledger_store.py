@@ -222,20 +222,6 @@ class LedgerStore:
                 query = query.where(DraftJob.model_version == model_version)
             return list(session.exec(query.order_by(col(DraftJob.id))).all())
 
-    def jobs_by_ids(self, ids: Sequence[int]) -> list[DraftJob]:
-        """These jobs (by ledger id), in id order; ids not in the ledger are left out."""
-        wanted = sorted(set(ids))
-        found: list[DraftJob] = []
-        with self._session() as session:
-            for start in range(0, len(wanted), _CHUNK):
-                query = (
-                    select(DraftJob)
-                    .where(col(DraftJob.id).in_(wanted[start : start + _CHUNK]))
-                    .order_by(col(DraftJob.id))
-                )
-                found.extend(session.exec(query).all())
-        return found
-
     def pending(self, model_version: str) -> list[DraftJob]:
         """Jobs a run still has to do: everything not written, skipped or dead-lettered.
 
@@ -337,24 +323,6 @@ class LedgerStore:
             for state, count in session.exec(query).all():
                 result[JobState(state)] = count
         return result
-
-    def reasons(
-        self, model_version: str, states: Iterable[JobState], limit: int = 50
-    ) -> list[tuple[str, str]]:
-        """(study_ref, reason) of up to ``limit`` jobs in these states, most recently updated
-        first, for a run summary."""
-        wanted = list(states)
-        if not wanted:
-            return []
-        with self._session() as session:
-            query = (
-                select(DraftJob.study_ref, DraftJob.reason)
-                .where(DraftJob.model_version == model_version)
-                .where(col(DraftJob.state).in_(wanted))
-                .order_by(col(DraftJob.updated_at).desc(), col(DraftJob.id).desc())
-                .limit(limit)
-            )
-            return [(ref, reason or "") for ref, reason in session.exec(query).all()]
 
     def watermark(self, source: str) -> dict[str, Any] | None:
         """The saved new-study watermark of ``source``, or None before the first run."""

@@ -352,31 +352,6 @@ def test_save_is_all_or_nothing_and_inserts_a_job_without_id(tmp_path: Path) -> 
     store.save([])
 
 
-def test_reasons_and_jobs_by_ids(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    store.register(_studies("1.10", 1200), "v1")
-    jobs = store.jobs("v1")
-    for i, job in enumerate(jobs[:6]):
-        if i % 2:
-            skip(job, f"not-reportable: {i}")
-        else:
-            fail(job, f"timeout {i}", max_attempts=1)
-        job.updated_at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=i)
-    store.save(jobs[:6])
-    assert store.reasons("v1", [JobState.DEAD_LETTERED, JobState.SKIPPED], limit=3) == [
-        ("study-1.10-5", "not-reportable: 5"),
-        ("study-1.10-4", "timeout 4"),
-        ("study-1.10-3", "not-reportable: 3"),
-    ]
-    assert store.reasons("v1", [JobState.DEAD_LETTERED]) == [
-        (f"study-1.10-{i}", f"timeout {i}") for i in (4, 2, 0)
-    ]
-    assert store.reasons("v1", []) == [] and store.reasons("v2", [JobState.SKIPPED]) == []
-    wanted = [j.id for j in jobs[::-1] if j.id is not None] + [10**9]
-    assert [j.id for j in store.jobs_by_ids(wanted)] == [j.id for j in jobs]
-    assert store.jobs_by_ids([]) == []
-
-
 def test_register_counts_only_new_rows_across_statement_batches(tmp_path: Path) -> None:
     store = _store(tmp_path)
     studies = _studies("1.11", 2500)
