@@ -19,7 +19,8 @@ figures last, one ``name: value`` line each:
   noop_ms_per_study, rss_noop_<N>_mib for each ``--rss-sizes`` (peak RSS of a fresh process
   running the no-op flow over N studies) and rss_growth_ratio (largest over smallest), and
   noop_run_<rows>_rows_s (a run with nothing to do on a ledger of ``--ledger-rows`` written
-  rows, in a fresh process: discovery, the pending query and the summary).
+  rows, in a fresh process: discovery, the pending query and the summary) and
+  noop_cli_run_<rows>_rows_s (the same as ``medvlm run`` in its own process, start to exit).
 
     .venv/bin/python bench/bench_pipeline.py [--studies 128] [--repeats 3]
         [--rss-sizes 128,512] [--ledger-rows 100000]
@@ -270,7 +271,7 @@ class NoopDrafter:
 
 def run_flow(settings: Any, drafter: Any, model: Any) -> tuple[Any, float, float]:
     """The Prefect flow over every study of the site; (summary, seconds, peak RSS MiB)."""
-    from flows.draft_reports import draft_reports
+    from flows.deployments import draft_reports
 
     with flow_services(settings, drafter, model) as services, _peak_rss() as peak:
         started = time.perf_counter()
@@ -402,7 +403,34 @@ def ledger_probe(rows: int) -> None:
             seconds = time.perf_counter() - started
         assert summary.attempted == 0, summary
         assert summary.counts["written"] == rows + 1, summary.counts
-    print(json.dumps({"seconds": seconds}))
+        cli_seconds = cli_noop_run(run, STUDY_DATE)
+    print(json.dumps({"seconds": seconds, "cli_seconds": cli_seconds}))
+
+
+def cli_noop_run(run: Any, day: dt.date) -> float:
+    """Wall time of ``medvlm run`` in its own process (the operator's view: interpreter start,
+    imports, settings, discovery, the pending query, the summary) with nothing left to do."""
+    env = {
+        **os.environ,
+        "MEDVLM_MODEL__SOURCE": str(run.model.source),
+        "MEDVLM_MODEL__ALLOW_RANDOM_WEIGHTS": "true",  # the tiny test model
+        "MEDVLM_PACS__KIND": "folder",
+        "MEDVLM_PACS__FOLDER": str(run.pacs.folder),
+        "MEDVLM_EHR__KIND": "folder",
+        "MEDVLM_EHR__FOLDER": str(run.ehr.folder),
+        "MEDVLM_EHR__ACCESSION_SYSTEM": str(run.ehr.accession_system),
+        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": str(run.ehr.patient_identifier_system),
+        "MEDVLM_JOB__LEDGER_URL": str(run.job.ledger_url),
+        "COLUMNS": "200",
+    }
+    medvlm = str(Path(sys.executable).parent / "medvlm")
+    args = [medvlm, "run", "--since", day.isoformat(), "--until", day.isoformat()]
+    started = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "studies in" not in output, output[-2000:]
+    return seconds
 
 
 def bench_settings() -> tuple[Any, Any]:
@@ -452,8 +480,9 @@ def main() -> None:
         ledger_probe(args.ledger_probe)
         return
 
-    from serving.app import start_model_service, with_kv_cache
+    from serving.app import start_model_service
     from serving.clients import HandleDrafter
+    from serving.kv_cache import with_kv_cache
     from serving.model_source import resolve_model
     from serving.ray_runtime import shutdown_ray
 
@@ -534,9 +563,9 @@ def main() -> None:
         figures[f"rss_noop_{n}_mib"] = mib
     if len(rss) > 1:
         figures["rss_growth_ratio"] = rss[max(sizes)] / rss[min(sizes)]
-    figures[f"noop_run_{args.ledger_rows}_rows_s"] = _probe("ledger", args.ledger_rows, args.image)[
-        "seconds"
-    ]
+    ledger = _probe("ledger", args.ledger_rows, args.image)
+    figures[f"noop_run_{args.ledger_rows}_rows_s"] = ledger["seconds"]
+    figures[f"noop_cli_run_{args.ledger_rows}_rows_s"] = ledger["cli_seconds"]
 
     print(
         f"\nmodel {model.version}; {args.studies} studies ({args.image} chest CR), "

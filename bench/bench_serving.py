@@ -67,8 +67,9 @@ def main() -> None:
     from medvlm.settings import MedvlmSettings
     from pipeline.prompts import build_messages
     from pipeline.report import report_json_schema
-    from serving.app import start_model_service, with_kv_cache
+    from serving.app import start_model_service
     from serving.engine import GenerationOptions, VllmChatEngine
+    from serving.kv_cache import with_kv_cache
     from serving.model_source import resolve_model
     from serving.ray_runtime import shutdown_ray
 

@@ -4,24 +4,23 @@
 the interfaces (``connectors.pacs.ImageSource``, ``connectors.ehr.Ehr``) know no implementation,
 so a new backend is a new module plus a branch here, and no import cycle can form. Only entry
 points use this module (flows/services.py, the demo, tests); connectors never import it.
+A backend's module (and its client library: dicomweb-client, pynetdicom, httpx) is imported by
+its branch only, so a command pays for the backends it uses and no others.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from connectors.dicom_folder import DicomFolderSource
-from connectors.dicomweb import DicomWebSource
-from connectors.dimse import DimseSource
-from connectors.ehr import Ehr
-from connectors.fhir import FhirEhr, build_http_client
-from connectors.ndjson import NdjsonEhr
-from connectors.orthanc import OrthancChangeFeed
-from connectors.pacs import ImageSource
 from medvlm.errors import ConfigurationError
 from medvlm.settings import EhrSettings, PacsSettings
+
+if TYPE_CHECKING:
+    import httpx
+
+    from connectors.ehr import Ehr
+    from connectors.orthanc import OrthancChangeFeed
+    from connectors.pacs import ImageSource
 
 __all__ = ["build_ehr", "build_image_source"]
 
@@ -33,12 +32,17 @@ def build_image_source(settings: PacsSettings, *, session: Any = None) -> ImageS
     settings when None); the caller that passes one owns it.
     """
     if settings.kind == "folder":
+        from connectors.dicom_folder import DicomFolderSource
+
         if settings.folder is None:
             raise ConfigurationError("pacs.folder is unset (load settings via MedvlmSettings)")
         return DicomFolderSource(
             settings.folder, lookback_days=settings.qido_watermark_lookback_days
         )
     if settings.kind == "dicomweb":
+        from connectors.dicomweb import DicomWebSource
+        from connectors.orthanc import OrthancChangeFeed
+
         feed = None
         if settings.new_study_detection == "orthanc_changes":
             orthanc_url = settings.orthanc_url
@@ -51,6 +55,8 @@ def build_image_source(settings: PacsSettings, *, session: Any = None) -> ImageS
 
         return DicomWebSource.from_settings(settings, session=session, change_feed=feed)
     if settings.kind == "dimse":
+        from connectors.dimse import DimseSource
+
         return DimseSource.from_settings(settings)
     raise ConfigurationError(f"unknown pacs.kind {settings.kind!r}")
 
@@ -63,9 +69,13 @@ def build_ehr(settings: EhrSettings, client: httpx.Client | None = None) -> Ehr:
     it one is built and owned by the returned ``FhirEhr`` (close it with ``.close()``).
     """
     if settings.kind == "folder":
+        from connectors.ndjson import NdjsonEhr
+
         if settings.folder is None:
             raise ConfigurationError("ehr.folder is not set (MEDVLM_EHR__FOLDER)")
         return NdjsonEhr(settings.folder, accession_system=settings.accession_system)
+    from connectors.fhir import FhirEhr, build_http_client
+
     if client is None:
         return FhirEhr(build_http_client(settings), settings, owns_client=True)
     return FhirEhr(client, settings)

@@ -1,9 +1,12 @@
-"""Prefect deployments: the main job (nightly cron and on demand) and the daily fairness monitor.
+"""Prefect flows and deployments: the main job (nightly cron and on demand) and the daily
+fairness monitor.
 
-``scheduled_draft_reports`` is the deployable entry flow: its parameters are plain values (a
-window in days, modalities, the model route, dry-run) so the Prefect UI and API can set them;
-it loads ``MedvlmSettings`` from the worker's environment, builds the connectors and runs
-``draft_reports`` as a subflow. ``scheduled_fairness_monitor`` does the same for
+``draft_reports`` is the main job as a Prefect flow: two tasks (discover; the run's one
+pipeline over the pending jobs) around the plain code of ``flows.draft_reports``, which does not
+import Prefect. ``scheduled_draft_reports`` is the deployable entry flow: its parameters are
+plain values (a window in days, modalities, the model route, dry-run) so the Prefect UI and API
+can set them; it loads ``MedvlmSettings`` from the worker's environment, builds the connectors
+and runs ``draft_reports`` as a subflow. ``scheduled_fairness_monitor`` does the same for
 ``fairness_monitor`` over the last ``window_days``. ``medvlm deploy`` serves all deployments from
 one process (``prefect.serve``); prefect.yaml declares the same for work pools.
 """
@@ -11,20 +14,66 @@ one process (``prefect.serve``); prefect.yaml declares the same for work pools.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import flow, serve
+from prefect import flow, serve, task
+from prefect.cache_policies import NO_CACHE
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
 from connectors.pacs import StudyQuery
-from flows.draft_reports import RunSummary, draft_reports
+from flows.draft_reports import (
+    RunSummary,
+    RunTally,
+    Services,
+    discover,
+    draft_pending,
+    run_draft_job,
+)
 from flows.fairness import FairnessOutcome, fairness_monitor
 from flows.services import open_fairness_services, open_services
 from medvlm.settings import MedvlmSettings
 
 NIGHTLY_CRON = "0 1 * * *"
 FAIRNESS_CRON = "0 6 * * *"  # daily, after the night's drafts (and morning sign-offs) are in
+
+
+@task(name="discover-studies", cache_policy=NO_CACHE)
+def discover_task(services: Services, query: StudyQuery | None) -> int:
+    return len(discover(services, query))
+
+
+@task(name="draft-pending", cache_policy=NO_CACHE)
+def draft_pending_task(services: Services, dry_run: bool) -> RunTally:
+    """One task for the run's pipeline: Prefect costs ~19 ms per task here, and the stages
+    overlap inside it (per-study states are in the ledger)."""
+    return draft_pending(services, dry_run)
+
+
+@flow(name="draft-reports", validate_parameters=False, log_prints=True)
+def draft_reports(
+    services: Any,
+    query: StudyQuery | None,
+    dry_run: bool = False,
+    discovered: int | None = None,
+) -> RunSummary:
+    """Discover → draft the pending jobs → summary. Studies already written are skipped.
+
+    ``query`` None discovers the studies new since the source's saved watermark.
+    ``discovered``: the caller has discovered already (``medvlm run`` does, to start no flow run
+    when nothing is pending) and found this many; the flow does not discover again.
+
+    ``services`` is a ``Services``; typed ``Any`` because Prefect derives a parameter schema
+    from the signature and cannot for Protocol-typed fields.
+    """
+    assert isinstance(services, Services)
+    return run_draft_job(
+        services,
+        query,
+        dry_run,
+        discover_step=discover_task if discovered is None else (lambda _s, _q: discovered),
+        drafting_step=draft_pending_task,
+    )
 
 
 def window_query(days_back: int, modalities: list[str], today: dt.date) -> StudyQuery:

@@ -20,8 +20,10 @@ retried on the next run until ``job.max_attempts``, then dead-lettered. Nothing 
 The model capacity is ``job.concurrency`` when set, else what the model service takes
 (``Services.model_capacity``: replicas × max_ongoing_requests), so extra replicas are used.
 
-Connectors are injected (``Services``): the same flow runs against a hospital, the dev servers
-or folder sources. Tasks are thin wrappers; the plain functions are what tests call.
+Connectors are injected (``Services``): the same job runs against a hospital, the dev servers
+or folder sources. This module is plain code and does not import Prefect: the Prefect flow and
+its tasks are thin wrappers in ``flows.deployments``, and a ``medvlm run`` with nothing to do
+never loads Prefect. The plain functions are what tests call.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from connectors.ehr import Ehr, EhrContext
 from connectors.ledger_store import LedgerStore, NewStudy
@@ -656,6 +655,11 @@ def pending_pages(services: Services) -> Iterator[list[DraftJob]]:
     return services.ledger.pending_pages(services.model.version, page_size=services.job.page_size)
 
 
+def has_pending(services: Services) -> bool:
+    """Whether any job of the model version is left to do (one indexed read)."""
+    return bool(services.ledger.pending_page(services.model.version, limit=1))
+
+
 def summarize(services: Services, discovered: int, tally: RunTally) -> RunSummary:
     """The ledger's counts per state (one aggregate query) with this run's failures, skips
     and flags."""
@@ -691,34 +695,3 @@ def run_draft_job(
 def draft_pending(services: Services, dry_run: bool = False) -> RunTally:
     """Every pending job of the model version, through one bounded pipeline."""
     return asyncio.run(run_pending(services, pending_pages(services), dry_run=dry_run))
-
-
-@task(name="discover-studies", cache_policy=NO_CACHE)
-def discover_task(services: Services, query: StudyQuery | None) -> int:
-    return len(discover(services, query))
-
-
-@task(name="draft-pending", cache_policy=NO_CACHE)
-def draft_pending_task(services: Services, dry_run: bool) -> RunTally:
-    """One task for the run's pipeline: Prefect costs ~19 ms per task here, and the stages
-    overlap inside it (per-study states are in the ledger)."""
-    return draft_pending(services, dry_run)
-
-
-@flow(name="draft-reports", validate_parameters=False, log_prints=True)
-def draft_reports(
-    services: Any,
-    query: StudyQuery | None,
-    dry_run: bool = False,
-) -> RunSummary:
-    """Discover → draft in chunks → summary. Studies already written are skipped.
-
-    ``query`` None discovers the studies new since the source's saved watermark.
-
-    ``services`` is a ``Services``; typed ``Any`` because Prefect derives a parameter schema
-    from the signature and cannot for Protocol-typed fields.
-    """
-    assert isinstance(services, Services)
-    return run_draft_job(
-        services, query, dry_run, discover_step=discover_task, drafting_step=draft_pending_task
-    )

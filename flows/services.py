@@ -13,18 +13,20 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from connectors.ehr import Ehr
 from connectors.factory import build_ehr, build_image_source
-from connectors.fhir import build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from flows.draft_reports import Services
-from flows.fairness import FairnessServices
 from medvlm.errors import ConfigurationError
 from medvlm.settings import MedvlmSettings
 from pipeline.fhir_resources import ModelIdentity
 from pipeline.ledger import DraftJob
 from serving.clients import Drafter, HandleDrafter, HttpDrafter, LazyDrafter, OpenAIChatDrafter
+
+if TYPE_CHECKING:
+    from flows.fairness import FairnessServices
 
 
 def model_identity(settings: MedvlmSettings) -> tuple[ModelIdentity, str | None]:
@@ -83,10 +85,26 @@ def source_name(settings: MedvlmSettings) -> str:
     return f"{pacs.kind}:{where}"[:200]
 
 
+def _start_local(settings: MedvlmSettings, source: str) -> Any:
+    """Start (or join) Ray and the Serve app; Ray is imported here, on the first draft only."""
+    from serving.app import start_model_service
+
+    return start_model_service(settings, source)
+
+
+def _stop_local() -> None:
+    from serving.ray_runtime import shutdown_ray
+
+    shutdown_ray()
+
+
 def _open_ehr_and_ledger(settings: MedvlmSettings, stack: ExitStack) -> tuple[Ehr, LedgerStore]:
     """The EHR (one pooled HTTP client, closed by ``stack``) and the ledger, as every job uses."""
-    client = build_http_client(settings.ehr) if settings.ehr.kind == "fhir" else None
-    if client is not None:
+    client = None
+    if settings.ehr.kind == "fhir":
+        from connectors.fhir import build_http_client
+
+        client = build_http_client(settings.ehr)
         stack.callback(client.close)
     assert settings.job.ledger_url is not None
     return build_ehr(settings.ehr, client), LedgerStore(open_engine(settings.job.ledger_url))
@@ -104,16 +122,16 @@ def open_services(
     with ExitStack() as stack:
         drafter: Drafter
         if job.model_endpoint == "local":
-            from serving.app import start_model_service, with_kv_cache
-            from serving.ray_runtime import shutdown_ray
+            from serving.kv_cache import with_kv_cache
 
             assert local_source is not None
             # Checked now (a bad KV cache size fails before anything runs); started on the
-            # first study that needs a draft, so a run with nothing to draft starts no model.
+            # first study that needs a draft, so a run with nothing to draft starts no model
+            # (nor imports Ray).
             sized = with_kv_cache(settings, local_source)
-            lazy = LazyDrafter(lambda: HandleDrafter(start_model_service(sized, local_source)))
+            lazy = LazyDrafter(lambda: HandleDrafter(_start_local(sized, local_source)))
             drafter = lazy
-            stack.callback(lambda: shutdown_ray() if lazy.started else None)
+            stack.callback(lambda: _stop_local() if lazy.started else None)
         elif job.model_url is None:
             raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
         elif job.model_endpoint == "http":
@@ -165,6 +183,8 @@ def open_fairness_services(
     refresh_signed: bool = False,
 ) -> Iterator[FairnessServices]:
     """The monitor's connectors (ledger and EHR only: no model is loaded)."""
+    from flows.fairness import FairnessServices
+
     with ExitStack() as stack:
         ehr, ledger = _open_ehr_and_ledger(settings, stack)
         yield FairnessServices(

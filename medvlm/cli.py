@@ -122,12 +122,9 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
     """Run ``draft_reports`` with a progress bar, then print the summary table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-    from flows.draft_reports import draft_reports
+    from flows.draft_reports import RunTally, discover, has_pending, summarize
     from flows.services import open_services
 
-    # The first flow run starts Prefect's temporary API server: ~25 s on 2 cores, over the
-    # 20 s default timeout once measured.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -141,7 +138,19 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
             progress.update(bar, advance=1, description=f"{job.study_ref} {job.state}")
 
         with open_services(settings, on_progress=advance) as services:
-            summary: RunSummary = draft_reports(services, query, dry_run=dry_run)
+            # Discovery first, as plain code: a run with nothing left to do ends here, without
+            # loading Prefect or starting a flow run (and its temporary API server).
+            discovered = len(discover(services, query))
+            summary: RunSummary
+            if has_pending(services):
+                # The first flow run starts Prefect's temporary API server: ~25 s on 2 cores,
+                # over the 20 s default timeout once measured.
+                os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+                from flows.deployments import draft_reports
+
+                summary = draft_reports(services, query, dry_run=dry_run, discovered=discovered)
+            else:
+                summary = summarize(services, discovered, RunTally())
     table = Table(title=f"draft_reports — model {summary.model_version}")
     table.add_column("state")
     table.add_column("studies", justify="right")

@@ -36,7 +36,7 @@ from pipeline.report import (
     result_from_completion,
 )
 from serving.engine import ChatEngine, GenerationOptions, VllmChatEngine
-from serving.kv_cache import cpu_kv_cache
+from serving.kv_cache import with_kv_cache
 from serving.ray_runtime import init_ray, shutdown_ray
 
 log = logging.getLogger("medvlm.serving")
@@ -270,21 +270,6 @@ def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any
             f"the model service did not start: {type(exc).__name__}: {one_line(str(exc))}; "
             "hint: the replica's log under the Ray session's logs/serve says why"
         ) from exc
-
-
-def with_kv_cache(settings: MedvlmSettings, model_source: str) -> MedvlmSettings:
-    """``settings`` with the CPU KV cache size decided now, on this machine (local Ray only).
-
-    Raises ``ConfigurationError`` (naming the setting and the size that would fit) before any
-    process starts. GPUs and joined clusters are left alone: their replicas size the cache.
-    """
-    serving = settings.serving
-    if serving.num_gpus > 0 or serving.ray_address is not None:
-        return settings
-    plan = cpu_kv_cache(settings.model, model_source, local_node=True)
-    log.info("%s", plan.describe())
-    model = settings.model.model_copy(update={"kv_cache_bytes": plan.bytes})
-    return settings.model_copy(update={"model": model})
 
 
 def start_model_service(

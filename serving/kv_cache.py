@@ -26,13 +26,16 @@ Reads files only (``config.json``, ``/sys`` and ``/proc`` meminfo); no network.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medvlm.errors import ConfigurationError
-from medvlm.settings import ModelSettings
+from medvlm.settings import MedvlmSettings, ModelSettings
+
+log = logging.getLogger("medvlm.serving")
 
 MiB = 1024**2
 GiB = 1024**3
@@ -280,3 +283,18 @@ def cpu_kv_cache(model: ModelSettings, source: str, *, local_node: bool) -> KvCa
         memory=node_memory() if local_node else None,
         weights=weights_bytes(directory),
     )
+
+
+def with_kv_cache(settings: MedvlmSettings, model_source: str) -> MedvlmSettings:
+    """``settings`` with the CPU KV cache size decided now, on this machine (local Ray only).
+
+    Raises ``ConfigurationError`` (naming the setting and the size that would fit) before any
+    process starts. GPUs and joined clusters are left alone: their replicas size the cache.
+    """
+    serving = settings.serving
+    if serving.num_gpus > 0 or serving.ray_address is not None:
+        return settings
+    plan = cpu_kv_cache(settings.model, model_source, local_node=True)
+    log.info("%s", plan.describe())
+    model = settings.model.model_copy(update={"kv_cache_bytes": plan.bytes})
+    return settings.model_copy(update={"model": model})

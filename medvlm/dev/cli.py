@@ -7,15 +7,17 @@ passes ``.dev`` down and prints tables. It never prints a password (only where i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from medvlm.dev.servers import DevServers, ServerStatus, dev_settings_from
 from medvlm.errors import MedvlmError
 from medvlm.settings import MedvlmSettings
+
+if TYPE_CHECKING:  # imported by the sub-commands only: every ``medvlm`` command loads this module
+    from medvlm.dev.servers import DevServers, ServerStatus
 
 app = typer.Typer(
     name="dev",
@@ -28,6 +30,8 @@ _console = Console()
 @app.callback()
 def _load_settings(ctx: typer.Context) -> None:
     """Local development servers (Orthanc PACS, FHIR R4), loopback only."""
+    from medvlm.dev.servers import DevServers, dev_settings_from
+
     try:
         ctx.obj = DevServers(dev_settings_from(MedvlmSettings()))
     except MedvlmError as exc:

@@ -30,11 +30,8 @@ from connectors.factory import build_image_source
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
 from connectors.pacs import StudyQuery
-from flows.draft_reports import (
-    FLAG_NO_ORDER,
-    Services,
-    draft_reports,
-)
+from flows.deployments import draft_reports
+from flows.draft_reports import FLAG_NO_ORDER, Services
 from medvlm.dev.sample_cohort import (
     ACCESSION_SYSTEM,
     MRN_SYSTEM,
