@@ -23,6 +23,7 @@ hidden.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
@@ -83,14 +84,36 @@ def init_ray(
         return
     _prepare_local_ray(serving, bind_shim)
     start_ray(
-        lambda: ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=serving.include_dashboard,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
+        lambda: _on_lasting_thread(
+            lambda: ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=serving.include_dashboard,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+            )
         ),
         serving,
     )
+
+
+# The thread local Ray is started from when the caller's thread may end first (see below).
+_RAY_OWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-owner")
+
+
+def _on_lasting_thread(start: Callable[[], object]) -> object:
+    """Run ``start`` on a thread that lives as long as this process.
+
+    Ray spawns its GCS, raylet and monitors with ``PR_SET_PDEATHSIG`` (fate sharing), which
+    Linux fires when the *thread* that spawned them ends, not the process. A run starts the
+    model service on its first draft from a worker thread of its event loop; when that loop
+    closed, the thread ended and the kernel killed the GCS and raylet under the live replicas
+    (measured: Serve's controller then "failed to shut down within 30.0s" and the replica's
+    vLLM EngineCore and worker were left orphaned, spinning on a CPU each). The main thread
+    lasts as long as the process; any other caller hands the start to the owner thread.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    return _RAY_OWNER.submit(start).result()
 
 
 def start_ray(
@@ -146,13 +169,26 @@ def start_ray(
 
 
 def shutdown_ray() -> None:
+    """Stop Serve and Ray, then end whatever of a local Ray this process started still runs.
+
+    ``ray.shutdown`` ends Ray's own processes but not their children: a replica's vLLM
+    EngineCore process (~1 GiB) was left orphaned when Serve's controller did not stop within
+    its 30 s (measured, on a loaded machine). So the local Ray's process family is recorded
+    first and its survivors are terminated, then killed. A joined cluster's processes are not
+    this process's children and are left alone.
+    """
     from ray import serve
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    family = _ray_family(set())
+    try:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+    finally:
         try:
-            serve.shutdown()  # type: ignore[no-untyped-call]
-        finally:
             ray.shutdown()
+        finally:
+            _end(family)
 
 
 def _prepare_local_ray(serving: ServingSettings, bind_shim: Path | None) -> None:
@@ -223,6 +259,40 @@ def _is_ray(process: psutil.Process) -> bool:
         return False
 
 
+def _ray_children(before: set[int]) -> list[psutil.Process]:
+    """This process's children that run Ray, except those in ``before`` (pids)."""
+    return [
+        child for child in psutil.Process().children() if child.pid not in before and _is_ray(child)
+    ]
+
+
+def _ray_family(before: set[int]) -> list[psutil.Process]:
+    """``_ray_children`` and all their descendants (agents, workers, a replica's engine)."""
+    found = _ray_children(before)
+    for process in list(found):
+        try:
+            found.extend(process.children(recursive=True))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _end(processes: list[psutil.Process]) -> None:
+    """Terminate those still running, wait up to 10 s, kill the rest."""
+    for process in processes:
+        try:
+            process.terminate()  # psutil refuses a pid that now names another process
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()  # also ends a stopped process, which SIGTERM leaves pending
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=5)
+
+
 class _RayChildren:
     """The Ray processes one start attempt spawned: those not running before it began.
 
@@ -243,19 +313,10 @@ class _RayChildren:
         self._watcher.start()
 
     def _spawned(self) -> list[psutil.Process]:
-        return [
-            child
-            for child in psutil.Process().children()
-            if child.pid not in self._before and _is_ray(child)
-        ]
+        return _ray_children(self._before)
 
     def _record(self) -> None:
-        found = self._spawned()
-        for process in list(found):
-            try:
-                found.extend(process.children(recursive=True))  # agents, workers
-            except psutil.Error:
-                continue
+        found = _ray_family(self._before)
         with self._lock:
             self._seen.update((process.pid, process) for process in found)
 
@@ -283,18 +344,7 @@ class _RayChildren:
             _log.warning("ray.shutdown() after a failed start failed", exc_info=True)
         with self._lock:
             family = list(self._seen.values())
-        for process in family:
-            try:
-                process.terminate()  # psutil refuses a pid that now names another process
-            except psutil.Error:
-                continue
-        _, alive = psutil.wait_procs(family, timeout=10)
-        for process in alive:
-            try:
-                process.kill()  # also ends a stopped process, which SIGTERM leaves pending
-            except psutil.Error:
-                continue
-        psutil.wait_procs(alive, timeout=5)
+        _end(family)
 
     def close(self) -> None:
         self._closed.set()

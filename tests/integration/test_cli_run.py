@@ -2,7 +2,7 @@
 environment, folder PACS, NDJSON EHR, the model served by a local Ray Serve it starts itself.
 
 The model service starts on the first study that needs a draft (in a worker thread of the run)
-and not at all when nothing is left to draft.
+and not at all when nothing is left to draft; then no Prefect flow run starts either.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
@@ -48,12 +50,26 @@ def _site(root: Path, count: int) -> None:
         ehr.transaction(Bundle.model_validate(bundle))
 
 
+def _processes_of(run_id: str) -> list[str]:
+    """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id`` (a run's family: its
+    Ray, the Serve replica, the replica's vLLM engine core), as ``pid name`` lines."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
+                found.append(f"{process.pid} {process.info['name']}")
+        except psutil.Error:  # exited meanwhile, or not ours to inspect
+            continue
+    return found
+
+
 def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
     tmp_path: Path, tiny_model_dir: Path, prefect_api: None
 ) -> None:
     from prefect.settings import PREFECT_API_URL
 
     _site(tmp_path, 2)
+    run_id = uuid.uuid4().hex
     env = {
         **os.environ,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
@@ -69,6 +85,7 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
         "MEDVLM_JOB__LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
         "MEDVLM_SERVING__PORT": str(free_port()),  # beside the session's own Serve
         "COLUMNS": "200",
+        "MEDVLM_TEST_RUN_ID": run_id,  # inherited by every process of the run
     }
     medvlm = str(Path(sys.executable).parent / "medvlm")
     args = [medvlm, "run", "--since", DAY.isoformat(), "--until", DAY.isoformat()]
@@ -76,8 +93,12 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     output = first.stdout + first.stderr
     assert first.returncode == 0, output[-4000:]
+    # Everything the run started ends with it: Ray, and the vLLM engine core the Serve replica
+    # spawned (it outlived Ray's shutdown once, orphaned, holding ~1 GiB).
+    assert _processes_of(run_id) == [], output[-4000:]
     assert "Started a local Ray instance" in output
     assert "2 studies in" in output  # the run's rate line
+    assert "for flow 'draft-reports'" in output  # a Prefect flow run
     lines = (tmp_path / "ehr" / "DiagnosticReport.ndjson").read_text().splitlines()
     assert sum('"preliminary"' in line for line in lines) == 2
 
@@ -86,3 +107,4 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
     assert second.returncode == 0, output[-4000:]
     assert "Started a local Ray instance" not in output  # nothing to draft: no model started
     assert "studies in" not in output and "written" in output
+    assert "for flow 'draft-reports'" not in output  # nothing pending: no flow run either
