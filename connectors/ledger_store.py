@@ -10,11 +10,18 @@ What a run asks costs in proportion to its batch, not to the ledger: counts are 
 ``GROUP BY`` over the (model version, state, id) index, pending jobs come in keyset pages
 (``id > last ORDER BY id LIMIT n``) read from that index, and a save is one ``UPDATE`` by
 primary key per job, all jobs of a save in one transaction.
+
+Several workers share one ledger (PostgreSQL) by claims: ``claim_page`` takes free jobs for a
+lease in one transaction (no two workers get the same job), ``renew`` extends the leases,
+``release`` gives back what a run did not finish, and ``save`` writes a job only at the
+version it read, so a worker that lost a job cannot overwrite its new holder's progress. The
+schema is Alembic's (``connectors.ledger_schema``), checked or migrated by ``open_engine``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Select,
     bindparam,
     event,
     func,
-    inspect,
     literal,
     literal_column,
-    text,
+    or_,
     union_all,
     update,
 )
@@ -37,9 +44,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, SQLModel, col, create_engine, select
+from sqlmodel import Session, col, create_engine, select
 
-from medvlm.errors import LedgerUnavailableError
+from connectors.ledger_schema import current_revision, head_revision, require_head, upgrade
+from medvlm.errors import LeaseLostError, LedgerUnavailableError
 from pipeline.ledger import (
     TERMINAL,
     DiscoveryWatermark,
@@ -56,6 +64,10 @@ _CHUNK = 500
 _OPEN_STATES = tuple(s for s in JobState if s not in TERMINAL)
 # A job's identity: set by ``register`` and never changed by a save.
 _IDENTITY = frozenset({"id", "study_uid", "model_version", "created_at"})
+# Set by claims (and a save's bump of the version), never from a job's in-memory values.
+_CLAIM = frozenset({"claimed_by", "lease_until", "version"})
+# Claims tried on PostgreSQL while every free candidate is locked by other claimers.
+_CLAIM_TRIES = 20
 # JSON columns a new job starts with empty (``draft`` starts NULL).
 _LISTS = ("flags", "context_sources")
 _DICTS = ("timings", "links", "subgroups", "fhir_ids")
@@ -71,7 +83,28 @@ class NewStudy:
 
 
 def open_engine(url: str) -> Engine:
-    """Create the engine and the tables; SQLite gets WAL and a busy timeout."""
+    """Create the engine, with the ledger's schema at this release's revision.
+
+    SQLite is migrated here (an embedded ledger has one user). A PostgreSQL ledger is shared by
+    workers and migrated only by ``medvlm db upgrade``: one that is behind raises
+    ``LedgerSchemaBehindError`` (``connectors.ledger_schema``).
+    """
+    engine = ledger_engine(url)
+    try:
+        if engine.dialect.name == "sqlite":
+            if current_revision(engine) != head_revision():
+                upgrade(engine)
+        else:
+            require_head(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def ledger_engine(url: str) -> Engine:
+    """The engine alone, schema neither checked nor migrated (``medvlm db``): SQLite gets its
+    folder, WAL and a busy timeout."""
     is_sqlite = url.startswith("sqlite")
     database = make_url(url).database
     if is_sqlite and database and database != ":memory:":
@@ -90,42 +123,35 @@ def open_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-    SQLModel.metadata.create_all(engine)
-    _add_new_columns(engine)
-    _add_new_indexes(engine)
     return engine
 
 
-def _add_new_columns(engine: Engine) -> None:
-    """Add columns introduced after a ledger was created (nullable JSON ones, e.g. subgroups).
+def _first_open_ids(
+    model_version: str, limit: int, *, after_id: int | None = None, where: Any = None
+) -> Select[tuple[int]]:
+    """The ids of the first ``limit`` open jobs (above ``after_id``; matching ``where``).
 
-    ``create_all`` creates missing tables only; a ledger from an earlier release would otherwise
-    fail on its first query. Existing rows get NULL, which readers treat as empty.
+    Per open state, the first ``limit`` ids above the cursor: a range of the (model version,
+    state, id) index each, however many rows are written, skipped or still to come. The page is
+    the first ``limit`` of their union. (One query over all open states would either sort every
+    pending id or walk the model version's rows in id order, finished ones included.) A
+    ``where`` on other columns is checked on the rows the ranges reach, in id order, until
+    ``limit`` match: claimed rows are passed over, finished ones never read.
     """
     table = DraftJob.__table__  # type: ignore[attr-defined]
-    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
-    missing = [c for c in table.columns if c.name not in present]
-    if not missing:
-        return
-    with engine.begin() as connection:
-        for column in missing:
-            if not column.nullable:
-                raise RuntimeError(f"ledger column {column.name} is missing and not nullable")
-            kind = column.type.compile(dialect=engine.dialect)
-            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
-
-
-def _add_new_indexes(engine: Engine) -> None:
-    """Create the indexes introduced after a ledger was created (e.g. the one pending pages and
-    counts read), as ``create_all`` does for a new table only."""
-    table = DraftJob.__table__  # type: ignore[attr-defined]
-    present = {ix["name"] for ix in inspect(engine).get_indexes(table.name)}
-    missing = [ix for ix in table.indexes if ix.name not in present]
-    if not missing:
-        return
-    with engine.begin() as connection:
-        for index in missing:
-            index.create(connection, checkfirst=True)
+    first_ids = []
+    for state in _OPEN_STATES:
+        ids = sa_select(table.c.id).where(
+            table.c.model_version == model_version, table.c.state == state
+        )
+        if after_id is not None:
+            ids = ids.where(table.c.id > after_id)
+        if where is not None:
+            ids = ids.where(where)
+        first = ids.order_by(table.c.id).limit(limit).subquery()
+        first_ids.append(sa_select(first.c.id))
+    candidates = union_all(*first_ids).subquery()
+    return sa_select(candidates.c.id).order_by(candidates.c.id).limit(limit)
 
 
 class LedgerStore:
@@ -150,11 +176,30 @@ class LedgerStore:
             yield session
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def _transaction(self, *, immediate: bool = False) -> Iterator[Connection]:
         """One transaction for Core statements, committed on success, rolled back on any
-        exception; see ``_ledger_errors``. Cheaper than a session (a save is on a run's path)."""
+        exception; see ``_ledger_errors``. Cheaper than a session (a save is on a run's path).
+
+        ``immediate``: on SQLite, take the database's write lock first (``BEGIN IMMEDIATE``),
+        for a transaction that reads before it writes: a deferred one would fail, not wait,
+        when another connection wrote in between (WAL's busy snapshot).
+        """
         with self._ledger_errors(), self._engine.begin() as connection:
+            if immediate and self._is_sqlite:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             yield connection
+
+    @property
+    def _is_sqlite(self) -> bool:
+        return self._engine.dialect.name == "sqlite"
+
+    def _clock(self, connection: Connection) -> dt.datetime:
+        """Now, for leases: PostgreSQL's clock (the transaction's start), so that workers on
+        hosts whose clocks differ agree on when a lease runs out; SQLite is on this host."""
+        if self._is_sqlite:
+            return dt.datetime.now(dt.UTC)
+        now: dt.datetime = connection.execute(sa_select(func.now())).scalar_one()
+        return now
 
     def register(self, studies: Iterable[NewStudy], model_version: str) -> int:
         """Insert a row per new (study, model version); existing rows are left as they are.
@@ -239,23 +284,7 @@ class LedgerStore:
         """
         if limit < 1:
             raise ValueError(f"a page holds at least one job, not {limit}")
-        # Per open state, the first ``limit`` ids above the cursor: a range of the (model
-        # version, state, id) index each, however many rows are written, skipped or still to
-        # come. The page is the first ``limit`` of their union; then the rows are read by id.
-        # (One query over all open states would either sort every pending id or walk the model
-        # version's rows in id order, finished ones included.)
-        table = DraftJob.__table__  # type: ignore[attr-defined]
-        first_ids = []
-        for state in _OPEN_STATES:
-            ids = sa_select(table.c.id).where(
-                table.c.model_version == model_version, table.c.state == state
-            )
-            if after_id is not None:
-                ids = ids.where(table.c.id > after_id)
-            first = ids.order_by(table.c.id).limit(limit).subquery()
-            first_ids.append(sa_select(first.c.id))
-        candidates = union_all(*first_ids).subquery()
-        page = sa_select(candidates.c.id).order_by(candidates.c.id).limit(limit)
+        page = _first_open_ids(model_version, limit, after_id=after_id)
         query = select(DraftJob).where(col(DraftJob.id).in_(page)).order_by(col(DraftJob.id))
         with self._session() as session:
             return list(session.exec(query).all())
@@ -272,12 +301,123 @@ class LedgerStore:
             yield page
             after_id = page[-1].id
 
-    def save(self, jobs: Iterable[DraftJob]) -> None:
-        """Persist changed jobs in one transaction.
+    def claim_page(
+        self, model_version: str, worker: str, *, limit: int = _CHUNK, lease_s: float
+    ) -> list[DraftJob]:
+        """Take up to ``limit`` open jobs no other worker holds, oldest first, for ``lease_s``.
 
-        A registered job (it has an id) is one ``UPDATE ... WHERE id = ?`` of every column but
-        its identity (id, study, model version, creation time), all sent as one executemany; a
-        job without an id is inserted whole (loading a ledger, e.g. in tests).
+        A job is free when unclaimed or when its lease has run out (its worker died or stalled).
+        The taken rows get ``claimed_by = worker``, ``lease_until = now + lease_s`` and a new
+        ``version`` (a save by the previous holder then fails: ``save``), in one transaction
+        with the read: PostgreSQL locks the rows it takes (``FOR UPDATE SKIP LOCKED``: workers
+        claiming at the same moment take different jobs, none waits), SQLite holds its write
+        lock (``BEGIN IMMEDIATE``). The read is the index ranges of ``pending_page``. Empty:
+        nothing is free now (jobs held by live workers are theirs).
+        """
+        if limit < 1:
+            raise ValueError(f"a page holds at least one job, not {limit}")
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        for attempt in range(_CLAIM_TRIES):
+            with self._transaction(immediate=True) as connection:
+                now = self._clock(connection)
+                free = or_(table.c.claimed_by.is_(None), table.c.lease_until < now)
+                candidates = _first_open_ids(model_version, limit, where=free).subquery()
+                query = (
+                    sa_select(table.c.id)
+                    .where(table.c.id.in_(sa_select(candidates.c.id)), free)
+                    .order_by(table.c.id)
+                    .limit(limit)
+                )
+                if not self._is_sqlite:
+                    query = query.with_for_update(skip_locked=True)
+                ids = list(connection.execute(query).scalars())
+                if ids:
+                    connection.execute(
+                        update(table)
+                        .where(table.c.id.in_(ids))
+                        .values(
+                            claimed_by=worker,
+                            lease_until=now + dt.timedelta(seconds=lease_s),
+                            version=table.c.version + 1,
+                        )
+                    )
+                    with Session(bind=connection) as session:
+                        read = select(DraftJob).where(col(DraftJob.id).in_(ids))
+                        return list(session.exec(read.order_by(col(DraftJob.id))).all())
+                if self._is_sqlite:
+                    return []
+                # PostgreSQL found none it could lock: nothing is free, or every free candidate
+                # is being claimed by another worker at this moment (its transaction holds the
+                # rows). Only the first ends the claiming; the second is over in milliseconds.
+                left = connection.execute(sa_select(func.count()).select_from(candidates))
+                if left.scalar_one() == 0:
+                    return []
+            time.sleep(min(0.01 * 2**attempt, 0.5))
+        return []
+
+    def renew(self, jobs: Iterable[DraftJob], worker: str, lease_s: float) -> list[DraftJob]:
+        """Extend the leases ``worker`` still holds on ``jobs`` to now + ``lease_s``.
+
+        Returns the jobs it no longer holds (taken by another worker after the lease ran out,
+        released, or finished): not renewed. Renewing changes no ``version``, so saves of the
+        same jobs in flight meanwhile stay valid.
+        """
+        jobs = [job for job in jobs if job.id is not None]
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        held: set[int] = set()
+        with self._transaction() as connection:
+            until = self._clock(connection) + dt.timedelta(seconds=lease_s)
+            for start in range(0, len(jobs), _CHUNK):
+                ids = [job.id for job in jobs[start : start + _CHUNK]]
+                statement = (
+                    update(table)
+                    .where(table.c.id.in_(ids), table.c.claimed_by == worker)
+                    .values(lease_until=until)
+                    .returning(table.c.id)
+                )
+                held.update(connection.execute(statement).scalars())
+        lost = []
+        for job in jobs:
+            if job.id in held:
+                job.lease_until = until
+            else:
+                lost.append(job)
+        return lost
+
+    def release(self, jobs: Iterable[DraftJob], worker: str) -> int:
+        """Free the claims ``worker`` holds on ``jobs`` (a run ending with jobs not finished:
+        failed ones, to be retried by the next run, or ones it never started). Jobs another
+        worker holds now are left alone. Returns how many were released."""
+        jobs = list(jobs)
+        ids = [job.id for job in jobs if job.id is not None]
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        released = 0
+        with self._transaction() as connection:
+            for start in range(0, len(ids), _CHUNK):
+                statement = (
+                    update(table)
+                    .where(table.c.id.in_(ids[start : start + _CHUNK]))
+                    .where(table.c.claimed_by == worker)
+                    .values(claimed_by=None, lease_until=None)
+                )
+                released += connection.execute(statement).rowcount
+        for job in jobs:
+            if job.claimed_by == worker:
+                job.claimed_by = job.lease_until = None
+        return released
+
+    def save(self, jobs: Iterable[DraftJob]) -> None:
+        """Persist changed jobs in one transaction, each only if nobody changed it meanwhile.
+
+        A registered job (it has an id) is an ``UPDATE ... WHERE id = ? AND version = ?`` of
+        every column but its identity (id, study, model version, creation time) and its claim,
+        bumping ``version`` (in the row and on the job). A job in a terminal state also gives
+        up its claim. A job without an id is inserted whole (loading a ledger, e.g. in tests).
+
+        A job whose row has moved to another version was claimed by another worker after this
+        one's lease ran out: it is not written (the new holder's progress stands), the batch's
+        other jobs are, and ``LeaseLostError`` names the lost ones once the rest is committed.
+        A job whose row is gone (deleted) saves nothing at all: ``LookupError``.
         """
         jobs = list(jobs)
         if not jobs:
@@ -288,27 +428,76 @@ class LedgerStore:
             for job in jobs
             if job.id is None
         ]
-        columns = [c.name for c in table.columns if c.name not in _IDENTITY]
-        changed = [
-            {"job_id": job.id} | {name: getattr(job, name) for name in columns}
-            for job in jobs
-            if job.id is not None
-        ]
-        # The SET clause comes from the keys of the rows.
-        statement = update(table).where(table.c.id == bindparam("job_id"))
+        registered = [job for job in jobs if job.id is not None]
+        columns = [c.name for c in table.columns if c.name not in _IDENTITY | _CLAIM]
+        statement = update(table).where(
+            table.c.id == bindparam("job_id"), table.c.version == bindparam("expected")
+        )
+        rows = []
+        for job in registered:
+            row = {"job_id": job.id, "expected": job.version, "version": job.version + 1}
+            row |= {name: getattr(job, name) for name in columns}
+            if job.state in TERMINAL:
+                row |= {"claimed_by": None, "lease_until": None}
+            rows.append(row)
         with self._transaction() as connection:
             if new:
                 connection.execute(table.insert(), new)
-            if not changed:
-                return
-            result = connection.execute(statement, changed)
-            if self._engine.dialect.supports_sane_multi_rowcount and result.rowcount != len(
-                changed
-            ):
-                raise LookupError(  # rolls the transaction back
-                    f"save(): {len(changed) - result.rowcount} of {len(changed)} jobs are not in "
-                    "the ledger (deleted?); nothing was saved"
+            saved = self._conditional_updates(connection, statement, rows)
+            missed = [job for job in registered if job.id not in saved]
+            if missed:
+                there = set(
+                    connection.execute(
+                        sa_select(table.c.id).where(table.c.id.in_([j.id for j in missed]))
+                    ).scalars()
                 )
+                gone = len(missed) - len(there)
+                if gone:
+                    raise LookupError(  # rolls the transaction back
+                        f"save(): {gone} of {len(registered)} jobs are not in the ledger "
+                        "(deleted?); nothing was saved"
+                    )
+        for job in registered:
+            if job.id in saved:
+                job.version += 1
+                if job.state in TERMINAL:
+                    job.claimed_by = job.lease_until = None
+        if missed:
+            refs = tuple(job.study_ref for job in missed)
+            raise LeaseLostError(
+                f"{len(missed)} of {len(registered)} jobs were taken by another worker "
+                f"(lease ran out) and not saved: {', '.join(refs[:20])}",
+                refs,
+                tuple(job.id for job in missed if job.id is not None),
+            )
+
+    def _conditional_updates(
+        self, connection: Connection, statement: Any, rows: list[dict[str, Any]]
+    ) -> set[int]:
+        """Run the save's conditional UPDATE over ``rows``; returns the ids it changed.
+
+        SQLite (in process) runs one statement per row, its rowcount telling whether it
+        applied. PostgreSQL first tries one executemany per group of rows with the same keys
+        (the SET clause comes from the keys; terminal rows also clear the claim), one round
+        trip, inside a savepoint: when every row applied, the usual case, that is all;
+        otherwise (a lost lease, a deleted row) the savepoint is rolled back and the rows go
+        one by one.
+        """
+        if not rows:
+            return set()
+        if not self._is_sqlite:
+            groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+            for row in rows:
+                groups.setdefault(frozenset(row), []).append(row)
+            savepoint = connection.begin_nested()
+            if all(
+                connection.execute(statement, group).rowcount == len(group)
+                for group in groups.values()
+            ):
+                savepoint.commit()
+                return {row["job_id"] for row in rows}
+            savepoint.rollback()
+        return {row["job_id"] for row in rows if connection.execute(statement, row).rowcount == 1}
 
     def counts(self, model_version: str) -> dict[JobState, int]:
         """How many jobs of the model version are in each state (every state, zeros included),

@@ -1,7 +1,8 @@
 """The main job: draft preliminary reports for new studies, end to end, idempotent and resumable.
 
     discover (PACS query → ledger rows)
-      → one pipeline over the pending jobs, read from the ledger in keyset pages:
+      → one pipeline over the pending jobs, claimed from the ledger as places free up
+        (several workers may share the ledger: each takes other jobs, under a lease):
           fetch (EHR context, PACS headers, chosen images)  ≤ job.fetch_concurrency at once
           draft (model)                                     ≤ model capacity at once
           write (EHR transaction)                           ≤ job.write_concurrency at once
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import multiprocessing
 import time
@@ -47,6 +49,7 @@ from flows.study_images import load_model_images
 from medvlm.errors import (
     EhrNotFoundError,
     EngineUnavailableError,
+    LeaseLostError,
     LedgerUnavailableError,
     MedvlmError,
     ModelServiceStartError,
@@ -64,6 +67,7 @@ from pipeline.fhir_resources import (
 from pipeline.identity import check_patient_identity
 from pipeline.imaging import study_reference
 from pipeline.ledger import (
+    TERMINAL,
     DraftJob,
     JobState,
     advance,
@@ -410,6 +414,22 @@ class _GroupCommit:
                 await loop.run_in_executor(
                     self._executor, self._ledger.save, [job for job, _ in batch]
                 )
+            except LeaseLostError as exc:
+                # Only the lost jobs' waiters get it; the batch's other jobs were saved.
+                lost = set(exc.job_ids)
+                for job, done in batch:
+                    if done.done():
+                        continue
+                    if job.id in lost:
+                        done.set_exception(
+                            LeaseLostError(
+                                f"{job.study_ref}: taken by another worker (lease ran out)",
+                                (job.study_ref,),
+                                (job.id,) if job.id is not None else (),
+                            )
+                        )
+                    else:
+                        done.set_result(None)
             except BaseException as exc:
                 # Handed to every waiter (LedgerUnavailableError then stops the run).
                 for _, done in batch:
@@ -532,6 +552,8 @@ async def _process_job(stages: _Stages, job: DraftJob, *, dry_run: bool) -> Draf
                 advance(job, JobState.WRITTEN, fhir_ids=written, reason=None, error_type=None)
     except _STOPS_RUN:
         raise
+    except LeaseLostError:  # another worker has the study now: not this run's to record
+        raise
     except Exception as exc:  # the per-study boundary: recorded on the study, never raised
         failed_at = job.state
         reason = failure_reason(exc, job, failed_at)
@@ -555,6 +577,7 @@ class RunTally:
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     flags: dict[str, int] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)  # taken by another worker: not attempted
     stage_s: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     model_busy_s: float = 0.0
@@ -578,17 +601,119 @@ class RunTally:
             self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
 
 
+class _Claims:
+    """The jobs a run holds by claim: taken as places in the pipeline free up, their leases
+    renewed while the run holds them, released when it ends.
+
+    A job that ends in a terminal state gave its claim up with that save; one that ends
+    otherwise (failed, to be retried by the next run; drafted in a dry run) stays held, so
+    that no worker takes it again in this run, and is released at the end.
+    """
+
+    def __init__(self, services: Services, executor: Executor) -> None:
+        self._ledger = services.ledger
+        self._version = services.model.version
+        self._worker = services.job.worker_id
+        self._lease_s = services.job.lease_s
+        self._page_size = services.job.page_size
+        self._executor = executor
+        self.held: dict[int, DraftJob] = {}
+
+    def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs)
+        )
+
+    async def next_page(self, alive: asyncio.Semaphore) -> list[DraftJob]:
+        """Claim as many jobs as the pipeline has free places (at least one, waited for; at
+        most ``job.page_size``), so claimed jobs do not wait for a place while their leases
+        run. Each job returned holds one place of ``alive``. Empty: nothing left to claim."""
+        await alive.acquire()
+        places = 1
+        while places < self._page_size and not alive.locked():
+            await alive.acquire()
+            places += 1
+        try:
+            page: list[DraftJob] = await self._io(
+                self._ledger.claim_page,
+                self._version,
+                self._worker,
+                limit=places,
+                lease_s=self._lease_s,
+            )
+        except BaseException:
+            for _ in range(places):
+                alive.release()
+            raise
+        for _ in range(places - len(page)):
+            alive.release()
+        self.held.update((job.id, job) for job in page if job.id is not None)
+        return page
+
+    def finished(self, job: DraftJob) -> None:
+        if job.state in TERMINAL and job.id is not None:
+            self.held.pop(job.id, None)  # its save gave the claim up
+
+    def lost(self, job: DraftJob) -> None:
+        if job.id is not None:
+            self.held.pop(job.id, None)
+
+    async def renew_periodically(self) -> None:
+        """Every lease_s/3, extend the leases of the held jobs; a job found lost (its lease
+        ran out and another worker took it) is let go here, and its next save fails."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            jobs = list(self.held.values())
+            if not jobs:
+                continue
+            lost = await self._io(self._ledger.renew, jobs, self._worker, self._lease_s)
+            for job in lost:
+                # A terminal save that committed during the renewal gave the claim up itself.
+                if job.state in TERMINAL or job.id is None:
+                    continue
+                if self.held.pop(job.id, None) is not None:
+                    log.warning(
+                        "%s: lease lost to another worker; this run lets the study go",
+                        job.study_ref,
+                    )
+
+    def release_all(self) -> None:
+        """Give back the claims still held (blocking; the run's I/O threads are gone)."""
+        if not self.held:
+            return
+        jobs = list(self.held.values())
+        try:
+            released = self._ledger.release(jobs, self._worker)
+        except LedgerUnavailableError as exc:
+            # Not raised over the run's own outcome: the leases run out by themselves.
+            log.warning(
+                "could not release %d claimed jobs (%s); others take them after job.lease_s",
+                len(jobs),
+                exc,
+            )
+            return
+        self.held.clear()
+        log.debug("released %d claimed jobs", released)
+
+
 async def run_pending(
     services: Services,
-    pages: Iterable[Sequence[DraftJob]],
+    pages: Iterable[Sequence[DraftJob]] | None = None,
     *,
     dry_run: bool = False,
     limits: StageLimits | None = None,
 ) -> RunTally:
-    """Drive every job of ``pages`` through fetch → draft → write, each stage bounded.
+    """Drive jobs through fetch → draft → write, each stage bounded.
 
-    Pages are read one at a time (in an I/O thread) and only as studies finish: at most
-    ``limits.alive`` jobs are in progress. A ledger failure cancels the rest and is raised.
+    ``pages`` None: the jobs are claimed from the ledger (``LedgerStore.claim_page``, as
+    ``job.worker_id`` for ``job.lease_s``) as places in the pipeline free up, so other
+    workers on the same ledger take other jobs; ``_Claims`` renews and releases them. Given
+    ``pages`` (jobs the caller has, no claims) are read one at a time in an I/O thread as
+    studies finish. Either way at most ``limits.alive`` jobs are in progress.
+
+    A job another worker took meanwhile (its lease ran out) is dropped with a warning and not
+    counted (``RunTally.lost``); the run goes on. A ledger failure cancels the rest and is
+    raised.
     """
     limits = limits or StageLimits.of(services)
     tally = RunTally()
@@ -605,23 +730,43 @@ async def run_pending(
     )
     stages = _Stages(services, limits, executor, image_pool)
     alive = asyncio.Semaphore(limits.alive)
-    page_iterator = iter(pages)
+    claims = _Claims(services, executor) if pages is None else None
     loop = asyncio.get_running_loop()
 
     async def one(job: DraftJob) -> None:
         try:
-            tally.record(await _process_job(stages, job, dry_run=dry_run))
+            try:
+                done = await _process_job(stages, job, dry_run=dry_run)
+            except LeaseLostError:
+                log.warning("%s: taken by another worker (lease ran out); dropped", job.study_ref)
+                tally.lost.append(job.study_ref)
+                if claims is not None:
+                    claims.lost(job)
+                return
+            tally.record(done)
+            if claims is not None:
+                claims.finished(done)
         finally:
             alive.release()
 
     try:
         async with asyncio.TaskGroup() as group:
-            while (
-                page := await loop.run_in_executor(executor, next, page_iterator, None)
-            ) is not None:
-                for job in page:
+            if claims is not None:
+                renewing = group.create_task(claims.renew_periodically())
+                while page := await claims.next_page(alive):
+                    for job in page:
+                        group.create_task(one(job))  # its place in ``alive`` is taken
+                for _ in range(limits.alive):  # every job done
                     await alive.acquire()
-                    group.create_task(one(job))
+                renewing.cancel()
+            else:
+                page_iterator = iter(pages or ())
+                while (
+                    given := await loop.run_in_executor(executor, next, page_iterator, None)
+                ) is not None:
+                    for job in given:
+                        await alive.acquire()
+                        group.create_task(one(job))
     except BaseExceptionGroup as failed:
         errors: list[BaseException] = list(failed.exceptions)
         raise next((e for e in errors if isinstance(e, _STOPS_RUN)), errors[0]) from None
@@ -632,6 +777,8 @@ async def run_pending(
             executor.shutdown(wait=True)
             if image_pool is not None:
                 image_pool.shutdown(wait=True, cancel_futures=True)
+            if claims is not None:
+                claims.release_all()
     tally.wall_s = time.perf_counter() - started
     stages.settle()
     tally.model_busy_s = stages.model_busy_s
@@ -648,9 +795,10 @@ async def process_chunk(
 
 
 def pending_pages(services: Services) -> Iterator[list[DraftJob]]:
-    """The jobs a run still has to do, in keyset pages of ``job.page_size`` (oldest first).
+    """The jobs still to do, in keyset pages of ``job.page_size`` (oldest first), unclaimed:
+    for a reader that changes nothing (a run claims its jobs: ``run_pending``).
 
-    A job finished or failed in this run is behind the cursor and is not read again.
+    A job finished or failed meanwhile is behind the cursor and is not read again.
     """
     return services.ledger.pending_pages(services.model.version, page_size=services.job.page_size)
 
@@ -693,5 +841,6 @@ def run_draft_job(
 
 
 def draft_pending(services: Services, dry_run: bool = False) -> RunTally:
-    """Every pending job of the model version, through one bounded pipeline."""
-    return asyncio.run(run_pending(services, pending_pages(services), dry_run=dry_run))
+    """Every pending job of the model version that no other worker holds, claimed as the
+    pipeline takes them, through one bounded pipeline."""
+    return asyncio.run(run_pending(services, dry_run=dry_run))

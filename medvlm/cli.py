@@ -398,6 +398,51 @@ def show_settings() -> None:
 
 app.add_typer(dev_app, name="dev", help="Local development servers (Orthanc, FHIR).")
 
+db_app = typer.Typer(help="The job ledger's schema (job.ledger_url).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the ledger to this release's schema (before starting workers on PostgreSQL;
+    safe to run from several places at once)."""
+    from connectors.ledger_schema import upgrade
+    from connectors.ledger_store import ledger_engine
+
+    settings = _settings()
+    assert settings.job.ledger_url is not None
+    engine = ledger_engine(settings.job.ledger_url)
+    try:
+        before, now = upgrade(engine)
+    except MedvlmError as exc:
+        _fail(exc)
+    finally:
+        engine.dispose()
+    if before == now:
+        console.print(f"ledger already at revision {now}")
+    else:
+        console.print(f"ledger upgraded from revision {before or 'none'} to {now}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the ledger's schema revision and the one this release needs."""
+    from connectors.ledger_schema import current_revision, head_revision
+    from connectors.ledger_store import ledger_engine
+
+    settings = _settings()
+    assert settings.job.ledger_url is not None
+    engine = ledger_engine(settings.job.ledger_url)
+    try:
+        current = current_revision(engine)
+    except MedvlmError as exc:
+        _fail(exc)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    state = "up to date" if current == head else "behind: run `medvlm db upgrade`"
+    console.print(f"ledger revision {current or 'none'}, this release needs {head} ({state})")
+
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())

@@ -109,6 +109,30 @@ class LedgerUnavailableError(MedvlmError):
     """The job ledger's database cannot be read or written: the run stops, no study is blamed."""
 
 
+class LedgerSchemaBehindError(LedgerUnavailableError):
+    """The ledger's schema is older than this release needs (PostgreSQL is migrated only on
+    request: ``medvlm db upgrade``); nothing was read or written."""
+
+
+class LeaseLostError(MedvlmError):
+    """Jobs this worker was saving now belong to another worker (their lease ran out and they
+    were claimed again): they were not saved, the batch's other jobs were.
+
+    ``study_refs`` holds their non-identifying references, ``job_ids`` their ledger row ids.
+    Not a study's failure: the new holder finishes them.
+    """
+
+    def __init__(
+        self, message: str, study_refs: tuple[str, ...] = (), job_ids: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(message, study_refs, job_ids)
+        self.study_refs = study_refs
+        self.job_ids = job_ids
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

@@ -668,6 +668,37 @@ class JobSettings(BaseModel):
             "the pixels). Off: they are drafted and flagged `burned-in-annotation`."
         ),
     )
+    worker_id: str = Field(
+        default_factory=lambda: JobSettings.default_worker_id(),
+        min_length=1,
+        max_length=200,
+        description=(
+            "This worker's name in the ledger's claims (several workers may share one "
+            "PostgreSQL ledger). Unset: host:pid:random, new for every process; set it only to "
+            "a value no other running worker has."
+        ),
+    )
+    lease_s: float = Field(
+        default=600.0,
+        ge=1,
+        le=86_400,
+        description=(
+            "Seconds a job claimed by this worker stays its own without renewal (the run "
+            "renews its claims every lease_s/3, and releases them when it ends); a worker that "
+            "dies loses its jobs to the others this long after its last renewal. Must exceed "
+            "a study's fetch + draft + write time, so that a stalled renewal does not hand a "
+            "study in progress to another worker."
+        ),
+    )
+
+    @staticmethod
+    def default_worker_id() -> str:
+        """host:pid:random suffix (the suffix tells apart processes that reuse a pid)."""
+        import os
+        import secrets
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"[:200]
 
 
 def _default_alert_rules() -> list[AlertRule]:

@@ -117,6 +117,21 @@ class DraftJob(SQLModel, table=True):
     )
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+    # Claims (several workers on one ledger): a worker takes jobs by stamping its id and a
+    # lease; another may take a job only once the lease has run out. ``version`` is bumped by
+    # every claim and save, and a save applies only to the version it read, so a worker that
+    # lost a job (lease expired, taken by another) cannot overwrite the new owner's progress.
+    claimed_by: str | None = Field(
+        default=None, max_length=200, description="Worker holding the job; NULL when free."
+    )
+    lease_until: datetime | None = Field(
+        default=None, description="When the claim runs out (UTC); then any worker may take it."
+    )
+    version: int = Field(
+        default=0,
+        sa_column_kwargs={"server_default": "0"},
+        description="Bumped by every claim and save (optimistic concurrency).",
+    )
 
 
 def advance(job: DraftJob, to: JobState, **changes: Any) -> DraftJob:

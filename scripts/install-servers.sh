@@ -7,6 +7,8 @@
 #      requirements/fhir-server.txt (they differ from the project's).
 #   3. The LD_PRELOAD shim scripts/bind_loopback.c, compiled to MEDVLM_HOME/lib/bind_loopback.so,
 #      which keeps Orthanc (no bind-address option in 1.10) on loopback.
+#   4. PostgreSQL 15 from Debian (postgresql-15), WITHOUT starting its service: the tests of
+#      several workers on one ledger start a throwaway cluster of their own (initdb, pg_ctl).
 #
 # The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/dev/servers.py).
 #
@@ -147,6 +149,28 @@ install_orthanc() {
 }
 
 # --------------------------------------------------------------------------------------------
+install_postgresql() {
+    if pkg_installed postgresql-15; then
+        step "PostgreSQL: already installed ($(dpkg-query -W -f='${Version}' postgresql-15))"
+        return 0
+    fi
+    step "PostgreSQL: installing postgresql-15"
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: PostgreSQL comes from Debian packages"
+    apt_update_if_needed postgresql-15
+    if [ -e "$POLICY_RC" ]; then
+        POLICY_RC_BACKUP="$(mktemp /usr/sbin/policy-rc.d.medvlm-backup.XXXXXX)"
+        as_root cp -p "$POLICY_RC" "$POLICY_RC_BACKUP"
+    fi
+    printf '#!/bin/sh\n# medvlm install-servers: no service starts during package installs\nexit 101\n' \
+        | as_root tee "$POLICY_RC" >/dev/null
+    as_root chmod 0755 "$POLICY_RC"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql-15
+    restore_policy_rc
+    [ -x /usr/lib/postgresql/15/bin/initdb ] || die "/usr/lib/postgresql/15/bin/initdb missing after install"
+    info "installed PostgreSQL $(dpkg-query -W -f='${Version}' postgresql-15); system service not started"
+}
+
+# --------------------------------------------------------------------------------------------
 find_python() {
     local cand
     if [ -n "${MEDVLM_FHIR_PYTHON:-}" ]; then echo "$MEDVLM_FHIR_PYTHON"; return 0; fi
@@ -227,5 +251,6 @@ if [ "$SHIM_ONLY" = 1 ]; then
 fi
 install_orthanc
 install_fhir_server
+install_postgresql
 build_shim
 step "done: start the servers with 'medvlm dev up'"

@@ -34,7 +34,15 @@ disable_third_party_telemetry()
 # Fixtures that start a server or an engine (tests/integration/conftest*.py): no unit test may
 # use one, directly or through another fixture.
 SERVER_FIXTURES = frozenset(
-    {"serve_handle", "serve_url", "dev_servers", "orthanc", "fhir_base_url", "prefect_api"}
+    {
+        "serve_handle",
+        "serve_url",
+        "dev_servers",
+        "orthanc",
+        "fhir_base_url",
+        "prefect_api",
+        "postgres",
+    }
 )
 
 

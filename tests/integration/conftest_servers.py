@@ -1,4 +1,5 @@
-"""Pytest plugin: the real dev servers (Orthanc, FHIR R4), started once per test session.
+"""Pytest plugin: the real dev servers (Orthanc, FHIR R4) and a PostgreSQL for the job ledger,
+started once per test session.
 
 Registered from ``tests/conftest.py`` with ``pytest_plugins``. The servers run from a workdir under
 pytest's temporary directory on free loopback ports, through the product's own
@@ -9,9 +10,17 @@ loopback by the bind shim that ``scripts/install-servers.sh`` builds).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,6 +81,104 @@ def dev_servers(
             servers.down()
         finally:
             servers.close()
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: superuser ``medvlm``, trust auth, loopback only."""
+
+    host: str
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://medvlm@{self.host}:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; returns its SQLAlchemy URL."""
+        import psycopg
+
+        name = f"ledger_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(
+            host=self.host, port=self.port, user="medvlm", dbname="postgres", autocommit=True
+        ) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _postgres_bin() -> Path:
+    """Debian's PostgreSQL 15 programs (not on PATH); ``MEDVLM_TEST_PG_BIN`` overrides."""
+    return Path(os.environ.get("MEDVLM_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _as_postgres_user(args: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: as root, run them as the ``postgres``
+    system user (Debian's package creates it); as anyone else, as oneself."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """PostgreSQL 15, initialised in a temporary folder and started on a free loopback port
+    (its Unix socket in that folder too) for the session; stopped by PID at the end."""
+    bindir = _postgres_bin()
+    if not (bindir / "initdb").is_file():
+        pytest.fail(
+            f"PostgreSQL not found at {bindir}: run scripts/install-servers.sh (postgresql-15)",
+            pytrace=False,
+        )
+    # Not under pytest's temporary folder: that one is private to root, and the server runs
+    # as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="medvlm-pg-"))
+    data, log = root / "data", root / "server.log"
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    port = _free_loopback_ports(1)[0]
+    pid: int | None = None
+    try:
+        subprocess.run(
+            _as_postgres_user(
+                [
+                    *(str(bindir / "initdb"), "-D", str(data), "-U", "medvlm", "--auth=trust"),
+                    *("--encoding=UTF8", "--locale=C", "--no-sync"),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        started = subprocess.run(
+            _as_postgres_user(
+                [
+                    *(str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(log)),
+                    *("-w", "-t", "60", "-o", options),
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        if started.returncode != 0:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{tail}", pytrace=False)
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        yield PostgresServer("127.0.0.1", port)
+    finally:
+        if pid is not None:
+            stopped = subprocess.run(
+                _as_postgres_user(
+                    [str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]
+                ),
+                capture_output=True,
+                timeout=60,
+            )
+            if stopped.returncode != 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

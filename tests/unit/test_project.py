@@ -36,9 +36,21 @@ def test_readme_opens_with_exactly_two_commands_and_ci_runs_both() -> None:
 
 # Written out, not read from the app: a new command is added here too, on purpose.
 COMMANDS: dict[tuple[str, ...], set[str]] = {
-    (): {"model", "serve", "run", "demo", "draft-one", "fairness", "deploy", "settings", "dev"},
+    (): {
+        "model",
+        "serve",
+        "run",
+        "demo",
+        "draft-one",
+        "fairness",
+        "deploy",
+        "settings",
+        "dev",
+        "db",
+    },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
+    ("db",): {"upgrade", "current"},
 }
 
 

@@ -1,0 +1,252 @@
+"""Several workers on one PostgreSQL ledger, each a real OS process: claims, leases, migrations.
+
+The ledger is a real PostgreSQL 15 (the ``postgres`` fixture, a fresh database per test); the
+workers run tests/integration/ledger_worker.py (the product's ``draft_pending``, a folder PACS
+and EHR, the scripted drafter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlmodel import SQLModel
+
+from connectors.ledger_schema import alembic_config, head_revision, upgrade
+from connectors.ledger_store import LedgerStore, NewStudy, ledger_engine, open_engine
+from medvlm.errors import LedgerSchemaBehindError
+from pipeline.imaging import study_reference
+from pipeline.ledger import JobState
+from tests.integration.conftest_servers import PostgresServer
+from tests.unit.test_flow_states import VERSION, World
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDVLM = str(Path(sys.executable).parent / "medvlm")
+
+
+def _world(root: Path, studies: int, ledger_url: str) -> World:
+    """``studies`` studies in a folder PACS and their orders in a folder EHR, registered in the
+    PostgreSQL ledger."""
+    world = World(root)
+    for _ in range(studies):
+        world.add()
+    with _ledger(ledger_url) as store:
+        new = [
+            NewStudy(c.study_uid, study_reference(c.study_uid), c.accession) for c in world.cases
+        ]
+        assert store.register(new, VERSION) == studies
+    return world
+
+
+@contextmanager
+def _ledger(url: str) -> Iterator[LedgerStore]:
+    engine = open_engine(url)
+    try:
+        yield LedgerStore(engine)
+    finally:
+        engine.dispose()
+
+
+def _upgrade(url: str) -> tuple[str | None, str]:
+    engine = ledger_engine(url)
+    try:
+        return upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def _run_workers(
+    world: World, ledger_url: str, *, lease_s: float, kill_after: dict[str, int] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
+    """Four workers until every job is done; returns their exit codes and the record."""
+    record = world.root / "record.tsv"
+    go = world.root / "go"
+    workers: dict[str, subprocess.Popen[bytes]] = {}
+    for n in range(4):
+        name = f"worker-{n}"
+        args = {
+            "ledger_url": ledger_url,
+            "root": str(world.root),
+            "worker": name,
+            "lease_s": lease_s,
+            "record": str(record),
+            "go": str(go),
+            "kill_after": (kill_after or {}).get(name),
+            "deadline_s": 240,
+        }
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.ledger_worker", json.dumps(args)],
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(world.root.glob("ready-*"))) < len(workers):
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(w.poll() is None for w in workers.values()), "a worker ended early"
+            time.sleep(0.1)
+        go.touch()
+        codes = {name: worker.wait(timeout=300) for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
+    lines = record.read_text().splitlines()
+    return codes, [(w, ref, event) for w, ref, event in (line.split("\t") for line in lines)]
+
+
+def _drafts_per_order(world: World) -> dict[str, int]:
+    per_order: dict[str, int] = defaultdict(int)
+    for report in world.drafts():
+        (order,) = report["basedOn"]
+        per_order[order["reference"]] += 1
+    return per_order
+
+
+def test_four_worker_processes_draft_400_studies_each_once(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    _upgrade(url)
+    world = _world(tmp_path, 400, url)
+    codes, record = _run_workers(world, url, lease_s=30)
+    assert codes == dict.fromkeys(codes, 0)
+    drafted = defaultdict(list)
+    written = defaultdict(list)
+    for worker, ref, event in record:
+        if event == "draft":
+            drafted[ref].append(worker)
+        elif event == JobState.WRITTEN:
+            written[ref].append(worker)
+    refs = {case.ref for case in world.cases}
+    assert set(drafted) == set(written) == refs
+    assert all(len(workers) == 1 for workers in drafted.values())  # no study drafted twice
+    assert all(written[ref] == drafted[ref] for ref in refs)  # written by who drafted it
+    assert {w for (w,) in drafted.values()} == {f"worker-{n}" for n in range(4)}
+    with _ledger(url) as store:
+        assert store.counts(VERSION)[JobState.WRITTEN] == 400
+        jobs = store.jobs(VERSION)
+    assert all(job.claimed_by is None and job.lease_until is None for job in jobs)
+    per_order = _drafts_per_order(world)
+    assert len(per_order) == 400 and set(per_order.values()) == {1}
+
+
+def test_the_studies_of_a_killed_worker_are_taken_over_after_its_leases_run_out(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    _upgrade(url)
+    world = _world(tmp_path, 80, url)
+    codes, record = _run_workers(world, url, lease_s=3, kill_after={"worker-0": 3})
+    assert codes.pop("worker-0") == -signal.SIGKILL
+    assert codes == dict.fromkeys(codes, 0)
+    drafted_by_killed = {ref for worker, ref, event in record if worker == "worker-0"}
+    finished_by_killed = {
+        ref for worker, ref, event in record if worker == "worker-0" and event != "draft"
+    }
+    in_flight = drafted_by_killed - finished_by_killed
+    written = defaultdict(list)
+    for worker, ref, event in record:
+        if event == JobState.WRITTEN:
+            written[ref].append(worker)
+    assert all(len(workers) == 1 for workers in written.values())
+    # What it held when it died was finished by the others once its leases ran out (a study
+    # it had saved as written just before, without recording it, is not among these).
+    taken_over = {ref for ref in in_flight if ref in written}
+    assert taken_over and all(written[ref] != ["worker-0"] for ref in taken_over)
+    with _ledger(url) as store:
+        assert store.counts(VERSION)[JobState.WRITTEN] == 80  # nothing lost
+    per_order = _drafts_per_order(world)
+    assert len(per_order) == 80 and set(per_order.values()) == {1}
+
+
+# -- the schema ----------------------------------------------------------------------------------
+
+
+def test_db_upgrade_run_twice_at_once_on_a_fresh_database(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    env = {**os.environ, "MEDVLM_HOME": str(tmp_path), "MEDVLM_JOB__LEDGER_URL": url}
+    runs = [
+        subprocess.Popen(
+            [MEDVLM, "db", "upgrade"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert all(head_revision() in output for output in outputs)
+    current = subprocess.run(
+        [MEDVLM, "db", "current"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert current.returncode == 0 and "up to date" in current.stdout, current.stdout
+    with _ledger(url) as store, store._engine.connect() as connection:  # at head: opens
+        assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
+
+
+def test_opening_a_ledger_that_is_behind_says_to_run_db_upgrade(postgres: PostgresServer) -> None:
+    url = postgres.create_database()
+    with pytest.raises(LedgerSchemaBehindError, match=r"no revision .*`medvlm db upgrade`"):
+        open_engine(url)
+    engine = ledger_engine(url)
+    command.upgrade(alembic_config(engine), "0001")
+    with pytest.raises(LedgerSchemaBehindError, match=r"revision 0001, .*`medvlm db upgrade`"):
+        open_engine(url)
+    assert "version" not in {c["name"] for c in inspect(engine).get_columns("draft_job")}
+    engine.dispose()
+
+
+def test_a_postgresql_ledger_from_before_migrations_is_adopted_with_its_rows(
+    postgres: PostgresServer,
+) -> None:
+    url = postgres.create_database()
+    engine = ledger_engine(url)
+    command.upgrade(alembic_config(engine), "0001")  # the tables create_all made
+    row: dict[str, Any] = {"uid": "1.2.3", "ref": "study-old", "at": "2026-01-01"}
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(
+            text(
+                "INSERT INTO draft_job (study_uid, study_ref, model_version, state, attempts, "
+                "flags, timings, links, context_sources, subgroups, fhir_ids, created_at, "
+                "updated_at) VALUES (:uid, :ref, 'v0', 'FAILED', 1, '[]', '{}', '{}', '[]', "
+                "'{}', '{}', :at, :at)"
+            ),
+            row,
+        )
+    assert upgrade(engine) == (None, head_revision())
+    engine.dispose()
+    with _ledger(url) as store:
+        (job,) = store.jobs("v0")
+        (claimed,) = store.claim_page("v0", "worker-a", limit=5, lease_s=60)
+    assert (job.study_ref, job.state, job.version, job.claimed_by) == (
+        "study-old",
+        JobState.FAILED,
+        0,
+        None,
+    )
+    assert claimed.id == job.id and claimed.version == 1
