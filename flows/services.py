@@ -57,10 +57,12 @@ def model_capacity(settings: MedvlmSettings) -> int:
     """Requests the model service takes at once: every replica's ``max_ongoing_requests``.
 
     Local and ``http`` endpoints are this project's Serve application, configured by the same
-    ``serving`` settings; an ``openai`` endpoint is taken as one replica of that size.
+    ``serving`` settings; an ``openai`` endpoint is taken as one replica of that size. With
+    autoscaling the run keeps ``max_replicas`` replicas busy: the requests queued beyond what
+    the running replicas take are the load that makes Serve add replicas.
     """
     serving = settings.serving
-    replicas = 1 if settings.job.model_endpoint == "openai" else serving.num_replicas
+    replicas = 1 if settings.job.model_endpoint == "openai" else serving.replicas_at_most
     return replicas * serving.max_ongoing_requests
 
 

@@ -142,7 +142,76 @@ class ServingSettings(BaseModel):
     )
     port: int = Field(default=8765, ge=1, le=65535, description="Port of Ray Serve's HTTP proxy.")
     route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
-    num_replicas: int = Field(default=1, ge=1, description="Model replicas.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        default="EveryNode",
+        description=(
+            "Where Ray Serve runs its HTTP proxies: on every node with a replica (a cluster's "
+            "load balancer spreads over them), on the head only (nodes that share one address, "
+            "e.g. a test cluster on one host: proxies on one host and port would collide), or "
+            "none (handles only)."
+        ),
+    )
+    num_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "A fixed number of model replicas. Unset: 1, or as many as autoscaling decides when "
+            "`max_replicas` is set (the two exclude each other)."
+        ),
+    )
+    min_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Autoscaling: replicas kept when idle, and started first (Serve's `min_replicas`). "
+            "Unset: 1. 0 frees the model's resources when idle, at the cost of a cold start "
+            "(a minute or more for vLLM) on the next request. Needs `max_replicas`."
+        ),
+    )
+    max_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Autoscaling on: Ray Serve runs between `min_replicas` and this many replicas, "
+            "following the queued requests (Serve's `autoscaling_config`). Unset: a fixed "
+            "`num_replicas`. The flows size their concurrency for this many replicas."
+        ),
+    )
+    target_ongoing_requests: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Autoscaling: requests per replica, running and queued, that Serve aims at; more "
+            "scales up, fewer scales down. At most `max_ongoing_requests` (below it leaves "
+            "headroom). Unset: Serve's default (2). Needs `max_replicas`."
+        ),
+    )
+    upscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Autoscaling: seconds the load must stay above target before a replica is added. "
+            "Unset: Serve's default (30). Needs `max_replicas`."
+        ),
+    )
+    downscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Autoscaling: seconds the load must stay below target before a replica is removed. "
+            "Unset: Serve's default (600). Needs `max_replicas`."
+        ),
+    )
+    max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description=(
+            "Replicas of the model one Ray node runs at most (Serve's `max_replicas_per_node`): "
+            "1 spreads the replicas over nodes, so losing a node loses one replica. Unset: Serve "
+            "packs replicas wherever resources are free."
+        ),
+    )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(
         default=0.0, ge=0, description="GPUs per replica (0 on CPU machines, >= 1 in production)."
@@ -199,6 +268,56 @@ class ServingSettings(BaseModel):
         default=None,
         description="Bearer token the OpenAI-compatible route requires. Unset: no auth (loopback).",
     )
+
+    @property
+    def autoscaling(self) -> bool:
+        """Serve autoscales the replicas (``max_replicas`` is set)."""
+        return self.max_replicas is not None
+
+    @property
+    def replicas_at_most(self) -> int:
+        """The most replicas that can run: ``max_replicas`` when autoscaling, else the fixed
+        number."""
+        if self.max_replicas is not None:
+            return self.max_replicas
+        return self.num_replicas or 1
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ServingSettings:
+        tuning = [
+            name
+            for name in (
+                "min_replicas",
+                "target_ongoing_requests",
+                "upscale_delay_s",
+                "downscale_delay_s",
+            )
+            if getattr(self, name) is not None
+        ]
+        if self.max_replicas is None:
+            if tuning:
+                raise ValueError(
+                    f"{', '.join(tuning)} only apply with autoscaling: set max_replicas "
+                    "(MEDVLM_SERVING__MAX_REPLICAS) too"
+                )
+            return self
+        if self.num_replicas is not None:
+            raise ValueError(
+                "num_replicas and max_replicas exclude each other: a fixed number of replicas, "
+                "or autoscaling between min_replicas and max_replicas"
+            )
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        target = self.target_ongoing_requests
+        if target is not None and target > self.max_ongoing_requests:
+            raise ValueError(
+                f"target_ongoing_requests ({target:g}) exceeds max_ongoing_requests "
+                f"({self.max_ongoing_requests}): replicas would run full, with requests queued, "
+                "before Serve adds one; keep the target below max_ongoing_requests"
+            )
+        return self
 
 
 class DevServerSettings(BaseModel):
@@ -588,8 +707,9 @@ class JobSettings(BaseModel):
         le=4096,
         description=(
             "Studies at the model at once. Unset: what the model service takes, "
-            "serving.num_replicas × serving.max_ongoing_requests (for `openai` endpoints "
-            "serving.max_ongoing_requests), so every replica is kept busy."
+            "the replicas (serving.num_replicas, or serving.max_replicas when autoscaling) × "
+            "serving.max_ongoing_requests (for `openai` endpoints serving.max_ongoing_requests), "
+            "so every replica is kept busy."
         ),
     )
     fetch_concurrency: int = Field(

@@ -24,10 +24,11 @@ from typing import Any, Literal
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import AutoscalingConfig
 from ray.serve.handle import DeploymentHandle
 
 from medvlm.errors import EngineUnavailableError, InvalidModelOutputError, MedvlmError, one_line
-from medvlm.settings import MedvlmSettings, ModelSettings
+from medvlm.settings import MedvlmSettings, ModelSettings, ServingSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import (
     DraftResult,
@@ -217,12 +218,36 @@ def replica_spec(settings: MedvlmSettings, model_source: str) -> ReplicaSpec:
         model_settings=settings.model,
         on_gpu=serving.num_gpus > 0,
         api_key=serving.api_key.get_secret_value() if serving.api_key is not None else None,
-        options={
-            "num_replicas": serving.num_replicas,
-            "max_ongoing_requests": serving.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
-        },
+        options=deployment_options(serving),
     )
+
+
+def deployment_options(serving: ServingSettings) -> dict[str, Any]:
+    """Ray Serve deployment options: a fixed ``num_replicas`` or an ``autoscaling_config``
+    (never both), backpressure, replica resources and placement.
+
+    The autoscaling config is checked against Ray Serve's own ``AutoscalingConfig`` here, so a
+    value Serve would refuse fails when the application is built, not when it is deployed.
+    """
+    options: dict[str, Any] = {}
+    if serving.max_replicas is None:
+        options["num_replicas"] = serving.num_replicas or 1
+    else:
+        autoscaling: dict[str, Any] = {
+            "min_replicas": 1 if serving.min_replicas is None else serving.min_replicas,
+            "max_replicas": serving.max_replicas,
+        }
+        for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+            value = getattr(serving, name)
+            if value is not None:
+                autoscaling[name] = value
+        AutoscalingConfig(**autoscaling)
+        options["autoscaling_config"] = autoscaling
+    options["max_ongoing_requests"] = serving.max_ongoing_requests
+    options["ray_actor_options"] = {"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus}
+    if serving.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = serving.max_replicas_per_node
+    return options
 
 
 def build_app(settings: MedvlmSettings, model_source: str) -> serve.Application:
@@ -246,7 +271,10 @@ def run_app(settings: MedvlmSettings, model_source: str) -> DeploymentHandle[Any
     serving = settings.serving
     for attempt in range(1, _SERVE_START_ATTEMPTS + 1):
         try:
-            serve.start(http_options={"host": serving.host, "port": serving.port})
+            serve.start(
+                proxy_location=serving.proxy_location,
+                http_options={"host": serving.host, "port": serving.port},
+            )
             break
         except Exception as exc:  # Ray Serve raises TimeoutError, RayServeException, RayError
             if attempt == _SERVE_START_ATTEMPTS:

@@ -8,7 +8,8 @@
   as ``response_format``.
 
 All return a validated ``DraftResult`` or raise a ``ServingError`` naming the study reference.
-Retries on overload (429/503) and connection errors live here, at the I/O edge.
+Retries on overload (429/503), a lost replica (500) and connection errors live here, at the
+I/O edge.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ from medvlm.settings import HttpEdgeSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import DraftResult, report_json_schema, result_from_completion
 
-_RETRY_STATUS = frozenset({429, 502, 503, 504})
+# 500 too: Ray Serve answers 500 for a request whose replica died under it (a node lost:
+# "The actor ... is unavailable"; measured on a three-node cluster) and starts another replica.
+# A draft changes nothing, so asking again is safe; the attempts are bounded by the settings.
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class Drafter(Protocol):

@@ -1,7 +1,8 @@
 """Retry behaviour of the HTTP drafter at the I/O edge.
 
-The faults (a 503 from an overloaded model service, a 400) are injected with
-``httpx.MockTransport``: a real Serve replica cannot be made to answer 503 on cue here.
+The faults (a 503 from an overloaded model service, a 500 of a lost replica, a 400) are
+injected with ``httpx.MockTransport``: a real Serve replica cannot be made to answer them on
+cue here (the 500 is caused for real in tests/integration/test_ray_cluster.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def test_a_503_is_retried_and_the_draft_arrives() -> None:
     assert result == RESULT
     assert len(seen) == 2
     assert seen[0].headers["Authorization"] == "Bearer k"
+
+
+def test_a_500_of_a_replica_lost_under_the_request_is_retried() -> None:
+    # What Ray Serve's proxy answers when the replica's node dies mid-request.
+    seen: list[httpx.Request] = []
+    assert asyncio.run(_draft([500, 200], seen)) == RESULT
+    assert len(seen) == 2
 
 
 def test_a_400_is_not_retried_and_names_the_study() -> None:

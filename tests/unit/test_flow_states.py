@@ -689,6 +689,17 @@ def test_model_capacity_is_every_replicas_max_ongoing_requests() -> None:
     assert model_capacity(openai) == 8
 
 
+def test_with_autoscaling_the_model_capacity_counts_max_replicas() -> None:
+    from flows.services import model_capacity
+    from medvlm.settings import MedvlmSettings
+
+    settings = MedvlmSettings.model_validate(
+        {"serving": {"min_replicas": 1, "max_replicas": 4, "max_ongoing_requests": 8}}
+    )
+    # The queue beyond the running replicas is the load that makes Serve add replicas.
+    assert model_capacity(settings) == 32
+
+
 def test_images_made_in_a_process_pool_are_the_images_made_in_the_fetch_thread(
     world: World,
 ) -> None:

@@ -502,3 +502,150 @@ def test_every_medvlm_variable_names_a_settings_field(
                     break
                 model = annotation
     assert unknown == []  # an unknown variable is silently ignored by pydantic-settings
+
+
+# -- replicas: fixed, autoscaled, spread ---------------------------------------------------------
+
+AUTOSCALING = [
+    "--set", "serve.autoscaling.enabled=true",
+    "--set", "serve.autoscaling.minReplicas=1",
+    "--set", "serve.autoscaling.maxReplicas=3",
+    "--set", "serve.autoscaling.upscaleDelayS=10",
+    "--set", "serve.maxReplicasPerNode=1",
+    "--set", "ray.gpuWorkers.maxReplicas=3",
+    "--set", "networkPolicy.kubernetesApiEgress[0].cidr=10.96.0.1/32",
+    "--set", "networkPolicy.kubernetesApiEgress[0].ports={443}",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def rendered_autoscaling(helm: str) -> list[dict[str, Any]]:
+    return render(helm, *AUTOSCALING)
+
+
+def _serve_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    config = yaml.safe_load(rayservice(docs)["spec"]["serveConfigV2"])
+    (deployment,) = config["applications"][0]["deployments"]
+    return dict(deployment)
+
+
+def _serving_env(container: dict[str, Any]) -> dict[str, str]:
+    return {
+        e["name"]: e["value"]
+        for e in container["env"]
+        if e["name"].startswith("MEDVLM_SERVING__") and "value" in e
+    }
+
+
+@pytest.mark.parametrize("autoscaled", [False, True], ids=["fixed", "autoscaling"])
+def test_serve_config_is_what_the_replicas_settings_build(
+    helm: str, autoscaled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment options in serveConfigV2 equal those ``serving.app`` builds from the env
+    the chart gives the Ray pods, so Serve's config and the cluster app never disagree."""
+    from medvlm.settings import MedvlmSettings
+    from serving.app import deployment_options
+
+    docs = render(helm, *(AUTOSCALING if autoscaled else []))
+    deployment = _serve_deployment(docs)
+    deployment.pop("name")
+    (_, head, _), *_ = containers([rayservice(docs)])
+    for name, value in _serving_env(head).items():
+        monkeypatch.setenv(name, value)
+    assert deployment_options(MedvlmSettings().serving) == deployment
+    assert ("autoscaling_config" in deployment) is autoscaled
+    assert ("num_replicas" in deployment) is not autoscaled
+
+
+def test_autoscaling_enables_kuberay_autoscaler_with_a_bounded_hardened_sidecar(
+    rendered: list[dict[str, Any]],
+    rendered_autoscaling: list[dict[str, Any]],
+    rayservice_validator: Any,
+) -> None:
+    fixed = rayservice(rendered)["spec"]["rayClusterConfig"]
+    assert fixed["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in fixed
+    rs = rayservice(rendered_autoscaling)
+    assert list(rayservice_validator.iter_errors(rs)) == []
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert options["resources"]["requests"] == options["resources"]["limits"]
+    assert options["securityContext"]["allowPrivilegeEscalation"] is False
+    assert options["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # Only the head, where the autoscaler runs, gets an API token (KubeRay binds its Role to
+    # the head's ServiceAccount); the workers still get none.
+    assert cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    for group in cluster["workerGroupSpecs"]:
+        assert group["template"]["spec"]["automountServiceAccountToken"] is False
+    deployment = _serve_deployment(rendered_autoscaling)
+    assert deployment["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 600,
+    }
+    assert deployment["max_replicas_per_node"] == 1
+
+
+def test_prefect_worker_sizes_its_concurrency_for_max_replicas(
+    rendered_autoscaling: list[dict[str, Any]],
+) -> None:
+    from flows.services import model_capacity
+    from medvlm.settings import MedvlmSettings, ServingSettings
+
+    ((_, worker, _),) = [c for c in containers(rendered_autoscaling) if "prefect-worker" in c[0]]
+    env = _serving_env(worker)
+    assert "MEDVLM_SERVING__NUM_REPLICAS" not in env
+    serving = {k.removeprefix("MEDVLM_SERVING__").lower(): v for k, v in env.items()}
+    settings = MedvlmSettings(serving=ServingSettings.model_validate(serving))
+    assert model_capacity(settings) == 3 * 16
+
+
+def test_only_the_head_may_reach_the_kubernetes_api_and_only_with_autoscaling(
+    rendered: list[dict[str, Any]], rendered_autoscaling: list[dict[str, Any]]
+) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    names = {p["metadata"]["name"] for p in of_kind(rendered, "NetworkPolicy")}
+    assert "medvlm-ray-autoscaler" not in names
+    (policy,) = [
+        p
+        for p in of_kind(rendered_autoscaling, "NetworkPolicy")
+        if p["metadata"]["name"] == "medvlm-ray-autoscaler"
+    ]
+    kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+    assert policy["spec"]["podSelector"]["matchLabels"]["medvlm.io/ray-node"] == "head"
+    assert policy["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            [
+                "--set",
+                "serve.autoscaling.minReplicas=3",
+                "--set",
+                "serve.autoscaling.maxReplicas=2",
+            ],
+            "serve.autoscaling.minReplicas (3) exceeds serve.autoscaling.maxReplicas (2)",
+        ),
+        (
+            ["--set", "serve.autoscaling.targetOngoingRequests=32"],
+            "targetOngoingRequests (32) exceeds serve.maxOngoingRequests (16)",
+        ),
+        ([], "set networkPolicy.kubernetesApiEgress"),
+    ],
+)
+def test_inconsistent_autoscaling_values_fail_to_render(
+    helm: str, values: list[str], message: str
+) -> None:
+    egress = [] if not values else AUTOSCALING[-4:]
+    done = _helm(
+        helm, "template", "medvlm", str(CHART), "--set", "serve.autoscaling.enabled=true",
+        *egress, *values,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert message in done.stderr

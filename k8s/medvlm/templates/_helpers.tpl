@@ -84,6 +84,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- if gt (float64 .Values.serve.numGpusPerReplica) (float64 $ray.gpuWorkers.gpus) }}
 {{- fail (printf "serve.numGpusPerReplica (%v) exceeds the GPUs of one worker pod, ray.gpuWorkers.gpus (%v)" .Values.serve.numGpusPerReplica $ray.gpuWorkers.gpus) }}
 {{- end }}
+{{- $a := .Values.serve.autoscaling }}
+{{- if $a.enabled }}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "serve.autoscaling.minReplicas (%v) exceeds serve.autoscaling.maxReplicas (%v)" $a.minReplicas $a.maxReplicas) }}
+{{- end }}
+{{- if gt (float64 $a.targetOngoingRequests) (float64 .Values.serve.maxOngoingRequests) }}
+{{- fail (printf "serve.autoscaling.targetOngoingRequests (%v) exceeds serve.maxOngoingRequests (%v)" $a.targetOngoingRequests .Values.serve.maxOngoingRequests) }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.kubernetesApiEgress) }}
+{{- fail "serve.autoscaling.enabled runs KubeRay's autoscaler in the head pod, which calls the Kubernetes API: set networkPolicy.kubernetesApiEgress" }}
+{{- end }}
+{{- end }}
 {{- if not (has .Values.model.weights.source (list "pvc" "hostPath" "hub")) }}
 {{- fail (printf "model.weights.source must be pvc, hostPath or hub, not %q" .Values.model.weights.source) }}
 {{- end }}
@@ -95,6 +107,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if and (not .Values.database.internal.enabled) .Values.prefectWorker.enabled (not .Values.database.external.urlSecret.name) }}
 {{- fail "database.internal.enabled is false: set database.external.urlSecret.name" }}
+{{- end }}
+{{- end }}
+
+{{/* How many replicas: a fixed number, or Serve's autoscaling bounds (the settings refuse both). */}}
+{{- define "medvlm.replicasEnv" -}}
+{{- $a := .Values.serve.autoscaling -}}
+{{- if $a.enabled -}}
+- name: MEDVLM_SERVING__MIN_REPLICAS
+  value: {{ $a.minReplicas | quote }}
+- name: MEDVLM_SERVING__MAX_REPLICAS
+  value: {{ $a.maxReplicas | quote }}
+- name: MEDVLM_SERVING__TARGET_ONGOING_REQUESTS
+  value: {{ $a.targetOngoingRequests | quote }}
+- name: MEDVLM_SERVING__UPSCALE_DELAY_S
+  value: {{ $a.upscaleDelayS | quote }}
+- name: MEDVLM_SERVING__DOWNSCALE_DELAY_S
+  value: {{ $a.downscaleDelayS | quote }}
+{{- else -}}
+- name: MEDVLM_SERVING__NUM_REPLICAS
+  value: {{ .Values.serve.numReplicas | quote }}
+{{- end }}
+{{- with .Values.serve.maxReplicasPerNode }}
+- name: MEDVLM_SERVING__MAX_REPLICAS_PER_NODE
+  value: {{ . | quote }}
 {{- end }}
 {{- end }}
 
@@ -140,8 +176,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: MEDVLM_SERVING__APP_NAME
   value: {{ .Values.serve.appName | quote }}
-- name: MEDVLM_SERVING__NUM_REPLICAS
-  value: {{ .Values.serve.numReplicas | quote }}
+{{ include "medvlm.replicasEnv" . }}
 - name: MEDVLM_SERVING__NUM_GPUS
   value: {{ .Values.serve.numGpusPerReplica | quote }}
 - name: MEDVLM_SERVING__NUM_CPUS

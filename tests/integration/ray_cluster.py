@@ -1,0 +1,289 @@
+"""A real multi-node Ray cluster on loopback for tests: a head and worker nodes from `ray start`.
+
+Every node is its own `ray start --block` process (its own raylet, agents and workers) in its
+own session and process group, bound to 127.0.0.1 with ports of its own, and told apart by a
+custom resource (``medvlm_node_<name>``). The cluster keeps a private temp dir, so nothing here
+touches another Ray on the machine: it is stopped by the processes it recorded (never `ray stop`,
+which stops every Ray of the user). Processes are recorded while they run, because a replica's
+vLLM engine core is a grandchild of the raylet and outlives neither a kill nor the record.
+
+The test process itself never joins the cluster (a session fixture may already have started a
+local Ray in it): it reads the cluster's state from the dashboard's REST API (nodes, Serve
+applications with each replica's node) and drives Ray from child interpreters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.conftest import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+NODE_RESOURCE = "medvlm_node_{}"
+NODE_START_ATTEMPTS = 3
+
+
+@dataclass
+class RayNode:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    family: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def resource(self) -> str:
+        return NODE_RESOURCE.format(self.name)
+
+    def record(self) -> None:
+        """Remember this node's processes (the `ray start` process and all its descendants)."""
+        try:
+            root = psutil.Process(self.process.pid)
+            found = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        self.family.update((process.pid, process) for process in found)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node at once: a machine that lost power."""
+        self.record()
+        for process in self.family.values():
+            try:
+                process.send_signal(signal.SIGKILL)  # psutil refuses a reused pid
+            except psutil.Error:
+                continue
+        psutil.wait_procs(list(self.family.values()), timeout=10)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM the node (`ray start --block` stops what it started), then SIGKILL the rest."""
+        self.record()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        family = list(self.family.values())
+        _, alive = psutil.wait_procs(family, timeout=timeout_s)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(alive, timeout=5)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=5)
+
+
+class RayCluster:
+    """Head (`--num-cpus head_cpus`, the dashboard on loopback) plus named worker nodes."""
+
+    def __init__(self, workdir: Path, *, bind_shim: Path | None, node_cpus: int = 1) -> None:
+        self.workdir = workdir
+        self.temp_dir = workdir / "ray"  # short: Ray's socket paths have a length limit
+        self.node_cpus = node_cpus
+        self.gcs_port = free_port()
+        self.serve_port = free_port()  # Serve's HTTP proxy on the head
+        self.dashboard_port = free_port()
+        self.nodes: dict[str, RayNode] = {}
+        self._port_ranges: dict[str, int] = {}
+        self._arguments: dict[str, list[str]] = {}
+        self._starts: dict[str, int] = {}
+        # Ray 2.60 turns token authentication on by default; the cluster gets a token of its
+        # own (not the user's ~/.ray/auth_token), which every driver joining it presents.
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self._env = {
+            **os.environ,
+            **self.auth_env,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray's own default niceness (15) starves the replicas on 2 cores (runtime.md).
+            "RAY_worker_niceness": "0",
+        }
+        # Wildcard binds (the replicas' gRPC port on [::]) go to loopback.
+        if bind_shim is not None:
+            self._env["LD_PRELOAD"] = f"{bind_shim} {os.environ.get('LD_PRELOAD', '')}".strip()
+        self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="ray-cluster-watch", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth_env['RAY_AUTH_TOKEN']}"}
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, workers: list[str], *, timeout_s: float = 180) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self._watcher.start()
+        self._start_node(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={self.temp_dir}",
+            ],
+        )
+        self.wait_for_nodes({"head"}, timeout_s=timeout_s)
+        for name in workers:
+            self.start_worker(name)
+        self.wait_for_nodes({"head", *workers}, timeout_s=timeout_s)
+
+    def start_worker(self, name: str) -> None:
+        self._start_node(name, [f"--address={self.address}"])
+
+    def _start_node(self, name: str, extra: list[str]) -> None:
+        self._arguments[name] = extra
+        self._starts[name] = self._starts.get(name, 0) + 1
+        log = self.workdir / f"{name}.log"
+        index = self._port_ranges.setdefault(name, len(self._port_ranges))
+        first_port = 20000 + 1000 * index
+        command = [
+            RAY,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.node_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps({NODE_RESOURCE.format(name): 1})}",
+            # Nodes share one address: each gets its own range for its workers' ports, below
+            # the ephemeral range free_port() draws the other ports from.
+            f"--min-worker-port={first_port}",
+            f"--max-worker-port={first_port + 999}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+            *extra,
+        ]
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,  # its own process group, apart from pytest's
+            )
+        self.nodes[name] = RayNode(name, process, log)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.5):
+            for node in list(self.nodes.values()):
+                node.record()
+
+    def alive_nodes(self) -> dict[str, str]:
+        """Node name -> Ray node id of every node the GCS reports alive."""
+        response = httpx.get(
+            f"{self.dashboard}/api/v0/nodes",
+            params={"detail": "true", "limit": 100},
+            headers=self._auth,
+            timeout=30,
+        )
+        response.raise_for_status()
+        alive: dict[str, str] = {}
+        for node in response.json()["data"]["result"]["result"]:
+            if node["state"] != "ALIVE":
+                continue
+            for resource in node.get("resources_total", {}):
+                if resource.startswith("medvlm_node_"):
+                    alive[resource.removeprefix("medvlm_node_")] = node["node_id"]
+        return alive
+
+    def wait_for_nodes(self, names: set[str], *, timeout_s: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for name in names:
+                node = self.nodes[name]
+                if node.process.poll() is None:
+                    continue
+                # A raylet that misses Ray's fixed 30 s registration window on a loaded machine
+                # exits ("The current node timed out during startup"): start it again.
+                if self._starts[name] >= NODE_START_ATTEMPTS:
+                    raise RuntimeError(f"ray node {name} exited: {node.log.read_text()[-3000:]}")
+                node.stop()
+                self._start_node(name, self._arguments[name])
+            try:
+                alive = self.alive_nodes()
+                if names <= set(alive):
+                    return alive
+            except httpx.HTTPError as exc:  # the dashboard is not up yet
+                last = exc
+            time.sleep(1)
+        raise TimeoutError(f"ray nodes {sorted(names)} not alive after {timeout_s:.0f} s: {last}")
+
+    def serve_replicas(self, app: str, deployment: str) -> list[dict[str, Any]]:
+        """Serve's replicas of ``deployment`` (state, node_id, actor_id), from the REST API."""
+        response = httpx.get(
+            f"{self.dashboard}/api/serve/applications/", headers=self._auth, timeout=30
+        )
+        response.raise_for_status()
+        application = response.json().get("applications", {}).get(app)
+        if application is None:
+            return []
+        replicas: list[dict[str, Any]] = application["deployments"][deployment]["replicas"]
+        return replicas
+
+    def running_replica_nodes(self, app: str, deployment: str) -> list[str]:
+        """Node names hosting a RUNNING replica, one entry per replica."""
+        ids = {node_id: name for name, node_id in self.alive_nodes().items()}
+        return sorted(
+            ids.get(replica["node_id"], replica["node_id"])
+            for replica in self.serve_replicas(app, deployment)
+            if replica["state"] == "RUNNING"
+        )
+
+    def stop(self) -> None:
+        for name in [n for n in self.nodes if n != "head"] + ["head"]:
+            if name in self.nodes:
+                self.nodes[name].stop()
+        self._closed.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
+        # A replica whose raylet died is reparented to init, and its vLLM engine core with it
+        # (seen here): whatever still carries this cluster's token in its environment is ours.
+        stray = self._ours()
+        for process in stray:
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(stray, timeout=10)
+
+    def _ours(self) -> list[psutil.Process]:
+        token = self.auth_env["RAY_AUTH_TOKEN"]
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get("RAY_AUTH_TOKEN") == token:
+                    found.append(process)
+            except psutil.Error:  # exited, or not ours to read
+                continue
+        return found
+
+    def leftovers(self) -> list[str]:
+        """Command lines of this cluster's processes still running (none after ``stop``)."""
+        left = []
+        for process in self._ours():
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(" ".join(process.cmdline())[:200])
+            except psutil.Error:
+                continue
+        return left
