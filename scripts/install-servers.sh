@@ -114,6 +114,21 @@ stop_system_orthanc() {
 }
 
 # --------------------------------------------------------------------------------------------
+# Install Debian packages without letting their post-install start a system service (which would
+# listen on all interfaces): policy-rc.d says no for the duration, then the old one is restored.
+apt_install_no_services() {
+    if [ -e "$POLICY_RC" ]; then
+        POLICY_RC_BACKUP="$(mktemp /usr/sbin/policy-rc.d.medvlm-backup.XXXXXX)"
+        as_root cp -p "$POLICY_RC" "$POLICY_RC_BACKUP"
+    fi
+    printf '#!/bin/sh\n# medvlm install-servers: no service starts during package installs\nexit 101\n' \
+        | as_root tee "$POLICY_RC" >/dev/null
+    as_root chmod 0755 "$POLICY_RC"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    restore_policy_rc
+}
+
+# --------------------------------------------------------------------------------------------
 install_orthanc() {
     local missing=() pkg
     for pkg in "${ORTHANC_PKGS[@]}"; do
@@ -125,16 +140,7 @@ install_orthanc() {
         step "Orthanc: installing ${missing[*]}"
         command -v apt-get >/dev/null 2>&1 || die "apt-get not found: Orthanc comes from Debian packages"
         apt_update_if_needed "${missing[@]}"
-        # Keep the package's post-install from starting a system service on all interfaces.
-        if [ -e "$POLICY_RC" ]; then
-            POLICY_RC_BACKUP="$(mktemp /usr/sbin/policy-rc.d.medvlm-backup.XXXXXX)"
-            as_root cp -p "$POLICY_RC" "$POLICY_RC_BACKUP"
-        fi
-        printf '#!/bin/sh\n# medvlm install-servers: no service starts during package installs\nexit 101\n' \
-            | as_root tee "$POLICY_RC" >/dev/null
-        as_root chmod 0755 "$POLICY_RC"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-        restore_policy_rc
+        apt_install_no_services "${missing[@]}"
         # The service stays off at boot too: dev servers run as the user's own processes.
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
             as_root systemctl disable --now orthanc >/dev/null 2>&1 || true
@@ -157,15 +163,7 @@ install_postgresql() {
     step "PostgreSQL: installing postgresql-15"
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found: PostgreSQL comes from Debian packages"
     apt_update_if_needed postgresql-15
-    if [ -e "$POLICY_RC" ]; then
-        POLICY_RC_BACKUP="$(mktemp /usr/sbin/policy-rc.d.medvlm-backup.XXXXXX)"
-        as_root cp -p "$POLICY_RC" "$POLICY_RC_BACKUP"
-    fi
-    printf '#!/bin/sh\n# medvlm install-servers: no service starts during package installs\nexit 101\n' \
-        | as_root tee "$POLICY_RC" >/dev/null
-    as_root chmod 0755 "$POLICY_RC"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql-15
-    restore_policy_rc
+    apt_install_no_services postgresql-15
     [ -x /usr/lib/postgresql/15/bin/initdb ] || die "/usr/lib/postgresql/15/bin/initdb missing after install"
     info "installed PostgreSQL $(dpkg-query -W -f='${Version}' postgresql-15); system service not started"
 }

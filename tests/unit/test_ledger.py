@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,23 +246,31 @@ def test_pending_pages_skip_nothing_while_jobs_are_finished_between_pages(
     assert [j.id for j in store.pending("v1")] == [j for k, j in enumerate(seen) if k % 6 % 3 == 0]
 
 
+def select_plan(store: LedgerStore, call: Callable[[], object]) -> list[str]:
+    """SQLite's plan (EXPLAIN QUERY PLAN steps) of the first SELECT that ``call`` sends."""
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+        captured.append((statement, parameters))
+
+    event.listen(store._engine, "before_cursor_execute", capture)
+    try:
+        call()
+    finally:
+        event.remove(store._engine, "before_cursor_execute", capture)
+    statement, parameters = next((s, p) for s, p in captured if s.lstrip().startswith("SELECT"))
+    with store._engine.connect() as connection:
+        return [
+            row[3]
+            for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        ]
+
+
 def test_the_pending_page_query_reads_the_state_index(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.register(_studies("1.7", 30), "v1")
     _mixed_states(store, "v1")
-    captured: list[tuple[str, Any]] = []
-    event.listen(
-        store._engine,
-        "before_cursor_execute",
-        lambda _c, _cur, statement, parameters, *_: captured.append((statement, parameters)),
-    )
-    store.pending_page("v1", after_id=3, limit=5)
-    ((statement, parameters),) = captured
-    with store._engine.connect() as connection:
-        plan = [
-            row[3]
-            for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-        ]
+    plan = select_plan(store, lambda: store.pending_page("v1", after_id=3, limit=5))
     ranges = [step for step in plan if "ix_draft_job_version_state_id" in step]
     assert len(ranges) == 4, plan  # one index range per open state
     assert all("state=? AND id>?" in step for step in ranges), plan

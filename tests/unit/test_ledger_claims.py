@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, text
+from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from connectors.ledger_schema import current_revision, head_revision
@@ -27,6 +27,7 @@ from medvlm.settings import JobSettings
 from pipeline.ledger import DraftJob, JobState, advance, fail, skip
 from tests.flow_doubles import ScriptedDrafter
 from tests.unit.test_flow_states import STUDY_DATE, VERSION, World
+from tests.unit.test_ledger import select_plan
 
 pytestmark = pytest.mark.unit
 
@@ -187,19 +188,7 @@ def test_the_claim_reads_index_ranges_however_many_rows_are_written(tmp_path: Pa
     _register(store, 30)
     with store._engine.begin() as connection:
         connection.execute(text("UPDATE draft_job SET state = 'WRITTEN' WHERE id <= 25"))
-    captured: list[tuple[str, Any]] = []
-    event.listen(
-        store._engine,
-        "before_cursor_execute",
-        lambda _c, _cur, statement, parameters, *_: captured.append((statement, parameters)),
-    )
-    assert len(store.claim_page("v1", "worker-a", limit=3, lease_s=LEASE_S)) == 3
-    (statement, parameters), *_ = [(s, p) for s, p in captured if s.lstrip().startswith("SELECT")]
-    with store._engine.connect() as connection:
-        plan = [
-            row[3]
-            for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-        ]
+    plan = select_plan(store, lambda: store.claim_page("v1", "worker-a", limit=3, lease_s=LEASE_S))
     ranges = [step for step in plan if "ix_draft_job_version_state_id" in step]
     assert len(ranges) == 4, plan  # one index range per open state
     assert not [step for step in plan if step.startswith("SCAN draft_job")], plan
