@@ -41,6 +41,7 @@ SERVER_FIXTURES = frozenset(
         "orthanc",
         "fhir_base_url",
         "prefect_api",
+        "prefect_server",
         "postgres",
     }
 )

@@ -1,5 +1,5 @@
-"""Pytest plugin: the real dev servers (Orthanc, FHIR R4) and a PostgreSQL for the job ledger,
-started once per test session.
+"""Pytest plugin: the real dev servers (Orthanc, FHIR R4), a PostgreSQL for the job ledger and
+a Prefect server on that PostgreSQL, started once per test session.
 
 Registered from ``tests/conftest.py`` with ``pytest_plugins``. The servers run from a workdir under
 pytest's temporary directory on free loopback ports, through the product's own
@@ -16,14 +16,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from medvlm.dev.servers import DevServers, OrthancInfo, dev_settings_from
 from medvlm.settings import DevServerSettings, MedvlmSettings
@@ -93,11 +98,11 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://medvlm@{self.host}:{self.port}/{database}"
 
-    def create_database(self) -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def create_database(self, prefix: str = "ledger") -> str:
+        """A new empty database named ``prefix_<random>``; returns its SQLAlchemy URL."""
         import psycopg
 
-        name = f"ledger_{uuid.uuid4().hex[:12]}"
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(
             host=self.host, port=self.port, user="medvlm", dbname="postgres", autocommit=True
         ) as connection:
@@ -179,6 +184,86 @@ def postgres() -> Iterator[PostgresServer]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_process_group(process: subprocess.Popen[Any], grace_s: float) -> None:
+    """Stop what ``process`` leads (started with ``start_new_session``: its PID is its process
+    group's id): SIGTERM to the group, then SIGKILL to the group after ``grace_s`` — also for
+    children that outlived the leader (a worker's flow-run processes)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """A Prefect API server on loopback; ``env`` points a Prefect client process at it."""
+
+    api_url: str
+    home: Path
+    log: Path
+
+    def env(self) -> dict[str, str]:
+        """``PREFECT_*`` variables for a client process (CLI, worker): this server, and a Prefect
+        home of the test's own, so that no profile of the machine applies."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home)}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(
+    postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrefectServer]:
+    """``prefect server start`` on a free loopback port for the session, its database a fresh
+    one in the ``postgres`` cluster (Prefect migrates it at start); stopped by PID at the end.
+
+    Off: the UI, analytics, the scheduler (the cron schedules of prefect.yaml's deployments must
+    not create runs behind a test's back), and the services that only ingest events and
+    task-run records (they cost more CPU than the flows under test: see ``prefect_api``).
+    """
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = _free_loopback_ports(1)[0]
+    database = make_url(postgres.create_database("prefect")).set(drivername="postgresql+asyncpg")
+    server = PrefectServer(f"http://127.0.0.1:{port}/api", root / "home", root / "server.log")
+    env = {
+        **os.environ,
+        **server.env(),
+        "PREFECT_API_DATABASE_CONNECTION_URL": database.render_as_string(hide_password=False),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    }
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with server.log.open("wb") as out:
+        process = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        with httpx.Client(timeout=5.0, trust_env=False) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{server.api_url}/health").status_code == 200:
+                        break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"Prefect server did not start:\n{server.log.read_text()[-3000:]}",
+                        pytrace=False,
+                    )
+                time.sleep(0.5)
+        yield server
+    finally:
+        stop_process_group(process, grace_s=20)
 
 
 @pytest.fixture(scope="session")

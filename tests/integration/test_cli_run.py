@@ -16,38 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fhir.resources.R4B.bundle import Bundle
 
-from connectors.ndjson import NdjsonEhr
-from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
-from medvlm.dev.synthetic_dicom import make_study
 from tests.conftest import free_port
+from tests.integration.folder_site import build_folder_site, folder_site_env
 
 pytestmark = pytest.mark.integration
 
 DAY = dt.date(2026, 11, 3)
-
-
-def _site(root: Path, count: int) -> None:
-    ehr = NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
-    for i in range(count):
-        mrn, accession = f"SYN-CLI-{i:04d}", f"ACC-CLI-{i:03d}"
-        (ds,) = make_study("CR", seed=100 + i, accession=accession, patient_id=mrn, study_date=DAY)
-        path = root / "dicom" / f"{i}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        bundle = ehr_bundle(
-            mrn=mrn,
-            accession=accession,
-            study_uid=str(ds.StudyInstanceUID),
-            modality="CR",
-            reason="Cough",
-            condition="Asthma",
-            prior_impression="No acute abnormality.",
-            sex="female",
-            birth_date="1970-01-01",
-        )
-        ehr.transaction(Bundle.model_validate(bundle))
 
 
 def _processes_of(run_id: str) -> list[str]:
@@ -68,7 +43,7 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
 ) -> None:
     from prefect.settings import PREFECT_API_URL
 
-    _site(tmp_path, 2)
+    build_folder_site(tmp_path, 2, DAY, prefix="CLI")
     run_id = uuid.uuid4().hex
     env = {
         **os.environ,
@@ -76,12 +51,7 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
         "MEDVLM_HOME": str(tmp_path / "home"),
         "MEDVLM_MODEL__SOURCE": str(tiny_model_dir),
         "MEDVLM_MODEL__ALLOW_RANDOM_WEIGHTS": "true",  # the project's test model
-        "MEDVLM_PACS__KIND": "folder",
-        "MEDVLM_PACS__FOLDER": str(tmp_path / "dicom"),
-        "MEDVLM_EHR__KIND": "folder",
-        "MEDVLM_EHR__FOLDER": str(tmp_path / "ehr"),
-        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
-        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+        **folder_site_env(tmp_path),
         "MEDVLM_JOB__LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
         "MEDVLM_SERVING__PORT": str(free_port()),  # beside the session's own Serve
         "COLUMNS": "200",

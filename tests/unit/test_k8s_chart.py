@@ -484,6 +484,7 @@ def test_every_medvlm_variable_names_a_settings_field(
         for _, container, _ in containers(docs)
         for env in container.get("env", [])
         if env["name"].startswith("MEDVLM_")
+        and env["name"] != "MEDVLM_CODE_DIR"  # read by prefect.yaml's pull step, not settings
     }
     assert "MEDVLM_JOB__LEDGER_URL" in names and "MEDVLM_MODEL__SOURCE" in names
     unknown = []
@@ -649,3 +650,14 @@ def test_inconsistent_autoscaling_values_fail_to_render(
     )  # fmt: skip
     assert done.returncode != 0
     assert message in done.stderr
+
+
+def test_the_prefect_worker_tells_prefect_yamls_pull_step_where_the_code_is(
+    rendered: list[dict[str, Any]],
+) -> None:
+    pull = yaml.safe_load((CHART.parents[1] / "prefect.yaml").read_text())["pull"]
+    (step,) = [s["prefect.deployments.steps.set_working_directory"] for s in pull]
+    assert step["directory"] == "{{ $MEDVLM_CODE_DIR }}"
+    ((_, worker, _),) = [c for c in containers(rendered) if "prefect-worker" in c[0]]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["MEDVLM_CODE_DIR"] == "/opt/medvlm-pipeline"

@@ -1,0 +1,74 @@
+"""A small site for tests that run the product as an operator does, from its environment: a
+folder PACS of synthetic chest CR studies and an NDJSON EHR holding their orders and context.
+
+``build_folder_site`` writes it under a root folder; ``folder_site_env`` gives the ``MEDVLM_*``
+variables that point a process (``medvlm run``, a Prefect worker) at it. Used by
+tests/integration/test_cli_run.py and tests/integration/test_prefect_work_pool.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from pathlib import Path
+
+from fhir.resources.R4B.bundle import Bundle
+
+from connectors.ndjson import NdjsonEhr
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
+from medvlm.dev.synthetic_dicom import make_study
+
+
+def build_folder_site(root: Path, count: int, day: dt.date, *, prefix: str = "SITE") -> None:
+    """``count`` one-image CR studies dated ``day`` in ``root/dicom`` and, in ``root/ehr``, a
+    patient, an order (by accession number), a condition and a signed prior report for each."""
+    ehr = NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
+    for i in range(count):
+        mrn, accession = f"SYN-{prefix}-{i:04d}", f"ACC-{prefix}-{i:03d}"
+        (ds,) = make_study("CR", seed=100 + i, accession=accession, patient_id=mrn, study_date=day)
+        path = root / "dicom" / f"{i}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        bundle = ehr_bundle(
+            mrn=mrn,
+            accession=accession,
+            study_uid=str(ds.StudyInstanceUID),
+            modality="CR",
+            reason="Cough",
+            condition="Asthma",
+            prior_impression="No acute abnormality.",
+            sex="female",
+            birth_date="1970-01-01",
+        )
+        ehr.transaction(Bundle.model_validate(bundle))
+
+
+def folder_site_env(root: Path) -> dict[str, str]:
+    """The ``MEDVLM_*`` variables for the site's PACS folder and EHR folder."""
+    return {
+        "MEDVLM_PACS__KIND": "folder",
+        "MEDVLM_PACS__FOLDER": str(root / "dicom"),
+        "MEDVLM_EHR__KIND": "folder",
+        "MEDVLM_EHR__FOLDER": str(root / "ehr"),
+        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
+        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+    }
+
+
+def preliminary_drafts_per_order(root: Path) -> Counter[str]:
+    """How many preliminary DiagnosticReports (drafts) the site's EHR holds per order
+    (``DiagnosticReport.basedOn`` → ServiceRequest)."""
+    per_order: Counter[str] = Counter()
+    for line in (root / "ehr" / "DiagnosticReport.ndjson").read_text().splitlines():
+        report = json.loads(line)
+        if report.get("status") == "preliminary":
+            (order,) = report["basedOn"]
+            per_order[order["reference"]] += 1
+    return per_order
+
+
+def orders(root: Path) -> set[str]:
+    """``ServiceRequest/<id>`` of every order in the site's EHR."""
+    lines = (root / "ehr" / "ServiceRequest.ndjson").read_text().splitlines()
+    return {f"ServiceRequest/{json.loads(line)['id']}" for line in lines}
