@@ -109,6 +109,10 @@ class RayCluster:
             # Ray's own default niceness (15) starves the replicas on 2 cores (runtime.md).
             "RAY_worker_niceness": "0",
         }
+        # A local Ray started earlier in this process (serving.ray_runtime) sets this to 0 to
+        # keep itself on loopback; inherited, it makes `ray start` refuse to join a multi-node
+        # cluster ("not supported on Windows and OSX"). These nodes bind 127.0.0.1 by option.
+        self._env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         # Wildcard binds (the replicas' gRPC port on [::]) go to loopback.
         if bind_shim is not None:
             self._env["LD_PRELOAD"] = f"{bind_shim} {os.environ.get('LD_PRELOAD', '')}".strip()

@@ -117,6 +117,7 @@ def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> int
         "MEDVLM_SERVING__MAX_REPLICAS_PER_NODE": "1",
     }
     env.update({f"MEDVLM_SERVING__{name.upper()}": value for name, value in serving.items()})
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # see RayCluster: it joins many nodes
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", DEPLOY],
