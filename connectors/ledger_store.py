@@ -21,12 +21,14 @@ schema is Alembic's (``connectors.ledger_schema``), checked or migrated by ``ope
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Select,
@@ -45,6 +47,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, create_engine, select
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from connectors.ledger_schema import current_revision, head_revision, require_head, upgrade
 from medvlm.errors import LeaseLostError, LedgerUnavailableError
@@ -68,9 +71,53 @@ _IDENTITY = frozenset({"id", "study_uid", "model_version", "created_at"})
 _CLAIM = frozenset({"claimed_by", "lease_until", "version"})
 # Claims tried on PostgreSQL while every free candidate is locked by other claimers.
 _CLAIM_TRIES = 20
+# PostgreSQL's SQLSTATEs for a transaction aborted by another's (deadlock_detected,
+# serialization_failure): nothing is wrong with the ledger, the transaction is tried again.
+_CONFLICTS = frozenset({"40P01", "40001"})
+_CONFLICT_TRIES = 5
 # JSON columns a new job starts with empty (``draft`` starts NULL).
 _LISTS = ("flags", "context_sources")
 _DICTS = ("timings", "links", "subgroups", "fhir_ids")
+
+
+log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a database error (``LedgerUnavailableError`` or SQLAlchemy's), if any."""
+    if isinstance(exc, LedgerUnavailableError):
+        exc = exc.__cause__ or exc
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def _retrying_conflicts(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``method`` (one transaction) again when PostgreSQL aborted it for a deadlock or a
+    serialization failure; its changes were rolled back, so it is run whole. Up to
+    ``_CONFLICT_TRIES`` times, with a short random backoff; then the error stands."""
+
+    @functools.wraps(method)
+    def tried(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # Arguments are read again by each try: the methods take sequences, not iterators.
+        for attempt in Retrying(
+            retry=retry_if_exception(lambda exc: _sqlstate(exc) in _CONFLICTS),
+            stop=stop_after_attempt(_CONFLICT_TRIES),
+            wait=wait_random_exponential(multiplier=0.02, max=0.5),
+            before_sleep=lambda state: log.warning(
+                "ledger %s: transaction aborted by the database (SQLSTATE %s), trying again",
+                method.__name__,
+                _sqlstate(state.outcome.exception()) if state.outcome else None,
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                return method(*args, **kwargs)
+        raise AssertionError("unreachable: tenacity reraises")
+
+    return tried
 
 
 @dataclass(frozen=True)
@@ -165,8 +212,10 @@ class LedgerStore:
         try:
             yield
         except SQLAlchemyError as exc:
+            state = _sqlstate(exc)
             raise LedgerUnavailableError(
                 f"job ledger ({self._engine.url.get_backend_name()}): {type(exc).__name__}"
+                + (f" (SQLSTATE {state})" if state else "")
             ) from exc
 
     @contextmanager
@@ -193,6 +242,20 @@ class LedgerStore:
     def _is_sqlite(self) -> bool:
         return self._engine.dialect.name == "sqlite"
 
+    def _lock(self, connection: Connection, ids: Iterable[int]) -> None:
+        """On PostgreSQL, lock the rows ``ids`` in ascending id order before a transaction
+        changes several of them. Every such transaction (save, renew, release) takes its rows
+        in the same order, so two of them (one worker's renewal and its own save, in two
+        threads) wait for each other instead of deadlocking. SQLite has one writer at a time."""
+        if self._is_sqlite:
+            return
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        ordered = sorted(set(ids))
+        for start in range(0, len(ordered), _CHUNK):
+            chunk = ordered[start : start + _CHUNK]
+            query = sa_select(table.c.id).where(table.c.id.in_(chunk)).order_by(table.c.id)
+            connection.execute(query.with_for_update()).all()
+
     def _clock(self, connection: Connection) -> dt.datetime:
         """Now, for leases: PostgreSQL's clock (the transaction's start), so that workers on
         hosts whose clocks differ agree on when a lease runs out; SQLite is on this host."""
@@ -201,7 +264,8 @@ class LedgerStore:
         now: dt.datetime = connection.execute(sa_select(func.now())).scalar_one()
         return now
 
-    def register(self, studies: Iterable[NewStudy], model_version: str) -> int:
+    @_retrying_conflicts
+    def register(self, studies: Sequence[NewStudy], model_version: str) -> int:
         """Insert a row per new (study, model version); existing rows are left as they are.
 
         Returns how many rows were new.
@@ -301,6 +365,7 @@ class LedgerStore:
             yield page
             after_id = page[-1].id
 
+    @_retrying_conflicts
     def claim_page(
         self, model_version: str, worker: str, *, limit: int = _CHUNK, lease_s: float
     ) -> list[DraftJob]:
@@ -355,7 +420,8 @@ class LedgerStore:
             time.sleep(min(0.01 * 2**attempt, 0.5))
         return []
 
-    def renew(self, jobs: Iterable[DraftJob], worker: str, lease_s: float) -> list[DraftJob]:
+    @_retrying_conflicts
+    def renew(self, jobs: Sequence[DraftJob], worker: str, lease_s: float) -> list[DraftJob]:
         """Extend the leases ``worker`` still holds on ``jobs`` to now + ``lease_s``.
 
         Returns the jobs it no longer holds (taken by another worker after the lease ran out,
@@ -366,6 +432,7 @@ class LedgerStore:
         table = DraftJob.__table__  # type: ignore[attr-defined]
         held: set[int] = set()
         with self._transaction() as connection:
+            self._lock(connection, (job.id for job in jobs if job.id is not None))
             until = self._clock(connection) + dt.timedelta(seconds=lease_s)
             for start in range(0, len(jobs), _CHUNK):
                 ids = [job.id for job in jobs[start : start + _CHUNK]]
@@ -384,7 +451,8 @@ class LedgerStore:
                 lost.append(job)
         return lost
 
-    def release(self, jobs: Iterable[DraftJob], worker: str) -> int:
+    @_retrying_conflicts
+    def release(self, jobs: Sequence[DraftJob], worker: str) -> int:
         """Free the claims ``worker`` holds on ``jobs`` (a run ending with jobs not finished:
         failed ones, to be retried by the next run, or ones it never started). Jobs another
         worker holds now are left alone. Returns how many were released."""
@@ -393,6 +461,7 @@ class LedgerStore:
         table = DraftJob.__table__  # type: ignore[attr-defined]
         released = 0
         with self._transaction() as connection:
+            self._lock(connection, ids)
             for start in range(0, len(ids), _CHUNK):
                 statement = (
                     update(table)
@@ -406,7 +475,8 @@ class LedgerStore:
                 job.claimed_by = job.lease_until = None
         return released
 
-    def save(self, jobs: Iterable[DraftJob]) -> None:
+    @_retrying_conflicts
+    def save(self, jobs: Sequence[DraftJob]) -> None:
         """Persist changed jobs in one transaction, each only if nobody changed it meanwhile.
 
         A registered job (it has an id) is an ``UPDATE ... WHERE id = ? AND version = ?`` of
@@ -441,6 +511,7 @@ class LedgerStore:
                 row |= {"claimed_by": None, "lease_until": None}
             rows.append(row)
         with self._transaction() as connection:
+            self._lock(connection, (job.id for job in registered if job.id is not None))
             if new:
                 connection.execute(table.insert(), new)
             saved = self._conditional_updates(connection, statement, rows)

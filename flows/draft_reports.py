@@ -167,7 +167,7 @@ def discover(services: Services, query: StudyQuery | None) -> list[StudyRef]:
     else:
         studies = list(services.source.find_studies(query))
     services.ledger.register(
-        (NewStudy(s.study_uid, study_reference(s.study_uid), s.accession_number) for s in studies),
+        [NewStudy(s.study_uid, study_reference(s.study_uid), s.accession_number) for s in studies],
         services.model.version,
     )
     if watermark is not None:

@@ -7,11 +7,14 @@ and EHR, the scripted drafter).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,14 +26,14 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, make_url, text
 from sqlmodel import SQLModel
 
 from connectors.ledger_schema import alembic_config, head_revision, upgrade
 from connectors.ledger_store import LedgerStore, NewStudy, ledger_engine, open_engine
 from medvlm.errors import LedgerSchemaBehindError
 from pipeline.imaging import study_reference
-from pipeline.ledger import JobState
+from pipeline.ledger import DraftJob, JobState
 from tests.integration.conftest_servers import PostgresServer
 from tests.unit.test_flow_states import VERSION, World
 
@@ -175,6 +178,105 @@ def test_the_studies_of_a_killed_worker_are_taken_over_after_its_leases_run_out(
         assert store.counts(VERSION)[JobState.WRITTEN] == 80  # nothing lost
     per_order = _drafts_per_order(world)
     assert len(per_order) == 80 and set(per_order.values()) == {1}
+
+
+# -- one worker's transactions against each other --------------------------------------------
+
+
+def _claimed(store: LedgerStore, n: int, worker: str) -> list[DraftJob]:
+    store.register([NewStudy(f"1.7.{i}", f"study-{i}", None) for i in range(n)], VERSION)
+    jobs = store.claim_page(VERSION, worker, limit=n, lease_s=60)
+    assert len(jobs) == n
+    return jobs
+
+
+def test_a_renewal_and_saves_of_the_same_jobs_in_two_threads_wait_instead_of_deadlocking(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run renews its leases in one thread while its saves commit in another (CI saw the
+    renewal die of a deadlock: the save took the rows in its own order, the renewal in id
+    order). Saves here go in descending id order, as a batch of finished studies may."""
+    url = postgres.create_database()
+    _upgrade(url)
+    errors: list[BaseException] = []
+    with _ledger(url) as store:
+        jobs = _claimed(store, 300, "worker-a")
+        backwards = sorted(jobs, key=lambda job: -(job.id or 0))
+
+        def saves() -> None:
+            try:
+                for _ in range(25):
+                    store.save(backwards)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def renewals() -> None:
+            try:
+                for _ in range(25):
+                    assert store.renew(jobs, "worker-a", 60) == []
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=saves), threading.Thread(target=renewals)]
+        with caplog.at_level(logging.WARNING, logger="connectors.ledger_store"):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+        assert errors == []
+        assert not [r for r in caplog.records if "aborted by the database" in r.getMessage()]
+        assert {job.version for job in store.jobs(VERSION)} == {1 + 25}
+
+
+def test_a_transaction_chosen_as_a_deadlock_victim_is_run_again(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real deadlock with another client: it holds row 2 and then asks for row 1 while the
+    renewal holds row 1 and waits for row 2. PostgreSQL aborts the renewal (its wait began
+    first, so its deadlock check runs first); the renewal is tried again and succeeds."""
+    import psycopg
+
+    url = postgres.create_database()
+    _upgrade(url)
+    database = make_url(url).database
+    connect = functools.partial(
+        psycopg.connect, host=postgres.host, port=postgres.port, user="medvlm", dbname=database
+    )
+    with connect(autocommit=True) as admin:
+        # The renewal checks for a deadlock 3 s into its wait (the other client, 30 s): by then
+        # the other client waits too, however loaded the machine, so the renewal is the victim.
+        admin.execute(f"ALTER DATABASE \"{database}\" SET deadlock_timeout = '3s'")
+    with _ledger(url) as store, connect(autocommit=True) as watch, connect() as other:
+        first, second = _claimed(store, 2, "worker-a")
+        other.execute("SET deadlock_timeout = '30s'")
+        other.execute("SELECT id FROM draft_job WHERE id = %s FOR UPDATE", [second.id])
+        outcome: list[Any] = []
+        renewal = threading.Thread(
+            target=lambda: outcome.append(store.renew([first, second], "worker-a", 600))
+        )
+        with caplog.at_level(logging.WARNING, logger="connectors.ledger_store"):
+            renewal.start()
+            deadline = time.monotonic() + 60
+            while not _lock_waits(watch):
+                assert time.monotonic() < deadline, "the renewal never waited for row 2"
+                time.sleep(0.05)
+            other.execute("SELECT id FROM draft_job WHERE id = %s FOR UPDATE", [first.id])
+            other.commit()
+            renewal.join(timeout=60)
+        assert outcome == [[]]
+        assert [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()] == [
+            "ledger renew: transaction aborted by the database (SQLSTATE 40P01), trying again"
+        ]
+        assert all(job.lease_until is not None for job in store.jobs(VERSION))
+
+
+def _lock_waits(connection: Any) -> int:
+    """How many backends wait for a lock now (``connection`` in autocommit: a transaction
+    would see one snapshot of pg_stat_activity)."""
+    row = connection.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 # -- the schema ----------------------------------------------------------------------------------
