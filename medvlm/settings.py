@@ -202,6 +202,16 @@ class ServingSettings(BaseModel):
             "Unset: Serve's default (600). Needs `max_replicas`."
         ),
     )
+    look_back_period_s: float | None = Field(
+        default=None,
+        gt=10,
+        description=(
+            "Autoscaling: seconds of load Serve averages before it decides (Serve's "
+            "`look_back_period_s`); shorter reacts faster to a batch starting. Above 10 (the "
+            "interval at which Serve collects the load). Unset: Serve's default (30). Needs "
+            "`max_replicas`."
+        ),
+    )
     max_replicas_per_node: int | None = Field(
         default=None,
         ge=1,
@@ -291,6 +301,7 @@ class ServingSettings(BaseModel):
                 "target_ongoing_requests",
                 "upscale_delay_s",
                 "downscale_delay_s",
+                "look_back_period_s",
             )
             if getattr(self, name) is not None
         ]

@@ -237,7 +237,13 @@ def deployment_options(serving: ServingSettings) -> dict[str, Any]:
             "min_replicas": 1 if serving.min_replicas is None else serving.min_replicas,
             "max_replicas": serving.max_replicas,
         }
-        for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+        tuning = (
+            "target_ongoing_requests",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "look_back_period_s",
+        )
+        for name in tuning:
             value = getattr(serving, name)
             if value is not None:
                 autoscaling[name] = value

@@ -585,6 +585,7 @@ def test_autoscaling_enables_kuberay_autoscaler_with_a_bounded_hardened_sidecar(
         "target_ongoing_requests": 8,
         "upscale_delay_s": 10,
         "downscale_delay_s": 600,
+        "look_back_period_s": 30,
     }
     assert deployment["max_replicas_per_node"] == 1
 

@@ -79,6 +79,7 @@ def test_max_replicas_turns_num_replicas_into_an_autoscaling_config() -> None:
             "target_ongoing_requests": 4,
             "upscale_delay_s": 5,
             "downscale_delay_s": 20,
+            "look_back_period_s": 15,
             "max_ongoing_requests": 8,
         }
     )
@@ -90,6 +91,7 @@ def test_max_replicas_turns_num_replicas_into_an_autoscaling_config() -> None:
         "target_ongoing_requests": 4.0,
         "upscale_delay_s": 5.0,
         "downscale_delay_s": 20.0,
+        "look_back_period_s": 15.0,
     }
     assert options["max_ongoing_requests"] == 8
 
@@ -123,6 +125,8 @@ def test_max_replicas_per_node_reaches_the_deployment_options() -> None:
         ({"min_replicas": 3, "max_replicas": 2}, r"min_replicas \(3\) exceeds max_replicas \(2\)"),
         ({"min_replicas": 1}, "min_replicas only apply with autoscaling: set max_replicas"),
         ({"upscale_delay_s": 1, "downscale_delay_s": 2}, "upscale_delay_s, downscale_delay_s"),
+        ({"look_back_period_s": 15}, "look_back_period_s only apply with autoscaling"),
+        ({"max_replicas": 2, "look_back_period_s": 5}, "greater than 10"),
         (
             {"max_replicas": 2, "target_ongoing_requests": 20, "max_ongoing_requests": 4},
             r"target_ongoing_requests \(20\) exceeds max_ongoing_requests \(4\)",

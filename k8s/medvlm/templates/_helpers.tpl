@@ -124,6 +124,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ $a.upscaleDelayS | quote }}
 - name: MEDVLM_SERVING__DOWNSCALE_DELAY_S
   value: {{ $a.downscaleDelayS | quote }}
+- name: MEDVLM_SERVING__LOOK_BACK_PERIOD_S
+  value: {{ $a.lookBackPeriodS | quote }}
 {{- else -}}
 - name: MEDVLM_SERVING__NUM_REPLICAS
   value: {{ .Values.serve.numReplicas | quote }}
