@@ -244,6 +244,20 @@ class RayCluster:
         replicas: list[dict[str, Any]] = application["deployments"][deployment]["replicas"]
         return replicas
 
+    def delete_serve_apps(self, *, timeout_s: float = 120) -> None:
+        """Delete every Serve application (the REST API) and wait until none is left."""
+        url = f"{self.dashboard}/api/serve/applications/"
+        httpx.delete(url, headers=self._auth, timeout=60).raise_for_status()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            response = httpx.get(url, headers=self._auth, timeout=30)
+            response.raise_for_status()
+            if not response.json().get("applications"):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve applications not deleted after {timeout_s:.0f} s")
+            time.sleep(1)
+
     def running_replica_nodes(self, app: str, deployment: str) -> list[str]:
         """Node names hosting a RUNNING replica, one entry per replica."""
         ids = {node_id: name for name, node_id in self.alive_nodes().items()}

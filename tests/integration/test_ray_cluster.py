@@ -1,7 +1,5 @@
 """The Serve app on a real three-node Ray cluster: replicas spread over nodes, a node lost
-mid-batch. (Autoscaling between one and two replicas is not tested here: a second vLLM replica
-did not finish starting within 6 minutes on 2 shared cores; its settings and Serve options are
-unit-tested in tests/unit/test_serving_app.py.)
+mid-batch, autoscaling from one replica to two under queued drafts and back when idle.
 
 The cluster (tests/integration/ray_cluster.py) is a head and two workers from `ray start`, one
 logical CPU each, on 127.0.0.1; a replica asks for half a CPU and `max_replicas_per_node` 1
@@ -19,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +43,9 @@ WORKERS = ["w1", "w2"]
 # A replica (a Serve actor and its vLLM engine core) took 80 s to start here, and over 4 minutes
 # while another vLLM shared the 2 cores.
 REPLICA_START_S = 360.0
+# Idle seconds before autoscaling removes a replica: longer than a replica takes to start on
+# an idle machine here (42-80 s measured), shorter than the test wants to wait.
+DOWNSCALE_DELAY_S = 150
 
 DEPLOY = textwrap.dedent(
     """
@@ -218,3 +220,72 @@ def test_replicas_spread_over_nodes_and_a_lost_node_loses_no_draft(
             return list(await asyncio.gather(*(model.draft(s) for s in studies(4, "after"))))
 
     assert_valid(asyncio.run(after()), studies(4, "after"))
+
+
+def test_replicas_scale_up_to_the_maximum_under_queued_drafts_and_back_down_when_idle(
+    all_nodes: RayCluster, settings: MedvlmSettings
+) -> None:
+    """Autoscaling from the settings: one replica at rest; drafts queued past the target make
+    Serve add a replica up to ``max_replicas`` (on another node); idle, it goes back to one.
+
+    The load stops once Serve has asked for the second replica: on 2 shared cores a replica
+    does not finish starting within 6 minutes while the first one drafts (measured), so it
+    starts on an idle machine, and the downscale delay is longer than a start takes here."""
+    cluster = all_nodes
+    cluster.delete_serve_apps()  # a fixed-size app from the test before
+    port = deploy(
+        cluster,
+        settings,
+        min_replicas="1",
+        max_replicas="2",
+        target_ongoing_requests="1",
+        upscale_delay_s="0",
+        downscale_delay_s=str(DOWNSCALE_DELAY_S),
+        look_back_period_s="11",
+    )
+    assert len(cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)) == 1
+    stop = threading.Event()
+    drafted: list[DraftResult] = []
+    sent: list[ModelInput] = []
+
+    async def queued_drafts() -> None:
+        """Four drafts at a time (twice the maximum replicas x target) until told to stop."""
+        async with httpx.AsyncClient(trust_env=False) as client:
+            model = drafter(port, client)
+            round_ = 0
+            while not stop.is_set():
+                batch = studies(4, f"load-{round_}")
+                sent.extend(batch)
+                drafted.extend(await asyncio.gather(*(model.draft(s) for s in batch)))
+                round_ += 1
+
+    load = threading.Thread(target=lambda: asyncio.run(queued_drafts()), name="queued-drafts")
+    load.start()
+    try:
+        took = wait_for(
+            lambda: len(cluster.serve_replicas(APP, DEPLOYMENT_NAME)) == 2,
+            timeout_s=240,
+            what="Serve adding a replica under queued drafts",
+        )
+        print(f"second replica asked for after {took:.1f} s of load")
+    finally:
+        stop.set()
+        load.join(timeout=600)
+    assert drafted and not load.is_alive()
+    assert_valid(drafted, sent)
+    took = wait_for(
+        lambda: len(cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)) == 2,
+        timeout_s=DOWNSCALE_DELAY_S,
+        what="the second replica running (before Serve would take it back)",
+    )
+    print(f"second replica running {took:.1f} s after the load stopped")
+    placed = cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)
+    assert len(placed) == 2 and len(set(placed)) == 2, placed  # max_replicas_per_node 1
+
+    took = wait_for(
+        lambda: len(cluster.serve_replicas(APP, DEPLOYMENT_NAME)) == 1,
+        timeout_s=DOWNSCALE_DELAY_S + 120,
+        what="back to one replica when idle",
+    )
+    print(f"back to one replica {took:.1f} s later")
+    assert len(cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)) == 1
