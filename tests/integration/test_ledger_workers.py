@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -277,6 +278,44 @@ def _lock_waits(connection: Any) -> int:
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def test_a_claim_on_a_large_postgresql_ledger_reads_the_state_index(
+    postgres: PostgresServer,
+) -> None:
+    """50,000 jobs, 1 in 100 still open: the claim's SELECT ... FOR UPDATE SKIP LOCKED finds
+    the open ones through an index on their state, never by reading the table."""
+    url = postgres.create_database()
+    _upgrade(url)
+    with _ledger(url) as store:
+        store.register([NewStudy(f"1.8.{i}", f"study-{i}", None) for i in range(50_000)], VERSION)
+        with store._engine.begin() as connection:
+            connection.execute(text("UPDATE draft_job SET state = 'WRITTEN' WHERE id % 100 <> 0"))
+        with store._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text("ANALYZE draft_job"))
+        captured: list[tuple[str, Any]] = []
+
+        def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+            captured.append((statement, parameters))
+
+        sqlalchemy.event.listen(store._engine, "before_cursor_execute", capture)
+        try:
+            claimed = store.claim_page(VERSION, "worker-a", limit=50, lease_s=60)
+        finally:
+            sqlalchemy.event.remove(store._engine, "before_cursor_execute", capture)
+        assert len(claimed) == 50 and all(
+            job.id is not None and job.id % 100 == 0 for job in claimed
+        )
+        statement, parameters = next((s, p) for s, p in captured if "SKIP LOCKED" in s)
+        with store._engine.connect() as connection:
+            plan = [
+                row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+            ]
+    # One index range per open state (PostgreSQL picks the state index or the composite one,
+    # by its statistics): the work follows the open jobs, not the 50,000 rows.
+    ranges = [line for line in plan if "Index Cond: (state = " in line]
+    assert len(ranges) == 4, plan
+    assert not any("Seq Scan" in line for line in plan), plan
 
 
 # -- the schema ----------------------------------------------------------------------------------
