@@ -25,6 +25,10 @@ figures last, one ``name: value`` line each:
     .venv/bin/python bench/bench_pipeline.py [--studies 128] [--repeats 3]
         [--rss-sizes 128,512] [--ledger-rows 100000]
 
+``--replicas 1,2`` runs another comparison instead: the flow against Serve applications of 1
+and of 2 replicas, both running at once on the local Ray, the repeats alternating between
+them (``replicas_<k>_studies_per_s``, ``replicas_<k>_mean_in_flight``, ``replicas_2_vs_1``).
+
 Run it in a loopback-only namespace as the tests do: ``scripts/bench.sh`` (or
 ``unshare -rn sh -c 'ip link set lo up && .venv/bin/python bench/bench_pipeline.py'``).
 Method and latest figures: bench/README.md.
@@ -446,6 +450,69 @@ def bench_settings() -> tuple[Any, Any]:
     return settings, model
 
 
+def replicas_bench(counts: list[int], studies: int, repeats: int, image: str) -> None:
+    """The flow against Serve applications of ``counts`` replicas each, side by side on one
+    local Ray: every application runs at once, and the repeats alternate between them.
+
+    Prints ``replicas_<k>_studies_per_s`` and ``replicas_<k>_mean_in_flight`` (medians) and
+    ``replicas_<k>_vs_<first>`` (the median of each repeat's ratio of studies/s)."""
+    from flows.services import model_capacity
+    from serving.app import run_app
+    from serving.clients import HandleDrafter
+    from serving.kv_cache import with_kv_cache
+    from serving.model_source import resolve_model
+    from serving.ray_runtime import init_ray, shutdown_ray
+
+    settings, model = bench_settings()
+    resolved = resolve_model(settings)
+    settings = with_kv_cache(settings, resolved.source)
+    apps: dict[int, tuple[Any, Any]] = {}
+    rates: dict[int, list[float]] = {k: [] for k in counts}
+    in_flight: dict[int, list[float]] = {k: [] for k in counts}
+    with tempfile.TemporaryDirectory(prefix="medvlm-bench-") as tmp:
+        site = build_site(Path(tmp) / "site", studies, image)
+        # One logical CPU per replica: Ray places them all; they share the machine's cores.
+        init_ray(settings.serving, num_cpus=sum(counts), bind_shim=settings.bind_shim)
+        try:
+            for k in counts:
+                serving = settings.serving.model_copy(
+                    update={"num_replicas": k, "app_name": f"bench-{k}", "route_prefix": f"/r{k}"}
+                )
+                app_settings = settings.model_copy(update={"serving": serving})
+                started = time.perf_counter()
+                handle = run_app(app_settings, resolved.source)
+                print(f"{k} replica(s) up in {time.perf_counter() - started:.0f} s", flush=True)
+                apps[k] = (app_settings, HandleDrafter(handle))
+            for k, (app_settings, drafter) in apps.items():  # warm-up, not counted
+                run_flow(site_settings(app_settings, site, Path(tmp) / f"warm{k}"), drafter, model)
+            for repeat in range(repeats):
+                for k, (app_settings, drafter) in apps.items():
+                    run_dir = Path(tmp) / f"r{k}-{repeat}"
+                    summary, seconds, _ = run_flow(
+                        site_settings(app_settings, site, run_dir), drafter, model
+                    )
+                    assert summary.attempted == studies, summary.counts
+                    assert summary.tally is not None
+                    rates[k].append(studies / seconds)
+                    in_flight[k].append(summary.tally.model_mean_in_flight)
+                    print(
+                        f"repeat {repeat + 1}, {k} replica(s) (capacity "
+                        f"{model_capacity(app_settings)}): {seconds:.1f} s, "
+                        f"{summary.tally.model_mean_in_flight:.1f} requests at the model",
+                        flush=True,
+                    )
+        finally:
+            shutdown_ray()
+    first = counts[0]
+    print(f"\nmodel {model.version}; {studies} studies ({image} chest CR), {repeats} repeats")
+    for k in counts:
+        print(f"replicas_{k}_studies_per_s: {statistics.median(rates[k]):.3f}")
+        print(f"replicas_{k}_mean_in_flight: {statistics.median(in_flight[k]):.3f}")
+    for k in counts[1:]:
+        ratios = [a / b for a, b in zip(rates[k], rates[first], strict=True)]
+        print(f"replicas_{k}_vs_{first}: {statistics.median(ratios):.3f}")
+
+
 def _probe(kind: str, value: int, image: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, f"--{kind}-probe", str(value), "--image", image],
@@ -470,6 +537,11 @@ def main() -> None:
         help="the real 1955 x 1841 radiograph (default) or the synthetic 96 x 80 chest CR "
         "(image preprocessing all but free: the orchestration alone)",
     )
+    parser.add_argument(
+        "--replicas",
+        help="instead of the main comparison: the flow against Serve applications of these "
+        "replica counts side by side (e.g. 1,2)",
+    )
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ledger-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -478,6 +550,10 @@ def main() -> None:
         return
     if args.ledger_probe:
         ledger_probe(args.ledger_probe)
+        return
+    if args.replicas:
+        counts = [int(n) for n in args.replicas.split(",") if n]
+        replicas_bench(counts, args.studies, args.repeats, args.image)
         return
 
     from serving.app import start_model_service
