@@ -1,15 +1,20 @@
-"""A real multi-node Ray cluster on loopback for tests: a head and worker nodes from `ray start`.
+"""A real multi-node Ray cluster for tests: a head and worker nodes from `ray start`.
 
 Every node is its own `ray start --block` process (its own raylet, agents and workers) in its
-own session and process group, bound to 127.0.0.1 with ports of its own, and told apart by a
-custom resource (``medvlm_node_<name>``). The cluster keeps a private temp dir, so nothing here
-touches another Ray on the machine: it is stopped by the processes it recorded (never `ray stop`,
-which stops every Ray of the user). Processes are recorded while they run, because a replica's
-vLLM engine core is a grandchild of the raylet and outlives neither a kill nor the record.
+own session and process group, with ports of its own, and told apart by a custom resource
+(``medvlm_node_<name>``). Where the tests run as root in their private network namespace
+(scripts/test.sh), every node is also a host of its own: a network namespace with its own
+address on a private subnet, joined to the test's namespace by a veth pair on a bridge, so the
+nodes talk over a network and not over one loopback (``Hosts``). Elsewhere the nodes share
+127.0.0.1. The cluster keeps a private temp dir, so nothing here touches another Ray on the
+machine: it is stopped by the processes it recorded (never `ray stop`, which stops every Ray
+of the user). Processes are recorded while they run, because a replica's vLLM engine core is
+a grandchild of the raylet and outlives neither a kill nor the record.
 
 The test process itself never joins the cluster (a session fixture may already have started a
 local Ray in it): it reads the cluster's state from the dashboard's REST API (nodes, Serve
-applications with each replica's node) and drives Ray from child interpreters.
+applications with each replica's node) and drives Ray from child interpreters started on the
+head (``command_on``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +41,70 @@ from tests.conftest import free_port
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE_RESOURCE = "medvlm_node_{}"
 NODE_START_ATTEMPTS = 3
+
+
+class Hosts:
+    """One network namespace per node on the private subnet ``SUBNET``.0/24: node ``i`` at
+    .``i + 1``, the test's own namespace at .254 on the bridge that joins their veth pairs."""
+
+    SUBNET = "10.213.7"
+
+    def __init__(self, names: list[str]) -> None:
+        tag = secrets.token_hex(3)
+        self.bridge = f"mvb{tag}"
+        self.namespaces = {name: f"medvlm-{tag}-{name}" for name in names}
+        self.addresses = {name: f"{self.SUBNET}.{i + 1}" for i, name in enumerate(names)}
+        self._links: list[str] = []
+
+    @classmethod
+    def create(cls, names: list[str]) -> Hosts | None:
+        """The namespaces, or None where they cannot be made or must not be: not root, no
+        `ip`, or the tests are not in a namespace of their own (only loopback in it), where
+        a bridge would land on the machine's real network."""
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            return None
+        if [name for _, name in socket.if_nameindex()] != ["lo"]:  # this namespace's links
+            return None
+        hosts = cls(names)
+        try:
+            hosts._make()
+        except (OSError, subprocess.CalledProcessError):
+            hosts.remove()
+            return None
+        return hosts
+
+    def _ip(self, *args: str, namespace: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", namespace] if namespace else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=30)
+
+    def _make(self) -> None:
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._links.append(self.bridge)
+        self._ip("addr", "add", f"{self.SUBNET}.254/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for i, (name, namespace) in enumerate(self.namespaces.items()):
+            host_end, node_end = f"{self.bridge}h{i}", f"{self.bridge}n{i}"
+            self._ip("netns", "add", namespace)
+            self._ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            self._links.append(host_end)
+            self._ip("link", "set", node_end, "netns", namespace)
+            self._ip("link", "set", host_end, "master", self.bridge)
+            self._ip("link", "set", host_end, "up")
+            self._ip("link", "set", "lo", "up", namespace=namespace)
+            address = f"{self.addresses[name]}/24"
+            self._ip("addr", "add", address, "dev", node_end, namespace=namespace)
+            self._ip("link", "set", node_end, "up", namespace=namespace)
+
+    def on(self, name: str, command: list[str]) -> list[str]:
+        """``command`` run inside node ``name``'s namespace."""
+        return ["ip", "netns", "exec", self.namespaces[name], *command]
+
+    def remove(self) -> None:
+        """Delete the namespaces and links (a namespace's end of a veth pair goes with it)."""
+        for namespace in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
+        for link in reversed(self._links):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
 
 
 @dataclass
@@ -113,15 +184,27 @@ class RayCluster:
         # keep itself on loopback; inherited, it makes `ray start` refuse to join a multi-node
         # cluster ("not supported on Windows and OSX"). These nodes bind 127.0.0.1 by option.
         self._env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        # Wildcard binds (the replicas' gRPC port on [::]) go to loopback.
-        if bind_shim is not None:
-            self._env["LD_PRELOAD"] = f"{bind_shim} {os.environ.get('LD_PRELOAD', '')}".strip()
+        self._bind_shim = bind_shim
+        self.hosts: Hosts | None = None
         self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="ray-cluster-watch", daemon=True)
 
+    def ip(self, name: str) -> str:
+        """Node ``name``'s address: its own host's, or loopback."""
+        return self.hosts.addresses[name] if self.hosts is not None else "127.0.0.1"
+
+    def command_on(self, name: str, command: list[str]) -> list[str]:
+        """``command`` run on node ``name`` (in its namespace, when nodes are hosts)."""
+        return self.hosts.on(name, command) if self.hosts is not None else command
+
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{self.ip('head')}:{self.gcs_port}"
+
+    @property
+    def serve_url(self) -> str:
+        """Serve's HTTP proxy on the head, as the tests reach it."""
+        return f"http://{self.ip('head')}:{self.serve_port}"
 
     @property
     def _auth(self) -> dict[str, str]:
@@ -129,10 +212,12 @@ class RayCluster:
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.ip('head')}:{self.dashboard_port}"
 
     def start(self, workers: list[str], *, timeout_s: float = 180) -> None:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts = Hosts.create(["head", *workers])
+        self._env = self.node_env(self._env)
         self._watcher.start()
         self._start_node(
             "head",
@@ -140,7 +225,7 @@ class RayCluster:
                 "--head",
                 f"--port={self.gcs_port}",
                 "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
+                f"--dashboard-host={self.ip('head')}",
                 f"--dashboard-port={self.dashboard_port}",
                 f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={self.temp_dir}",
@@ -150,6 +235,18 @@ class RayCluster:
         for name in workers:
             self.start_worker(name)
         self.wait_for_nodes({"head", *workers}, timeout_s=timeout_s)
+
+    def node_env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` for a process on a node. Nodes on one loopback: wildcard binds (the
+        replicas' gRPC port on [::]) go to loopback too (the bind shim preloaded). On hosts of
+        their own, a node's wildcard is its private network, and binding loopback instead
+        would cut it off: the shim is taken out (a local Ray of the test process put it in
+        the environment)."""
+        preload = [p for p in env.get("LD_PRELOAD", "").split() if p != str(self._bind_shim)]
+        if self.hosts is None and self._bind_shim is not None:
+            preload.insert(0, str(self._bind_shim))
+        env = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+        return env | ({"LD_PRELOAD": " ".join(preload)} if preload else {})
 
     def start_worker(self, name: str) -> None:
         self._start_node(name, [f"--address={self.address}"])
@@ -164,12 +261,12 @@ class RayCluster:
             RAY,
             "start",
             "--block",
-            "--node-ip-address=127.0.0.1",
+            f"--node-ip-address={self.ip(name)}",
             f"--num-cpus={self.node_cpus}",
             "--num-gpus=0",
             f"--resources={json.dumps({NODE_RESOURCE.format(name): 1})}",
-            # Nodes share one address: each gets its own range for its workers' ports, below
-            # the ephemeral range free_port() draws the other ports from.
+            # Nodes may share one address: each gets its own range for its workers' ports,
+            # below the ephemeral range free_port() draws the other ports from.
             f"--min-worker-port={first_port}",
             f"--max-worker-port={first_port + 999}",
             f"--dashboard-agent-listen-port={free_port()}",
@@ -178,7 +275,7 @@ class RayCluster:
         ]
         with log.open("ab") as out:
             process = subprocess.Popen(
-                command,
+                self.command_on(name, command),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self._env,
@@ -283,6 +380,8 @@ class RayCluster:
             except psutil.Error:
                 continue
         psutil.wait_procs(stray, timeout=10)
+        if self.hosts is not None:
+            self.hosts.remove()
 
     def _ours(self) -> list[psutil.Process]:
         token = self.auth_env["RAY_AUTH_TOKEN"]

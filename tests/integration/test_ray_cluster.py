@@ -2,11 +2,12 @@
 mid-batch, autoscaling from one replica to two under queued drafts and back when idle.
 
 The cluster (tests/integration/ray_cluster.py) is a head and two workers from `ray start`, one
-logical CPU each, on 127.0.0.1; a replica asks for half a CPU and `max_replicas_per_node` 1
-spreads them. The app is deployed the production way: a child process joins the cluster by
-address (``MEDVLM_SERVING__RAY_ADDRESS``) and runs it; studies are then drafted over HTTP through
-the head's Serve proxy with the project's ``HttpDrafter``, as the Prefect worker does. Nodes
-share one address, so Serve runs its proxy on the head only (``proxy_location`` HeadOnly).
+logical CPU each, each in a network namespace of its own on a private subnet (on 127.0.0.1
+where namespaces cannot be made); a replica asks for half a CPU and `max_replicas_per_node` 1
+spreads them. The app is deployed the production way: a child process on the head joins the
+cluster by address (``MEDVLM_SERVING__RAY_ADDRESS``) and runs it; studies are then drafted over
+HTTP through the head's Serve proxy with the project's ``HttpDrafter``, as the Prefect worker
+does. Serve runs its proxy on the head only (``proxy_location`` HeadOnly).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def all_nodes(cluster: RayCluster) -> RayCluster:
     return cluster
 
 
-def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> int:
-    """Run the app on the cluster from a child joining by address; returns Serve's HTTP port.
+def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> str:
+    """Run the app on the cluster from a child joining by address; returns Serve's HTTP URL.
 
     Serve's proxy keeps the port of its first start (a later ``serve.start`` with other HTTP
     options is ignored), so every deployment on one cluster uses the cluster's port.
@@ -111,6 +112,7 @@ def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> int
         "MEDVLM_MODEL__MAX_NUM_SEQS": "2",
         "MEDVLM_MODEL__KV_CACHE_BYTES": "64MiB",  # the tiny model needs 32 MiB when full
         "MEDVLM_SERVING__RAY_ADDRESS": cluster.address,
+        "MEDVLM_SERVING__HOST": cluster.ip("head"),
         "MEDVLM_SERVING__PORT": str(port),
         "MEDVLM_SERVING__API_KEY": API_KEY,
         "MEDVLM_SERVING__PROXY_LOCATION": "HeadOnly",
@@ -120,9 +122,10 @@ def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> int
     }
     env.update({f"MEDVLM_SERVING__{name.upper()}": value for name, value in serving.items()})
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # see RayCluster: it joins many nodes
+    env = cluster.node_env(env)
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", DEPLOY],
+        cluster.command_on("head", [sys.executable, "-c", DEPLOY]),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -132,7 +135,7 @@ def deploy(cluster: RayCluster, settings: MedvlmSettings, **serving: str) -> int
     )
     assert "DEPLOYED" in done.stdout, f"deploy failed ({done.returncode}): {done.stderr[-4000:]}"
     print(f"deployed {serving} in {time.monotonic() - started:.1f} s")
-    return port
+    return cluster.serve_url
 
 
 @functools.cache
@@ -144,13 +147,13 @@ def studies(count: int, prefix: str) -> list[ModelInput]:
     return [chest().model_copy(update={"reference": f"{prefix}-{i}"}) for i in range(count)]
 
 
-def drafter(port: int, client: httpx.AsyncClient) -> HttpDrafter:
+def drafter(url: str, client: httpx.AsyncClient) -> HttpDrafter:
     # Retries at the I/O edge ride out a lost replica: Serve answers 500/503 for a request
     # whose replica died, and routes the retry to a live one.
     edge = HttpEdgeSettings(
         retry_attempts=8, retry_initial_backoff_s=1.0, retry_max_backoff_s=10.0, read_timeout_s=120
     )
-    return HttpDrafter(client, f"http://127.0.0.1:{port}", api_key=API_KEY, edge=edge)
+    return HttpDrafter(client, url, api_key=API_KEY, edge=edge)
 
 
 def wait_for(
@@ -175,7 +178,7 @@ def test_replicas_spread_over_nodes_and_a_lost_node_loses_no_draft(
     all_nodes: RayCluster, settings: MedvlmSettings
 ) -> None:
     cluster = all_nodes
-    port = deploy(cluster, settings, num_replicas="2")
+    url = deploy(cluster, settings, num_replicas="2")
     placed = cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)
     assert len(placed) == 2 and len(set(placed)) == 2, placed  # max_replicas_per_node 1
     victim = next(name for name in placed if name != "head")
@@ -183,7 +186,7 @@ def test_replicas_spread_over_nodes_and_a_lost_node_loses_no_draft(
 
     async def batch_with_a_node_lost() -> list[DraftResult]:
         async with httpx.AsyncClient(trust_env=False) as client:
-            model = drafter(port, client)
+            model = drafter(url, client)
             gate = asyncio.Semaphore(4)
             finished = 0
 
@@ -216,7 +219,7 @@ def test_replicas_spread_over_nodes_and_a_lost_node_loses_no_draft(
 
     async def after() -> list[DraftResult]:
         async with httpx.AsyncClient(trust_env=False) as client:
-            model = drafter(port, client)
+            model = drafter(url, client)
             return list(await asyncio.gather(*(model.draft(s) for s in studies(4, "after"))))
 
     assert_valid(asyncio.run(after()), studies(4, "after"))
@@ -233,7 +236,7 @@ def test_replicas_scale_up_to_the_maximum_under_queued_drafts_and_back_down_when
     starts on an idle machine, and the downscale delay is longer than a start takes here."""
     cluster = all_nodes
     cluster.delete_serve_apps()  # a fixed-size app from the test before
-    port = deploy(
+    url = deploy(
         cluster,
         settings,
         min_replicas="1",
@@ -251,7 +254,7 @@ def test_replicas_scale_up_to_the_maximum_under_queued_drafts_and_back_down_when
     async def queued_drafts() -> None:
         """Four drafts at a time (twice the maximum replicas x target) until told to stop."""
         async with httpx.AsyncClient(trust_env=False) as client:
-            model = drafter(port, client)
+            model = drafter(url, client)
             round_ = 0
             while not stop.is_set():
                 batch = studies(4, f"load-{round_}")
