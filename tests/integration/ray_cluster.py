@@ -232,9 +232,12 @@ class RayCluster:
             ],
         )
         self.wait_for_nodes({"head"}, timeout_s=timeout_s)
-        for name in workers:
+        # One node at a time: nodes share the head's session folder, and two raylets starting
+        # together can pick the same socket file there ("bind: Address already in use", seen
+        # in CI with the nodes in namespaces of their own: a file is no network's own).
+        for i, name in enumerate(workers):
             self.start_worker(name)
-        self.wait_for_nodes({"head", *workers}, timeout_s=timeout_s)
+            self.wait_for_nodes({"head", *workers[: i + 1]}, timeout_s=timeout_s)
 
     def node_env(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` for a process on a node. Nodes on one loopback: wildcard binds (the
