@@ -6,13 +6,15 @@ logical CPU each, each in a network namespace of its own on a private subnet (on
 where namespaces cannot be made); a replica asks for half a CPU and `max_replicas_per_node` 1
 spreads them. The app is deployed the production way: a child process on the head joins the
 cluster by address (``MEDVLM_SERVING__RAY_ADDRESS``) and runs it; studies are then drafted over
-HTTP through the head's Serve proxy with the project's ``HttpDrafter``, as the Prefect worker
-does. Serve runs its proxy on the head only (``proxy_location`` HeadOnly).
+HTTP through the head's Serve proxy, by `medvlm run` in a process of its own (a folder PACS and
+EHR, ``MEDVLM_JOB__MODEL_ENDPOINT=http``, as a Prefect worker runs it) or by the project's
+``HttpDrafter``. Serve runs its proxy on the head only (``proxy_location`` HeadOnly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import os
 import subprocess
@@ -33,6 +35,12 @@ from pipeline.prompts import ModelInput
 from pipeline.report import DraftResult, report_json_schema
 from serving.app import DEPLOYMENT_NAME
 from serving.clients import HttpDrafter
+from tests.integration.folder_site import (
+    build_folder_site,
+    folder_site_env,
+    orders,
+    preliminary_drafts_per_order,
+)
 from tests.integration.ray_cluster import RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,6 +52,9 @@ WORKERS = ["w1", "w2"]
 # A replica (a Serve actor and its vLLM engine core) took 80 s to start here, and over 4 minutes
 # while another vLLM shared the 2 cores.
 REPLICA_START_S = 360.0
+# Studies in the batch that loses a node, and their date.
+BATCH = 10
+STUDY_DAY = dt.date(2026, 11, 3)
 # Idle seconds before autoscaling removes a replica: longer than a replica takes to start on
 # an idle machine here (42-80 s measured), shorter than the test wants to wait.
 DOWNSCALE_DELAY_S = 150
@@ -174,40 +185,76 @@ def assert_valid(results: list[DraftResult], inputs: list[ModelInput]) -> None:
         jsonschema.validate(result.report.model_dump(mode="json"), report_json_schema())
 
 
+def _drafts_written(site: Path) -> int:
+    path = site / "ehr" / "DiagnosticReport.ndjson"
+    return sum(preliminary_drafts_per_order(site).values()) if path.exists() else 0
+
+
 def test_replicas_spread_over_nodes_and_a_lost_node_loses_no_draft(
-    all_nodes: RayCluster, settings: MedvlmSettings
+    all_nodes: RayCluster, settings: MedvlmSettings, tmp_path: Path, prefect_api: None
 ) -> None:
+    """`medvlm run` in a process of its own drafts a batch through the cluster's Serve proxy
+    (``MEDVLM_JOB__MODEL_ENDPOINT=http``) into a folder EHR; a node with a replica is killed
+    once the first drafts are written. Every order gets exactly one draft, in the same run."""
+    from prefect.settings import PREFECT_API_URL
+
     cluster = all_nodes
     url = deploy(cluster, settings, num_replicas="2")
     placed = cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)
     assert len(placed) == 2 and len(set(placed)) == 2, placed  # max_replicas_per_node 1
     victim = next(name for name in placed if name != "head")
-    inputs = studies(10, "batch")
-
-    async def batch_with_a_node_lost() -> list[DraftResult]:
-        async with httpx.AsyncClient(trust_env=False) as client:
-            model = drafter(url, client)
-            gate = asyncio.Semaphore(4)
-            finished = 0
-
-            async def one(study: ModelInput) -> DraftResult:
-                nonlocal finished
-                try:
-                    async with gate:
-                        return await model.draft(study)
-                finally:
-                    finished += 1
-
-            tasks = [asyncio.create_task(one(study)) for study in inputs]
-            while finished < 2:  # mid-batch: some drafted, others in flight at the victim
-                await asyncio.sleep(0.05)
-            await asyncio.to_thread(cluster.nodes[victim].kill)
-            return list(await asyncio.gather(*tasks))
-
+    site = tmp_path / "site"
+    build_folder_site(site, BATCH, STUDY_DAY, prefix="NODE")
+    env = {
+        **os.environ,
+        **folder_site_env(site),
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "MEDVLM_HOME": str(tmp_path / "home"),
+        "MEDVLM_JOB__LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "MEDVLM_JOB__MODEL_ENDPOINT": "http",
+        "MEDVLM_JOB__MODEL_URL": url,
+        "MEDVLM_MODEL__VERSION": "cluster-test-1",
+        "MEDVLM_SERVING__API_KEY": API_KEY,
+        # As deployed: 2 replicas of 2 requests, so the run keeps 4 studies at the model.
+        "MEDVLM_SERVING__NUM_REPLICAS": "2",
+        "MEDVLM_SERVING__MAX_ONGOING_REQUESTS": "2",
+        # Retries at the I/O edge ride out the lost replica: Serve answers 500/503 for a
+        # request whose replica died, and routes the retry to a live one.
+        "MEDVLM_JOB__MODEL_CLIENT__RETRY_ATTEMPTS": "8",
+        "MEDVLM_JOB__MODEL_CLIENT__RETRY_INITIAL_BACKOFF_S": "1",
+        "MEDVLM_JOB__MODEL_CLIENT__RETRY_MAX_BACKOFF_S": "10",
+        "MEDVLM_JOB__MODEL_CLIENT__READ_TIMEOUT_S": "120",
+        "COLUMNS": "200",
+    }
+    day = STUDY_DAY.isoformat()
     started = time.monotonic()
-    results = asyncio.run(batch_with_a_node_lost())
-    print(f"batch of {len(inputs)} with {victim} killed: {time.monotonic() - started:.1f} s")
-    assert_valid(results, inputs)
+    run = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medvlm"), "run", "--since", day, "--until", day],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: _drafts_written(site) >= 2 or run.poll() is not None,
+            timeout_s=REPLICA_START_S,
+            what="the first drafts written",
+            poll_s=0.2,
+        )
+        assert run.poll() is None, "the run ended before the node was lost"
+        cluster.nodes[victim].kill()  # mid-batch: others in flight at the victim
+        output, _ = run.communicate(timeout=2 * REPLICA_START_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=30)
+    print(f"batch of {BATCH} with {victim} killed: {time.monotonic() - started:.1f} s")
+    assert run.returncode == 0, output[-4000:]
+    per_order = preliminary_drafts_per_order(site)
+    assert set(per_order) == orders(site), output[-4000:]  # every order drafted
+    assert set(per_order.values()) == {1}  # once
 
     def replaced() -> bool:
         nodes = cluster.running_replica_nodes(APP, DEPLOYMENT_NAME)
