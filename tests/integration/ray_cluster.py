@@ -182,7 +182,7 @@ class RayCluster:
         }
         # A local Ray started earlier in this process (serving.ray_runtime) sets this to 0 to
         # keep itself on loopback; inherited, it makes `ray start` refuse to join a multi-node
-        # cluster ("not supported on Windows and OSX"). These nodes bind 127.0.0.1 by option.
+        # cluster ("not supported on Windows and OSX"). These nodes bind their address by option.
         self._env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         self._bind_shim = bind_shim
         self.hosts: Hosts | None = None
