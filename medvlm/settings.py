@@ -132,6 +132,16 @@ class ModelSettings(BaseModel):
     )
 
 
+# ServingSettings fields that tune Serve's autoscaling, named as in its `autoscaling_config`
+# (each only with `max_replicas`; unset ones keep Serve's defaults).
+AUTOSCALING_TUNING = (
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "look_back_period_s",
+)
+
+
 class ServingSettings(BaseModel):
     """The Ray Serve application that wraps the engine."""
 
@@ -296,13 +306,7 @@ class ServingSettings(BaseModel):
     def _check_replicas(self) -> ServingSettings:
         tuning = [
             name
-            for name in (
-                "min_replicas",
-                "target_ongoing_requests",
-                "upscale_delay_s",
-                "downscale_delay_s",
-                "look_back_period_s",
-            )
+            for name in ("min_replicas", *AUTOSCALING_TUNING)
             if getattr(self, name) is not None
         ]
         if self.max_replicas is None:

@@ -28,7 +28,7 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.handle import DeploymentHandle
 
 from medvlm.errors import EngineUnavailableError, InvalidModelOutputError, MedvlmError, one_line
-from medvlm.settings import MedvlmSettings, ModelSettings, ServingSettings
+from medvlm.settings import AUTOSCALING_TUNING, MedvlmSettings, ModelSettings, ServingSettings
 from pipeline.prompts import ModelInput, build_messages
 from pipeline.report import (
     DraftResult,
@@ -237,13 +237,7 @@ def deployment_options(serving: ServingSettings) -> dict[str, Any]:
             "min_replicas": 1 if serving.min_replicas is None else serving.min_replicas,
             "max_replicas": serving.max_replicas,
         }
-        tuning = (
-            "target_ongoing_requests",
-            "upscale_delay_s",
-            "downscale_delay_s",
-            "look_back_period_s",
-        )
-        for name in tuning:
+        for name in AUTOSCALING_TUNING:
             value = getattr(serving, name)
             if value is not None:
                 autoscaling[name] = value
