@@ -107,6 +107,17 @@ class Hosts:
             subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
 
 
+def kill_all(processes: list[psutil.Process], *, timeout_s: float) -> None:
+    """SIGKILL ``processes`` (those gone already are skipped; psutil refuses a reused pid) and
+    wait up to ``timeout_s`` for them to end."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(processes, timeout=timeout_s)
+
+
 @dataclass
 class RayNode:
     name: str
@@ -130,12 +141,7 @@ class RayNode:
     def kill(self) -> None:
         """SIGKILL every process of the node at once: a machine that lost power."""
         self.record()
-        for process in self.family.values():
-            try:
-                process.send_signal(signal.SIGKILL)  # psutil refuses a reused pid
-            except psutil.Error:
-                continue
-        psutil.wait_procs(list(self.family.values()), timeout=10)
+        kill_all(list(self.family.values()), timeout_s=10)
         self.process.wait(timeout=10)
 
     def stop(self, timeout_s: float = 20) -> None:
@@ -145,12 +151,7 @@ class RayNode:
             self.process.send_signal(signal.SIGTERM)
         family = list(self.family.values())
         _, alive = psutil.wait_procs(family, timeout=timeout_s)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.Error:
-                continue
-        psutil.wait_procs(alive, timeout=5)
+        kill_all(alive, timeout_s=5)
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=5)
@@ -376,13 +377,7 @@ class RayCluster:
             self._watcher.join()
         # A replica whose raylet died is reparented to init, and its vLLM engine core with it
         # (seen here): whatever still carries this cluster's token in its environment is ours.
-        stray = self._ours()
-        for process in stray:
-            try:
-                process.kill()
-            except psutil.Error:
-                continue
-        psutil.wait_procs(stray, timeout=10)
+        kill_all(self._ours(), timeout_s=10)
         if self.hosts is not None:
             self.hosts.remove()
 
