@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -37,6 +36,7 @@ from pipeline.imaging import study_reference
 from pipeline.ledger import DraftJob, JobState
 from tests.integration.conftest_servers import PostgresServer
 from tests.unit.test_flow_states import VERSION, World
+from tests.unit.test_ledger import select_plan
 
 pytestmark = pytest.mark.integration
 
@@ -293,24 +293,13 @@ def test_a_claim_on_a_large_postgresql_ledger_reads_the_state_index(
             connection.execute(text("UPDATE draft_job SET state = 'WRITTEN' WHERE id % 100 <> 0"))
         with store._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text("ANALYZE draft_job"))
-        captured: list[tuple[str, Any]] = []
+        claimed: list[DraftJob] = []
 
-        def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
-            captured.append((statement, parameters))
+        def claim() -> None:
+            claimed.extend(store.claim_page(VERSION, "worker-a", limit=50, lease_s=60))
 
-        sqlalchemy.event.listen(store._engine, "before_cursor_execute", capture)
-        try:
-            claimed = store.claim_page(VERSION, "worker-a", limit=50, lease_s=60)
-        finally:
-            sqlalchemy.event.remove(store._engine, "before_cursor_execute", capture)
-        assert len(claimed) == 50 and all(
-            job.id is not None and job.id % 100 == 0 for job in claimed
-        )
-        statement, parameters = next((s, p) for s, p in captured if "SKIP LOCKED" in s)
-        with store._engine.connect() as connection:
-            plan = [
-                row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
-            ]
+        plan = select_plan(store, claim, containing="SKIP LOCKED")
+    assert len(claimed) == 50 and all(job.id is not None and job.id % 100 == 0 for job in claimed)
     # One index range per open state (PostgreSQL picks the state index or the composite one,
     # by its statistics): the work follows the open jobs, not the 50,000 rows.
     ranges = [line for line in plan if "Index Cond: (state = " in line]

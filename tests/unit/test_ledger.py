@@ -246,8 +246,9 @@ def test_pending_pages_skip_nothing_while_jobs_are_finished_between_pages(
     assert [j.id for j in store.pending("v1")] == [j for k, j in enumerate(seen) if k % 6 % 3 == 0]
 
 
-def select_plan(store: LedgerStore, call: Callable[[], object]) -> list[str]:
-    """SQLite's plan (EXPLAIN QUERY PLAN steps) of the first SELECT that ``call`` sends."""
+def select_plan(store: LedgerStore, call: Callable[[], object], containing: str = "") -> list[str]:
+    """The plan of the first SELECT that ``call`` sends (one whose text has ``containing``):
+    SQLite's EXPLAIN QUERY PLAN steps, or PostgreSQL's EXPLAIN lines."""
     captured: list[tuple[str, Any]] = []
 
     def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -258,12 +259,14 @@ def select_plan(store: LedgerStore, call: Callable[[], object]) -> list[str]:
         call()
     finally:
         event.remove(store._engine, "before_cursor_execute", capture)
-    statement, parameters = next((s, p) for s, p in captured if s.lstrip().startswith("SELECT"))
+    statement, parameters = next(
+        (s, p) for s, p in captured if s.lstrip().startswith("SELECT") and containing in s
+    )
+    sqlite = store._engine.dialect.name == "sqlite"
+    explain = "EXPLAIN QUERY PLAN" if sqlite else "EXPLAIN"
     with store._engine.connect() as connection:
-        return [
-            row[3]
-            for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-        ]
+        rows = connection.exec_driver_sql(f"{explain} {statement}", parameters)
+        return [row[3] if sqlite else row[0] for row in rows]
 
 
 def test_the_pending_page_query_reads_the_state_index(tmp_path: Path) -> None:
