@@ -1,12 +1,16 @@
 """The EHR over FHIR R4 REST (HL7 FHIR R4 http.html), on one long-lived pooled ``httpx.Client``.
 
-Reads: ``GET [base]/Patient/[id]``; searches with ``_include`` and ``Bundle.link[next]`` paging.
+Reads: ``GET [base]/Patient/[id]``; searches with ``_include`` and ``Bundle.link[next]`` paging,
+by the US Core ``patient`` parameter, sent with ``Prefer: handling=strict`` (``ehr.strict_search``)
+so that a server rejects a parameter it does not support rather than ignoring it and answering a
+wider search; an OperationOutcome warning in a search answer fails the search all the same.
 Writes: transaction Bundles (``Bundle.entry.request.ifNoneExist`` makes replays create nothing),
 conditional create (``If-None-Exist``) and versioned update (``If-Match: W/"v"``); the server's
 answer is read back and OperationOutcome issues surface in errors.
 
-Retries (tenacity, exponential backoff with jitter, ``Retry-After`` honoured) happen here, at the
-I/O edge, on 429/502/503/504 and connection errors only. HTTP statuses become ``EhrError``s in
+Retries (tenacity, exponential backoff with jitter, ``Retry-After`` honoured up to
+``ehr.retry_after_max_s``, a longer one fails the call at once) happen here, at the I/O edge, on
+429/502/503/504 and connection errors only. HTTP statuses become ``EhrError``s in
 exactly one function, ``error_for_status``. This module must not log or raise response bodies,
 names, MRNs, accession numbers or birth dates: messages carry a resource type with a logical id or
 an identifier hash (``connectors.ehr.identifier_ref``), and values we sent are redacted from server
@@ -167,13 +171,28 @@ def _outcome_issues(response: httpx.Response, sensitive: Iterable[str]) -> tuple
         body = response.json()
     except ValueError:
         return ()
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+    return _issues(body, sensitive)
+
+
+#: OperationOutcome.issue.severity of issues that do not put a search answer in doubt.
+_HARMLESS_SEVERITIES = frozenset({"information"})
+
+
+def _issues(
+    outcome: Any, sensitive: Iterable[str], ignore: frozenset[str] = frozenset()
+) -> tuple[str, ...]:
+    """``severity/code at expression: diagnostics`` of an OperationOutcome's issues, except
+    those whose severity is in ``ignore``; values we sent redacted, bounded in size."""
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
         return ()
     secrets = list(sensitive)
+    items = [
+        item
+        for item in outcome.get("issue") or []
+        if isinstance(item, dict) and item.get("severity") not in ignore
+    ]
     out: list[str] = []
-    for item in (body.get("issue") or [])[:10]:
-        if not isinstance(item, dict):
-            continue
+    for item in items[:10]:
         diagnostics = str(item.get("diagnostics") or "")[:300]
         expression = ",".join(str(e) for e in item.get("expression") or [])
         text = f"{item.get('severity', '?')}/{item.get('code', '?')}"
@@ -183,6 +202,28 @@ def _outcome_issues(response: httpx.Response, sensitive: Iterable[str]) -> tuple
             text += f": {_redact(diagnostics, secrets)}"
         out.append(text)
     return tuple(out)
+
+
+class _RetryLog:
+    """tenacity's ``before_sleep`` of one request: logs the retry; ``ref`` also names the
+    request in ``FhirEhr._wait``'s error."""
+
+    def __init__(self, ref: str, method: str) -> None:
+        self.ref = ref
+        self.method = method
+
+    def __call__(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        cause = f"HTTP {exc.args[0]}" if isinstance(exc, _RetryableStatus) else type(exc).__name__
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "FHIR %s %s: %s, retry %d in %.2f s",
+            self.method,
+            self.ref,
+            cause,
+            state.attempt_number,
+            sleep,
+        )
 
 
 def _when(resource: Resource, *fields: str) -> str:
@@ -219,32 +260,37 @@ class FhirEhr:
     # -- the I/O edge -----------------------------------------------------------------------
 
     def _wait(self, state: RetryCallState) -> float:
+        """Seconds before the next attempt: the server's ``Retry-After`` when it sent one, else
+        exponential backoff with jitter. A ``Retry-After`` beyond ``retry_after_max_s`` is not
+        waited for: the call fails at once with ``EhrUnavailableError`` (the study fails, and a
+        later run tries it again), rather than holding a worker for as long as the server asks.
+        """
         s = self._settings
         outcome = state.outcome
         exc = outcome.exception() if outcome is not None else None
         if isinstance(exc, _RetryableStatus):
             after = _retry_after_s(exc.response)
             if after is not None:
-                return min(after, s.retry_max_backoff_s)
+                if after > s.retry_after_max_s:
+                    hook = getattr(state.retry_object, "before_sleep", None)
+                    ref = hook.ref if isinstance(hook, _RetryLog) else self._path_ref(exc.response)
+                    raise EhrUnavailableError(
+                        f"{ref}: HTTP {exc.response.status_code}, the server asked to retry after "
+                        f"{after:.0f} s, over the {s.retry_after_max_s:g} s cap "
+                        "(ehr.retry_after_max_s); not retried"
+                    ) from exc
+                return after
         return float(backoff(s)(state))
 
-    def _log_retry(self, ref: str, method: str) -> Any:
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            cause = (
-                f"HTTP {exc.args[0]}" if isinstance(exc, _RetryableStatus) else type(exc).__name__
-            )
-            sleep = state.next_action.sleep if state.next_action is not None else 0.0
-            log.warning(
-                "FHIR %s %s: %s, retry %d in %.2f s",
-                method,
-                ref,
-                cause,
-                state.attempt_number,
-                sleep,
-            )
+    def _path_ref(self, response: httpx.Response) -> str:
+        """``GET ServiceRequest``: the method and the path below the base, never the query."""
+        path = response.request.url.path
+        base_path = urlsplit(self.base_url).path
+        below = path[len(base_path) :].strip("/") if path.startswith(base_path) else ""
+        return f"{response.request.method} {below or '[base]'}"
 
-        return before_sleep
+    def _log_retry(self, ref: str, method: str) -> _RetryLog:
+        return _RetryLog(ref, method)
 
     def _request(
         self,
@@ -311,8 +357,17 @@ class FhirEhr:
     def _search(
         self, rtype: str, params: list[tuple[str, str]], *, ref: str, sensitive: Iterable[str] = ()
     ) -> Iterator[tuple[str, Resource]]:
-        """(search mode, resource) of every entry, following ``Bundle.link[next]`` page by page."""
+        """(search mode, resource) of every entry, following ``Bundle.link[next]`` page by page.
+
+        With ``strict_search`` the server is asked (``Prefer: handling=strict``, FHIR R4
+        search.html#errors) to reject parameters it does not support (HTTP 400, an
+        ``EhrInvalidResourceError`` with its issues). A lenient server ignores them and says so in
+        an OperationOutcome entry (``search.mode`` = outcome): its answer may be wider than asked
+        (another patient's reports), so an issue of severity warning, error or fatal fails the
+        search too; information is passed over.
+        """
         secrets = list(sensitive)
+        headers = {"Prefer": "handling=strict"} if self._settings.strict_search else None
         url: str | None = f"{self.base_url}/{rtype}"
         query: list[tuple[str, str | int | float | bool | None]] | None = [
             *params,
@@ -320,21 +375,34 @@ class FhirEhr:
         ]
         for page in range(1, self._settings.max_pages + 1):
             assert url is not None
-            response = self._request("GET", url, ref=ref, params=query, sensitive=secrets)
+            response = self._request(
+                "GET", url, ref=ref, params=query, headers=headers, sensitive=secrets
+            )
             bundle = self._json(response, ref)
             if bundle.get("resourceType") != "Bundle":
                 raise EhrInvalidResourceError(f"{ref}: search answer is not a Bundle")
+            entries: list[tuple[str, Any]] = []
+            issues: list[str] = []
             for entry in bundle.get("entry") or []:
                 if not isinstance(entry, dict):
                     raise EhrInvalidResourceError(f"{ref}: malformed Bundle.entry on page {page}")
-                mode = (entry.get("search") or {}).get("mode", "match")
+                mode = str((entry.get("search") or {}).get("mode", "match"))
                 resource = entry.get("resource")
-                if (
+                if mode == "outcome" or (
                     isinstance(resource, dict)
                     and resource.get("resourceType") == "OperationOutcome"
                 ):
-                    continue  # search warnings (e.g. an ignored parameter); not data
-                yield str(mode), parse_resource(resource, where=f" in {ref} page {page}")
+                    issues.extend(_issues(resource, secrets, ignore=_HARMLESS_SEVERITIES))
+                else:
+                    entries.append((mode, resource))
+            if issues:  # judged before any entry of the page is handed out
+                raise EhrInvalidResourceError(
+                    f"{ref}: the server reported issues with the search (page {page}); "
+                    "its answer may be wider or narrower than asked",
+                    tuple(issues[:10]),
+                )
+            for mode, resource in entries:
+                yield mode, parse_resource(resource, where=f" in {ref} page {page}")
             url = self._rebased(
                 next(
                     (
@@ -426,7 +494,9 @@ class FhirEhr:
 
         The lists use filtered searches rather than ``_revinclude`` on Patient: a revinclude
         brings every Condition/report of a long record regardless of status, unpaged on many
-        servers; the filters (``clinical-status=active``, ``status=final``) keep it bounded.
+        servers; the filters (``clinical-status=active``, ``status=final``) keep it bounded. They
+        search by ``patient``, which US Core servers SHALL support for these types (``subject``
+        only SHOULD, and a server that ignores it answers with every patient's resources).
         """
         orders, patients = self._accession_search(accession_number, include_subject=True)
         order = orders[0] if orders else None
@@ -449,7 +519,7 @@ class FhirEhr:
             c
             for _, c in self._search(
                 "Condition",
-                [("subject", subject), ("clinical-status", "active")],
+                [("patient", subject), ("clinical-status", "active")],
                 ref=f"Condition of {subject}",
             )
             if isinstance(c, Condition) and is_active(c)
@@ -458,7 +528,7 @@ class FhirEhr:
             r
             for _, r in self._search(
                 "DiagnosticReport",
-                [("subject", subject), ("status", ",".join(FINAL_REPORT_STATUSES))],
+                [("patient", subject), ("status", ",".join(FINAL_REPORT_STATUSES))],
                 ref=f"DiagnosticReport of {subject}",
             )
             if isinstance(r, DiagnosticReport) and r.status in FINAL_REPORT_STATUSES
@@ -467,7 +537,7 @@ class FhirEhr:
             s
             for _, s in self._search(
                 "ImagingStudy",
-                [("subject", subject), ("_sort", "-started")],
+                [("patient", subject), ("_sort", "-started")],
                 ref=f"ImagingStudy of {subject}",
             )
             if isinstance(s, ImagingStudy)

@@ -7,7 +7,9 @@
   client credentials with a signed JWT client assertion (RFC 7523), ``RS384`` or ``ES384``,
   ``kid`` header, ``iss`` = ``sub`` = client_id, ``aud`` = token URL, unique ``jti``, ``exp`` at
   most 5 minutes ahead. The token endpoint comes from ``{base}/.well-known/smart-configuration``
-  unless configured. Tokens are cached until shortly before expiry; a 401 refreshes once.
+  unless configured. Tokens are cached until shortly before expiry; a 401 refreshes once. Scopes
+  (``ehr.smart_scopes``) are SMART 2 ``system/Type.cruds`` scopes; a token endpoint refusing
+  them (``invalid_scope``) is named in the error with what to check.
 
 Token requests are yielded from the auth flow, so they travel on the same pooled client. Keys come
 from files named in settings; nothing here logs a token or an assertion.
@@ -34,6 +36,7 @@ from medvlm.settings import EhrSettings
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME_S = 300  # SMART Backend Services: exp no more than five minutes ahead
 REFRESH_MARGIN_S = 30.0  # renew a cached token this long before it expires
+SCOPES_HINT = "SMART 2 syntax (system/Type.rs); a SMART 1 server needs .read/.write"
 
 __all__ = ["SmartBackendAuth", "StaticBearerAuth", "build_auth"]
 
@@ -187,6 +190,8 @@ def _json_field(response: httpx.Response, field: str, what: str) -> str:
             body: Any = response.json()
             if isinstance(body, dict) and isinstance(body.get("error"), str):
                 error = f" ({body['error'][:64]})"
+                if body["error"] == "invalid_scope":
+                    error += f"; check ehr.smart_scopes: {SCOPES_HINT}"
         except ValueError:
             pass
         if response.status_code == 429 or response.status_code >= 500:

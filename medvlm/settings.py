@@ -450,7 +450,7 @@ class HttpEdgeSettings(BaseModel):
     retry_max_backoff_s: float = Field(
         default=20.0,
         ge=0,
-        description="Upper bound of one backoff, also of an honoured Retry-After.",
+        description="Upper bound of one backoff between two attempts.",
     )
 
     @model_validator(mode="after")
@@ -636,11 +636,17 @@ class EhrSettings(HttpEdgeSettings):
     )
     smart_scopes: str = Field(
         default=(
-            "system/Patient.read system/ServiceRequest.read system/Condition.read "
-            "system/DiagnosticReport.read system/ImagingStudy.read system/DiagnosticReport.write "
-            "system/Observation.write system/Device.write system/Provenance.write"
+            "system/Patient.rs system/ServiceRequest.rs system/Condition.rs "
+            "system/ImagingStudy.rs system/DiagnosticReport.crs system/Observation.crs "
+            "system/Device.crs system/Provenance.crs system/DocumentReference.crs "
+            "system/MeasureReport.crs"
         ),
-        description="Space-separated SMART system scopes requested with each token.",
+        description=(
+            "Space-separated SMART system scopes requested with each token, in SMART App Launch "
+            "2 syntax (`system/Type.cruds`, a subset in that order): reads `.rs`; what the "
+            "pipeline writes `.crs`, since a conditional create searches and may return the "
+            "match. A server that knows only SMART 1 scopes needs `.read` / `.write` here."
+        ),
     )
     smart_token_url: str | None = Field(
         default=None,
@@ -676,6 +682,24 @@ class EhrSettings(HttpEdgeSettings):
         default=50,
         ge=1,
         description="Pages of one search followed at most (bounds a runaway search).",
+    )
+    strict_search: bool = Field(
+        default=True,
+        description=(
+            "Send `Prefer: handling=strict` with searches, so that a server which does not "
+            "support a search parameter rejects the search instead of ignoring the parameter "
+            "and answering a wider search (another patient's reports). Some servers reject "
+            "unknown Prefer values: turn this off for them; an OperationOutcome warning in a "
+            "search answer still fails the search."
+        ),
+    )
+    retry_after_max_s: float = Field(
+        default=120.0,
+        ge=0,
+        description=(
+            "Longest Retry-After (429/503) that is honoured by waiting; a server asking for "
+            "longer fails the call at once (EhrUnavailableError: that study fails, not the run)."
+        ),
     )
 
     @model_validator(mode="after")

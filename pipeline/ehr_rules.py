@@ -14,14 +14,19 @@ Which prior reports a prompt may show is ``pipeline.context.eligible_priors``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 #: DiagnosticReport.status values of a signed report (FHIR R4 diagnostic-report-status): final,
@@ -158,13 +163,55 @@ def signed_report_of(
     )
 
 
+_LOGICAL_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 id datatype
+
+
+@functools.cache
+def is_resource_type(name: str) -> bool:
+    """Whether ``name`` is an R4B resource type (``Observation``; not ``fhir``, ``R4``, or a
+    datatype such as ``Identifier``)."""
+    if not name[:1].isupper() or not name.isalpha():
+        return False
+    try:
+        model = get_fhir_model_class(name)
+    except (KeyError, ValueError):
+        return False
+    return issubclass(model, Resource)
+
+
+def location_target(location: str | None) -> tuple[str, str] | None:
+    """``(type, id)`` named by a write's ``Location`` / ``Bundle.entry.response.location``.
+
+    Servers answer ``[type]/[id]/_history/[vid]`` relative to the base, or absolute
+    (``https://host/fhir/R4/[type]/[id]/_history/[vid]``), some without the version (FHIR R4
+    http.html#create, Bundle.entry.response.location). The base (scheme, host, port and path
+    prefix), the query and the ``/_history/[vid]`` part are ignored; what is left must end in a
+    resource type and a FHIR id, or the location names nothing (None): a bare base URL, a
+    ``urn:uuid:``, a type without an id.
+    """
+    if not location:
+        return None
+    path = urlsplit(location.strip()).path
+    segments = [part for part in path.split("/") if part]
+    if len(segments) >= 2 and segments[-2] == "_history":
+        segments = segments[:-2]
+    elif segments and segments[-1] == "_history":
+        segments = segments[:-1]
+    if len(segments) < 2:
+        return None
+    rtype, rid = segments[-2], segments[-1]
+    if not is_resource_type(rtype) or not _LOGICAL_ID.match(rid):
+        return None
+    return rtype, rid
+
+
 def created_ids(locations: Iterable[str | None]) -> dict[str, list[str]]:
     """Resource type → logical ids, from the ``Location`` (or ``Bundle.entry.response.location``)
-    of each write: relative or absolute, with or without ``/_history/{vid}`` (FHIR R4
-    http.html#create)."""
+    of each write, relative or absolute, with or without ``/_history/{vid}``
+    (``location_target``); locations that name no resource are left out."""
     ids: dict[str, list[str]] = {}
     for location in locations:
-        target = reference_target(location)
+        target = location_target(location)
         if target is not None:
             ids.setdefault(target[0], []).append(target[1])
     return ids

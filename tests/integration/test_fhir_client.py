@@ -40,6 +40,7 @@ from medvlm.errors import (
     EhrUnavailableError,
 )
 from medvlm.settings import EhrSettings
+from pipeline.ehr_rules import created_ids
 from tests.integration.loopback import FhirProxy, LoopbackServer
 
 pytestmark = pytest.mark.integration
@@ -341,6 +342,98 @@ def test_paging_behind_a_reverse_proxy_stays_on_the_configured_origin(
     assert proxy.forwarded == proxy.seen >= 6  # 1 order + 3 Condition pages + 3 report pages …
 
 
+def _queries(proxy: FhirProxy, rtype: str) -> list[dict[str, list[str]]]:
+    """Query parameters of the searches of ``rtype`` the proxy saw."""
+    return [
+        parse_qs(path.partition("?")[2])
+        for method, path in proxy.server.requests
+        if method == "GET" and path.startswith(f"/fhir/{rtype}?")
+    ]
+
+
+def test_context_lists_are_searched_by_the_us_core_patient_parameter(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    context = ehr_for(proxy.base_url).gather_context(seeded.accession)
+    subject = f"Patient/{context.patient.id}"
+    assert len(context.conditions) == 2 and len(context.prior_reports) == 2
+    assert len(context.imaging_studies) == 1
+    for rtype in ("Condition", "DiagnosticReport", "ImagingStudy"):
+        (query,) = _queries(proxy, rtype)
+        assert query["patient"] == [subject] and "subject" not in query, rtype
+
+
+def test_search_parameter_the_server_does_not_know_is_rejected_in_strict_mode(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    """The real server ignores an unknown parameter unless asked for strict handling; then it
+    answers 400, which is not retried. No public method sends an unknown parameter, so the
+    search is called directly: the case is a server lacking one the connector uses."""
+    ehr = ehr_for(proxy.base_url)
+    params = [("identifier", seeded.accession), ("no-such-parameter", "x")]
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        list(ehr._search("ServiceRequest", params, ref="ServiceRequest SYN-REF"))
+    text = str(raised.value)
+    assert text.startswith("ServiceRequest SYN-REF: HTTP 400 (rejected)")
+    assert "not-supported" in text and "no-such-parameter" in text
+    assert proxy.seen == 1
+
+
+def test_lenient_server_ignoring_a_parameter_fails_the_search(
+    ehr_for: Callable[..., FhirEhr], fhir_base_url: str, seeded: SyntheticPatient
+) -> None:
+    """Without strict handling the real server ignores the parameter, answers every
+    ServiceRequest and says so in an OperationOutcome entry: that answer is not used."""
+    ehr = ehr_for(fhir_base_url, strict_search=False)
+    params = [("no-such-parameter", seeded.accession)]
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        list(
+            ehr._search(
+                "ServiceRequest", params, ref="ServiceRequest SYN-REF", sensitive=[seeded.accession]
+            )
+        )
+    text = str(raised.value)
+    assert text.startswith("ServiceRequest SYN-REF: the server reported issues with the search")
+    assert raised.value.issues and raised.value.issues[0].startswith("warning/not-supported")
+    assert "no-such-parameter" in text and seeded.accession not in text
+    # the strict default gets the same parameter rejected outright
+    with pytest.raises(EhrInvalidResourceError, match="HTTP 400"):
+        list(ehr_for(fhir_base_url)._search("ServiceRequest", params, ref="ServiceRequest"))
+
+
+def test_outcome_entries_in_context_searches_fail_unless_information(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    severity = "information"
+
+    def with_outcome(payload: bytes) -> bytes:
+        data = json.loads(payload)
+        if data.get("resourceType") == "Bundle" and data.get("type") == "searchset":
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": severity, "code": "not-supported", "diagnostics": "ignored"}
+                ],
+            }
+            data.setdefault("entry", []).append(
+                {"resource": outcome, "search": {"mode": "outcome"}}
+            )
+        return json.dumps(data).encode()
+
+    proxy.rewrite = with_outcome
+    ehr = ehr_for(proxy.base_url)
+    context = ehr.gather_context(seeded.accession)
+    assert len(context.conditions) == 2 and len(context.prior_reports) == 2
+
+    severity = "warning"
+    with pytest.raises(EhrInvalidResourceError) as raised:
+        ehr.gather_context(seeded.accession)
+    text = str(raised.value)
+    assert text.startswith("ServiceRequest identifier-")
+    assert "warning/not-supported: ignored" in text
+    assert seeded.accession not in text and seeded.mrn not in text and SYNTHETIC_NAME not in text
+
+
 def test_find_service_request_by_accession_and_unknown_accession_is_none(
     ehr: FhirEhr, seeded: SyntheticPatient
 ) -> None:
@@ -553,6 +646,45 @@ def test_replayed_transaction_creates_nothing_new(ehr: FhirEhr, fhir_base_url: s
     assert _ids(replay) == _ids(first)
 
 
+def _ids_by_type(answer: Bundle) -> dict[str, list[str]]:
+    """Type → ids of the resources a transaction answer carries, in entry order."""
+    ids: dict[str, list[str]] = {}
+    for entry in answer.entry or []:
+        assert entry.resource is not None and entry.resource.id is not None
+        ids.setdefault(entry.resource.get_resource_type(), []).append(entry.resource.id)
+    return ids
+
+
+def test_created_ids_read_the_servers_transaction_locations_absolute_or_relative(
+    ehr: FhirEhr, ehr_for: Callable[..., FhirEhr], proxy: FhirProxy
+) -> None:
+    answer = ehr.transaction(SyntheticPatient().bundle())
+    locations = [e.response.location for e in answer.entry or [] if e.response]
+    assert len(locations) == 9
+    assert all(str(loc).startswith(ehr.base_url + "/") for loc in locations), "absolute here"
+    assert all("/_history/" in str(loc) for loc in locations)
+    assert created_ids(locations) == _ids_by_type(answer)
+
+    def relative(payload: bytes) -> bytes:  # what other servers answer
+        data = json.loads(payload)
+        for entry in data.get("entry") or []:
+            response = entry.get("response") or {}
+            if "location" in response:
+                response["location"] = response["location"].split("/fhir/", 1)[1]
+        return json.dumps(data).encode()
+
+    proxy.rewrite = relative
+    answer = ehr_for(proxy.base_url).transaction(SyntheticPatient().bundle())
+    locations = [e.response.location for e in answer.entry or [] if e.response]
+    assert all(
+        str(loc).startswith(
+            ("Patient/", "ServiceRequest/", "Condition/", "DiagnosticReport/", "ImagingStudy/")
+        )
+        for loc in locations
+    )
+    assert created_ids(locations) == _ids_by_type(answer)
+
+
 def test_conditional_create_returns_the_existing_resource_on_replay(ehr: FhirEhr) -> None:
     mrn = Identifier(system=MRN_SYSTEM, value=f"SYN-MRN-{uuid.uuid4().hex[:8]}")
     patient = Patient(identifier=[mrn], gender="other")
@@ -606,7 +738,8 @@ def test_rejected_write_is_invalid_resource_with_server_issues(
 def test_503_is_retried_honouring_retry_after(
     ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, retry_after: str
 ) -> None:
-    ehr = ehr_for(proxy.base_url)
+    # Retry-After has its own cap (retry_after_max_s); the backoff's cap does not shorten it.
+    ehr = ehr_for(proxy.base_url, retry_max_backoff_s=0.1)
     proxy.fail_next.append((503, {"Retry-After": retry_after}))
     started = time.monotonic()
     order = ehr.find_service_request(seeded.accession)
@@ -614,6 +747,29 @@ def test_503_is_retried_honouring_retry_after(
     assert order is not None
     assert proxy.seen == 2
     assert elapsed >= float(retry_after)
+
+
+def test_retry_after_over_the_cap_fails_the_call_at_once(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient
+) -> None:
+    ehr = ehr_for(proxy.base_url)
+    proxy.fail_next.extend([(429, {"Retry-After": "3600"})] * 2)
+    started = time.monotonic()
+    with pytest.raises(EhrUnavailableError) as raised:
+        ehr.find_service_request(seeded.accession)
+    assert time.monotonic() - started < 2.0, "nothing is waited for"
+    assert proxy.seen == 1, "not retried"
+    text = str(raised.value)
+    assert "HTTP 429, the server asked to retry after 3600 s, over the 120 s cap" in text
+    assert "ServiceRequest identifier-" in text and seeded.accession not in text
+
+    # within a raised cap the same answer is waited for (the wait is the server's, not ours)
+    ehr = ehr_for(proxy.base_url, retry_after_max_s=3)
+    proxy.fail_next.clear()
+    proxy.fail_next.append((429, {"Retry-After": "3"}))
+    started = time.monotonic()
+    assert ehr.find_service_request(seeded.accession) is not None
+    assert time.monotonic() - started >= 3.0
 
 
 def test_persistent_503_becomes_unavailable_after_the_configured_attempts(
@@ -673,8 +829,8 @@ class TokenEndpoint:
     def _handle(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        def refuse(error: str) -> tuple[int, dict[str, str], bytes]:
-            payload = json.dumps({"error": "invalid_client", "error_description": error})
+        def refuse(error: str, code: str = "invalid_client") -> tuple[int, dict[str, str], bytes]:
+            payload = json.dumps({"error": code, "error_description": error})
             return 400, {"Content-Type": "application/json"}, payload.encode()
 
         if self.unavailable:
@@ -704,8 +860,8 @@ class TokenEndpoint:
         if claims["jti"] in self.jtis:
             return refuse("jti replay")
         self.jtis.add(claims["jti"])
-        if "system/ServiceRequest.read" not in form.get("scope", ""):
-            return refuse("scope")
+        if "system/ServiceRequest.rs" not in form.get("scope", "").split():
+            return refuse("scope", "invalid_scope")  # a SMART 2 server
         token = f"synthetic-access-{len(self.issued)}"
         self.issued.append(token)
         if self.register and self.proxy.valid_tokens is not None:
@@ -793,6 +949,29 @@ def test_smart_token_endpoint_503_is_retried(
         )
         assert ehr.find_service_request(seeded.accession) is not None
     assert len(token_endpoint.server.requests) == 2 and len(token_endpoint.issued) == 1
+
+
+def test_smart_1_scopes_refused_by_the_token_endpoint_say_what_to_check(
+    ehr_for: Callable[..., FhirEhr], proxy: FhirProxy, seeded: SyntheticPatient, tmp_path: Path
+) -> None:
+    key_file, public_key = _write_key(tmp_path, "RS384")
+    proxy.valid_tokens = set()
+    token_endpoint = TokenEndpoint(public_key, "RS384", proxy)
+    with token_endpoint.server:
+        ehr = ehr_for(
+            proxy.base_url,
+            auth="smart",
+            smart_client_id="synthetic-client",
+            smart_private_key_file=key_file,
+            smart_key_id="synthetic-kid-1",
+            smart_token_url=token_endpoint.token_url,
+            smart_scopes="system/Patient.read system/ServiceRequest.read",
+        )
+        with pytest.raises(EhrUnauthorizedError) as raised:
+            ehr.find_service_request(seeded.accession)
+    text = str(raised.value)
+    assert "invalid_scope" in text and "ehr.smart_scopes" in text
+    assert token_endpoint.issued == []
 
 
 def test_smart_token_endpoint_refusal_is_unauthorized(
