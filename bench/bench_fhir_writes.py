@@ -1,18 +1,18 @@
-"""FHIR write-back: one transaction per draft against one request per resource, same drafts.
+"""FHIR write-back: the three write strategies side by side, on the same kind of drafts.
 
-Each of N drafts (a DiagnosticReport, its Observations, the model's Device and the Provenance,
-exactly what the flow writes: ``pipeline.fhir_resources.build_draft_bundle``) goes to the dev
-FHIR server (started for the benchmark and stopped after it) either
+Each of N drafts (a DiagnosticReport, its Observations and the Provenance, exactly what the
+flow writes: ``pipeline.fhir_resources.build_draft_resources``, the model's Device written once
+beforehand) goes to the dev FHIR server (started for the benchmark and stopped after it) through
+the flow's own writer (``connectors.draft_writer.DraftWriter``) with each strategy:
 
-  (a) as the flow sends it: one ``transaction`` Bundle of conditional creates, or
-  (b) as an EHR without transactions needs it: one conditional create (``If-None-Exist``) per
-      resource, in order, with the bundle's ``urn:uuid`` references replaced by the ids the
-      server assigned,
+  transaction  one ``transaction`` Bundle of conditional creates;
+  conditional  one conditional create (``If-None-Exist``) per resource, references rewritten;
+  search       a search for each resource's key, then a plain create (EHRs with neither),
 
 with ``--concurrency`` drafts at once over the project's one pooled keep-alive client
-(``connectors.fhir.build_http_client``). The two alternate ``--repeats`` times, each on new
-drafts. Prints the figures last, ``name: value``: transaction_drafts_per_s,
-individual_drafts_per_s, individual_vs_transaction, and the HTTP requests per draft of each.
+(``connectors.fhir.build_http_client``). The strategies alternate ``--repeats`` times, each on
+new drafts. Prints the figures last, ``name: value``: ``<strategy>_drafts_per_s``,
+``<strategy>_requests_per_draft`` and ``<strategy>_vs_transaction``.
 
     .venv/bin/python bench/bench_fhir_writes.py [--drafts 64] [--concurrency 4] [--repeats 3]
 """
@@ -52,14 +52,14 @@ REPORT = {
 }
 
 
-def _drafts(client: Any, base: str, count: int, run: str) -> list[Any]:
-    """``count`` draft bundles, each on its own (new) Patient."""
-    from pipeline.fhir_resources import ModelIdentity, StudyLinks, build_draft_bundle
+def _drafts(client: Any, base: str, count: int, run: str, device: str) -> list[Any]:
+    """``count`` drafts, each on its own (new) Patient."""
+    from pipeline.fhir_resources import ModelIdentity, StudyLinks, build_draft_resources
     from pipeline.report import DraftReport
 
     report = DraftReport.model_validate(REPORT)
-    model = ModelIdentity(name="bench-model", version=f"bench-{run}")
-    bundles = []
+    model = ModelIdentity(name="bench-model", version="bench-1")
+    drafts = []
     for i in range(count):
         patient = client.post(
             f"{base}/Patient",
@@ -69,32 +69,12 @@ def _drafts(client: Any, base: str, count: int, run: str) -> list[Any]:
         patient.raise_for_status()
         patient_id = patient.json()["id"]
         links = StudyLinks(accession_number=f"B{run[:6]}{i:05d}", patient=f"Patient/{patient_id}")
-        bundles.append(build_draft_bundle(report, links, model, issued=dt.datetime.now(dt.UTC)))
-    return bundles
-
-
-def _individual(client: Any, base: str, bundle: Any) -> int:
-    """The bundle's entries one conditional create each; returns the requests sent."""
-    mapping: dict[str, str] = {}
-    for entry in bundle.entry:
-        body = entry.resource.model_dump_json(by_alias=True, exclude_none=True)
-        for urn, ref in mapping.items():
-            body = body.replace(urn, ref)
-        rtype = entry.resource.get_resource_type()
-        response = client.post(
-            f"{base}/{rtype}",
-            content=body,
-            headers={
-                "Content-Type": "application/fhir+json",
-                "If-None-Exist": entry.request.ifNoneExist,
-            },
+        drafts.append(
+            build_draft_resources(
+                report, links, model, device=device, issued=dt.datetime.now(dt.UTC)
+            )
         )
-        response.raise_for_status()
-        location = response.headers.get("Location") or response.headers.get("Content-Location")
-        logical = location.split(f"{rtype}/")[1].split("/")[0] if location else None
-        logical = logical or response.json()["id"]
-        mapping[str(entry.fullUrl)] = f"{rtype}/{logical}"
-    return len(bundle.entry)
+    return drafts
 
 
 def main() -> None:
@@ -104,9 +84,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    from connectors.draft_writer import DraftWriter, WriteStrategy
     from connectors.fhir import FhirEhr, build_http_client
     from medvlm.dev.servers import DevServers, dev_settings_from
     from medvlm.settings import MedvlmSettings
+    from pipeline.fhir_resources import ModelIdentity, build_device, device_key
 
     settings = MedvlmSettings()
     servers = DevServers(dev_settings_from(settings))
@@ -115,37 +97,43 @@ def main() -> None:
         update={"kind": "fhir", "base_url": servers.fhir.base_url}
     )
     client = build_http_client(ehr_settings)
+    sent = [0]
+    client.event_hooks["request"].append(lambda _request: sent.__setitem__(0, sent[0] + 1))
     ehr = FhirEhr(client, ehr_settings)
     base = servers.fhir.base_url
-    rates: dict[str, list[float]] = {"transaction": [], "individual": []}
-    requests = {"transaction": 1.0, "individual": 0.0}
+    strategies = [WriteStrategy.TRANSACTION, WriteStrategy.CONDITIONAL, WriteStrategy.SEARCH]
+    rates: dict[str, list[float]] = {s.value: [] for s in strategies}
+    requests: dict[str, list[float]] = {s.value: [] for s in strategies}
     try:
+        model = ModelIdentity(name="bench-model", version="bench-1")
+        device = DraftWriter(ehr, WriteStrategy.SEARCH).device(
+            build_device(model), device_key(model)
+        )
         with ThreadPoolExecutor(args.concurrency) as pool:
             for _ in range(args.repeats):
-                for kind in ("transaction", "individual"):
-                    bundles = _drafts(client, base, args.drafts, uuid.uuid4().hex)
+                for strategy in strategies:
+                    writer = DraftWriter(ehr, strategy)
+                    drafts = _drafts(client, base, args.drafts, uuid.uuid4().hex, device)
+                    sent[0] = 0
                     started = time.perf_counter()
-                    if kind == "transaction":
-                        list(pool.map(ehr.transaction, bundles))
-                    else:
-                        sent = list(pool.map(lambda b: _individual(client, base, b), bundles))
-                        requests["individual"] = statistics.mean(sent)
-                    rates[kind].append(args.drafts / (time.perf_counter() - started))
-                    print(f"{kind}: {rates[kind][-1]:.1f} drafts/s", flush=True)
+                    list(pool.map(writer.write, drafts))
+                    rates[strategy.value].append(args.drafts / (time.perf_counter() - started))
+                    requests[strategy.value].append(sent[0] / args.drafts)
+                    print(f"{strategy}: {rates[strategy.value][-1]:.1f} drafts/s", flush=True)
     finally:
         client.close()
         servers.down()
-    transaction = statistics.median(rates["transaction"])
-    individual = statistics.median(rates["individual"])
     print(
         f"\n{args.drafts} drafts x {args.repeats} repeats, {args.concurrency} at once, "
         f"server {base}"
     )
-    print(f"transaction_drafts_per_s: {transaction:.3f}")
-    print(f"individual_drafts_per_s: {individual:.3f}")
-    print(f"individual_vs_transaction: {individual / transaction:.3f}")
-    print(f"transaction_requests_per_draft: {requests['transaction']:.3f}")
-    print(f"individual_requests_per_draft: {requests['individual']:.3f}")
+    transaction = statistics.median(rates["transaction"])
+    for strategy in strategies:
+        rate = statistics.median(rates[strategy.value])
+        print(f"{strategy}_drafts_per_s: {rate:.3f}")
+        print(f"{strategy}_requests_per_draft: {statistics.mean(requests[strategy.value]):.3f}")
+        if strategy is not WriteStrategy.TRANSACTION:
+            print(f"{strategy}_vs_transaction: {rate / transaction:.3f}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from medvlm.errors import EhrInvalidResourceError
 from pipeline.ehr_rules import SIGNED_REPORT_STATUSES, EhrContext
+from pipeline.fhir_resources import search_token
 
 if TYPE_CHECKING:
     pass
@@ -35,8 +36,10 @@ R = TypeVar("R", bound=Resource)
 
 __all__ = [
     "FINAL_REPORT_STATUSES",
+    "WRITTEN_TYPES",
     "Ehr",
     "EhrContext",
+    "WriteCapabilities",
     "WriteResult",
     "conditional_entry",
     "identifier_query",
@@ -61,6 +64,29 @@ class WriteResult:
     def version_id(self) -> str | None:
         meta = self.resource.meta
         return None if meta is None or meta.versionId is None else str(meta.versionId)
+
+
+#: The resource types the pipeline writes (drafts, the model's Device, fairness reports).
+WRITTEN_TYPES = frozenset(
+    {
+        "Observation",
+        "DiagnosticReport",
+        "DocumentReference",
+        "Provenance",
+        "Device",
+        "MeasureReport",
+    }
+)
+
+
+@dataclass(frozen=True)
+class WriteCapabilities:
+    """What the server says it offers for writes (its CapabilityStatement, FHIR R4
+    capabilitystatement.html): the ``transaction`` interaction, and the resource types with
+    ``conditionalCreate``. Taken as a hint only: no write relies on either being honoured."""
+
+    transaction: bool
+    conditional_create: frozenset[str]
 
 
 @runtime_checkable
@@ -101,8 +127,29 @@ class Ehr(Protocol):
         """
         ...
 
-    def transaction(self, bundle: Bundle) -> Bundle:
-        """Apply a ``transaction`` Bundle atomically; return the ``transaction-response``."""
+    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
+        """Apply a ``transaction`` Bundle atomically; return the ``transaction-response``.
+
+        ``retry=False``: sent once; a lost answer raises ``EhrUnavailableError`` (the caller
+        finds out what was applied before sending again).
+        """
+        ...
+
+    def capabilities(self) -> WriteCapabilities:
+        """What the server offers for writes (read once, then remembered)."""
+        ...
+
+    def find_by_key(self, rtype: str, param: str, system: str, value: str) -> list[Resource]:
+        """The resources of ``rtype`` whose ``param`` (``identifier`` or ``_tag``) token is
+        ``system|value`` (search mode match only)."""
+        ...
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> str:
+        """``POST`` one resource (JSON), sent once, never retried here; returns ``Type/id``.
+
+        ``if_none_exist``: an URL-encoded query for ``If-None-Exist`` (conditional create).
+        A lost answer raises ``EhrUnavailableError``.
+        """
         ...
 
     def conditional_create(self, resource: Resource, identifier: Identifier) -> WriteResult:
@@ -120,16 +167,9 @@ def identifier_ref(identifier_value: str, system: str | None = None) -> str:
     return f"identifier-{digest[:12]}"
 
 
-def _escape_token(value: str) -> str:
-    # FHIR R4 search 3.1.1.4.4 (escaping): \ , $ | are escaped with a backslash in token values.
-    for ch in ("\\", ",", "$", "|"):
-        value = value.replace(ch, "\\" + ch)
-    return value
-
-
 def identifier_token(value: str, system: str | None = None) -> str:
     """The token search value ``system|value`` (or ``value`` in any system), not URL-encoded."""
-    return _escape_token(value) if system is None else f"{system}|{_escape_token(value)}"
+    return search_token(value, system)
 
 
 def identifier_query(value: str, system: str | None = None) -> str:

@@ -4,9 +4,11 @@ Reads: ``GET [base]/Patient/[id]``; searches with ``_include`` and ``Bundle.link
 by the US Core ``patient`` parameter, sent with ``Prefer: handling=strict`` (``ehr.strict_search``)
 so that a server rejects a parameter it does not support rather than ignoring it and answering a
 wider search; an OperationOutcome warning in a search answer fails the search all the same.
-Writes: transaction Bundles (``Bundle.entry.request.ifNoneExist`` makes replays create nothing),
-conditional create (``If-None-Exist``) and versioned update (``If-Match: W/"v"``); the server's
-answer is read back and OperationOutcome issues surface in errors.
+Writes: transaction Bundles, creates (plain or conditional: ``If-None-Exist``) and versioned
+update (``If-Match: W/"v"``); the server's answer is read back and OperationOutcome issues surface
+in errors. A draft's writes are sent once, never retried here (``retry=False``): whether a lost
+answer was applied is found out by ``connectors.draft_writer`` before it sends again, as not
+every server honours ``If-None-Exist``. ``capabilities`` reads the CapabilityStatement.
 
 Retries (tenacity, exponential backoff with jitter, ``Retry-After`` honoured up to
 ``ehr.retry_after_max_s``, a longer one fails the call at once) happen here, at the I/O edge, on
@@ -40,11 +42,13 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from tenacity import (
     RetryCallState,
     Retrying,
+    stop_after_attempt,
 )
 
 from connectors.ehr import (
     FINAL_REPORT_STATUSES,
     EhrContext,
+    WriteCapabilities,
     WriteResult,
     identifier_query,
     identifier_ref,
@@ -248,6 +252,7 @@ class FhirEhr:
         self._owns_client = owns_client
         self.base_url = settings.base_url.rstrip("/")
         self._origin = urlsplit(self.base_url)[:2]
+        self._capabilities: WriteCapabilities | None = None
 
     def __repr__(self) -> str:
         return f"FhirEhr(base_url={self.base_url!r})"
@@ -302,28 +307,34 @@ class FhirEhr:
         body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         sensitive: Iterable[str] = (),
+        retry: bool = True,
     ) -> httpx.Response:
-        """Send with retries; return a 2xx response or raise the mapped ``EhrError``."""
+        """Send with retries; return a 2xx response or raise the mapped ``EhrError``.
+
+        ``retry=False``: one attempt, for writes that are not idempotent on every server (the
+        caller looks for what was applied before sending again: connectors.draft_writer).
+        """
         if urlsplit(url)[:2] != self._origin:
             # A next-link or Location on another host would receive our bearer token.
             raise EhrInvalidResourceError(f"{ref}: server pointed to another origin")
-        attempts = self._settings.retry_attempts
+        attempts = self._settings.retry_attempts if retry else 1
         send_headers = {"Accept": FHIR_JSON, **(headers or {})}
         content = None
         if body is not None:
             content = json.dumps(body, separators=(",", ":")).encode()
             send_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
-        retrying = Retrying(
-            **retry_policy(
-                self._settings,
-                # EhrUnavailableError: a SMART token endpoint answering 429/5xx in the auth flow.
-                retry_on=lambda exc: isinstance(
-                    exc, _RetryableStatus | httpx.TransportError | EhrUnavailableError
-                ),
-                wait=self._wait,
-                before_sleep=self._log_retry(ref, method),
-            )
+        policy = retry_policy(
+            self._settings,
+            # EhrUnavailableError: a SMART token endpoint answering 429/5xx in the auth flow.
+            retry_on=lambda exc: isinstance(
+                exc, _RetryableStatus | httpx.TransportError | EhrUnavailableError
+            ),
+            wait=self._wait,
+            before_sleep=self._log_retry(ref, method),
         )
+        if not retry:
+            policy["stop"] = stop_after_attempt(1)
+        retrying = Retrying(**policy)
         try:
             for attempt in retrying:
                 with attempt:
@@ -600,13 +611,13 @@ class FhirEhr:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def transaction(self, bundle: Bundle) -> Bundle:
+    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
         if bundle.type != "transaction":
             raise ValueError("transaction() needs Bundle.type = transaction")
         n = len(bundle.entry or [])
         ref = f"transaction Bundle ({n} entries)"
         body = json.loads(bundle.model_dump_json(by_alias=True, exclude_none=True))
-        response = self._request("POST", self.base_url, ref=ref, body=body)
+        response = self._request("POST", self.base_url, ref=ref, body=body, retry=retry)
         answer = parse_resource(self._json(response, ref), Bundle, where=" (transaction-response)")
         if answer.type != "transaction-response":
             raise EhrInvalidResourceError(f"{ref}: answer is a {answer.type} Bundle")
@@ -663,3 +674,55 @@ class FhirEhr:
         if not response.content.strip():
             return self._read(type(resource), resource.id)
         return parse_resource(self._json(response, ref), type(resource))
+
+    def capabilities(self) -> WriteCapabilities:
+        """``GET [base]/metadata`` once: the ``transaction`` interaction and the types with
+        ``conditionalCreate`` (FHIR R4 CapabilityStatement.rest)."""
+        if self._capabilities is None:
+            ref = "CapabilityStatement"
+            statement = self._json(self._request("GET", f"{self.base_url}/metadata", ref=ref), ref)
+            transaction = False
+            conditional: set[str] = set()
+            for rest in statement.get("rest") or []:
+                if not isinstance(rest, dict) or rest.get("mode", "server") != "server":
+                    continue
+                codes = {
+                    i.get("code") for i in rest.get("interaction") or [] if isinstance(i, dict)
+                }
+                transaction = transaction or "transaction" in codes
+                for resource in rest.get("resource") or []:
+                    if isinstance(resource, dict) and resource.get("conditionalCreate") is True:
+                        conditional.add(str(resource.get("type")))
+            self._capabilities = WriteCapabilities(transaction, frozenset(conditional))
+        return self._capabilities
+
+    def find_by_key(self, rtype: str, param: str, system: str, value: str) -> list[Resource]:
+        ref = f"{rtype} {identifier_ref(value, system)}"
+        return [
+            resource
+            for mode, resource in self._search(
+                rtype, [(param, identifier_token(value, system))], ref=ref, sensitive=[value]
+            )
+            if mode == "match" and resource.get_resource_type() == rtype
+        ]
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> str:
+        """``POST [base]/[type]`` once (``If-None-Exist`` when given); the new or matching
+        resource's ``Type/id`` from ``Location``, else from the body."""
+        rtype = str(resource["resourceType"])
+        ref = f"{rtype} (create)"
+        headers = {"Prefer": "return=minimal"}
+        if if_none_exist is not None:
+            headers["If-None-Exist"] = if_none_exist
+        body = {k: v for k, v in resource.items() if k != "id"}
+        response = self._request(
+            "POST", f"{self.base_url}/{rtype}", ref=ref, body=body, headers=headers, retry=False
+        )
+        rid = local_id(
+            response.headers.get("Location") or response.headers.get("Content-Location"), rtype
+        )
+        if rid is None and response.content.strip():
+            rid = self._json(response, ref).get("id")
+        if not isinstance(rid, str) or not _ID.match(rid):
+            raise EhrInvalidResourceError(f"{ref}: answer names no {rtype} id")
+        return f"{rtype}/{rid}"

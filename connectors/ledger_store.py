@@ -45,7 +45,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, create_engine, select
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -55,6 +55,7 @@ from pipeline.ledger import (
     TERMINAL,
     DiscoveryWatermark,
     DraftJob,
+    EhrDevice,
     FairnessRun,
     JobState,
     SignedReportLabels,
@@ -595,6 +596,22 @@ class LedgerStore:
         with self._session() as session:
             session.merge(DiscoveryWatermark(source=source, value=value))
             session.commit()
+
+    def ehr_device(self, ehr: str, device_key: str) -> str | None:
+        """``Device/{id}`` of the model in ``ehr`` as saved by an earlier write, or None."""
+        with self._session() as session:
+            row = session.get(EhrDevice, (ehr, device_key))
+            return row.reference if row is not None else None
+
+    def save_ehr_device(self, ehr: str, device_key: str, reference: str) -> None:
+        """Remember the model's Device in ``ehr`` (the first writer's answer is kept)."""
+        with self._session() as session:
+            if session.get(EhrDevice, (ehr, device_key)) is None:
+                session.add(EhrDevice(ehr=ehr, device_key=device_key, reference=reference))
+                try:
+                    session.commit()
+                except IntegrityError:  # another worker saved it first: theirs stands
+                    session.rollback()
 
     def signed_labels(
         self, study_uids: Iterable[str], labeler: str

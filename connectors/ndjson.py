@@ -52,7 +52,9 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from connectors.ehr import (
     FINAL_REPORT_STATUSES,
+    WRITTEN_TYPES,
     EhrContext,
+    WriteCapabilities,
     WriteResult,
     identifier_ref,
     parse_resource,
@@ -586,7 +588,31 @@ class NdjsonEhr:
             self._replace(rtype, lines)
             return parse_resource(data, type(resource))
 
-    def transaction(self, bundle: Bundle) -> Bundle:
+    def capabilities(self) -> WriteCapabilities:
+        """A folder writes under one lock: transactions and conditional creates of any type."""
+        return WriteCapabilities(True, WRITTEN_TYPES)
+
+    def find_by_key(self, rtype: str, param: str, system: str, value: str) -> list[Resource]:
+        if param not in _CRITERIA:
+            raise ValueError(f"find_by_key: {param} is not a supported search parameter")
+        with self._locked():
+            rows = _Pending(self._view(rtype)).matching(param, system, value)
+        return [parse_resource(row, where=f" in {self._path(rtype).name}") for row in rows]
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> str:
+        rtype = str(resource["resourceType"])
+        model = parse_resource({k: v for k, v in resource.items() if k != "id"})
+        with self._locked():
+            work = _Pending(self._view(rtype))
+            if if_none_exist is not None:
+                data, new = _post_entry(0, model, if_none_exist, work)
+            else:
+                data, new = work.add(model), True
+            if new:
+                self._append(rtype, work.added)
+        return f"{rtype}/{data['id']}"
+
+    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
         """POST entries (with ``ifNoneExist`` = ``identifier=…`` or ``_tag=…``) and PUT
         ``Type/id`` entries.
 
@@ -686,6 +712,10 @@ class _Pending:
             )
         if matches:
             return None
+        return self.add(resource)
+
+    def add(self, resource: Resource) -> dict[str, Any]:
+        """Add ``resource`` with a new id, whatever exists (a plain create)."""
         data: dict[str, Any] = json.loads(
             resource.model_dump_json(by_alias=True, exclude_none=True)
         )

@@ -34,6 +34,7 @@ import datetime as dt
 import functools
 import logging
 import multiprocessing
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from connectors.draft_writer import DraftWriter, WriteStrategy, choose_strategy
 from connectors.ehr import Ehr, EhrContext
 from connectors.ledger_store import LedgerStore, NewStudy
 from connectors.pacs import ImageSource, StudyQuery, StudyRef, Watermark, sort_instances
@@ -56,13 +58,15 @@ from medvlm.errors import (
     one_line,
 )
 from medvlm.settings import JobSettings, host_timezone
-from pipeline.ehr_rules import created_ids
 from pipeline.fhir_resources import (
     ModelIdentity,
     StudyLinks,
-    build_document_reference,
-    build_draft_bundle,
+    WriteOptions,
+    build_device,
+    build_draft_resources,
+    device_key,
     draft_id,
+    written_types,
 )
 from pipeline.identity import check_patient_identity
 from pipeline.imaging import study_reference
@@ -119,9 +123,40 @@ class Services:
     accession_system: str | None = None
     site_timezone: dt.tzinfo = field(default_factory=host_timezone)
     source_name: str = "default"
+    ehr_name: str = "default"
     model_capacity: int = 16
     image_processes: int = 0
     on_progress: Callable[[DraftJob], None] | None = None
+    _writer: DraftWriter | None = field(default=None, init=False, repr=False)
+    _writer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def writer(self) -> DraftWriter:
+        """The run's one ``DraftWriter`` (strategy from ``job.write_strategy``, ``auto``: the
+        EHR's CapabilityStatement, read on the first write)."""
+        with self._writer_lock:
+            if self._writer is None:
+                strategy = WriteStrategy(self.job.write_strategy)
+                if strategy is WriteStrategy.AUTO:
+                    strategy = choose_strategy(
+                        "auto", self.ehr.capabilities(), written_types(self.job.write_target)
+                    )
+                    log.info("EHR writes: %s (from the server's CapabilityStatement)", strategy)
+                self._writer = DraftWriter(
+                    self.ehr,
+                    strategy,
+                    attempts=self.job.write_attempts,
+                    backoff_s=self.job.write_backoff_s,
+                )
+            return self._writer
+
+    def write_options(self) -> WriteOptions:
+        job = self.job
+        return WriteOptions(
+            target=job.write_target,
+            identifier_system=job.identifier_system,
+            organization=job.organization,
+            organization_display=job.organization_display,
+        )
 
 
 @dataclass(frozen=True)
@@ -290,9 +325,23 @@ def write_gate(services: Services, accession: str | None, links: StudyLinks) -> 
     return None if check.matches else Skip(f"{SKIP_PATIENT_MISMATCH}: {check.detail}")
 
 
-def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
+def model_device(services: Services) -> str:
+    """``Device/{id}`` of the model in the EHR: the ledger's, else found or created once."""
+    options = services.write_options()
+    key = device_key(services.model, options.identifier_system)
+    saved = f"{key.system}|{key.value}"[:400]
+    return services.writer().device(
+        build_device(services.model, system=options.identifier_system, options=options),
+        key,
+        lookup=lambda: services.ledger.ehr_device(services.ehr_name, saved),
+        remember=lambda ref: services.ledger.save_ehr_device(services.ehr_name, saved, ref),
+    )
+
+
+def write(services: Services, job: DraftJob, *, resume: bool = False) -> dict[str, Any] | Skip:
     """Write a drafted job into the EHR unless the write gate says no; returns the resource
-    ids the server reports."""
+    ids written (or found: ``resume``, the ledger says an earlier attempt may have reached
+    the EHR)."""
     if job.draft is None:
         raise MedvlmError(f"{job.study_ref}: no stored draft to write")
     links = StudyLinks.model_validate(job.links)
@@ -304,20 +353,17 @@ def write(services: Services, job: DraftJob) -> dict[str, Any] | Skip:
     if gate is not None:
         return gate
     report = DraftReport.model_validate(job.draft)
-    system = services.job.identifier_system
     issued = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=dt.UTC)
-    if services.job.write_target == "document_reference":
-        document = build_document_reference(
-            report, links, services.model, issued=issued, system=system
-        )
-        identifier = document.identifier[0] if document.identifier else None
-        assert identifier is not None
-        result = services.ehr.conditional_create(document, identifier)
-        return {"DocumentReference": [result.resource.id]}
-    response = services.ehr.transaction(
-        build_draft_bundle(report, links, services.model, issued=issued, system=system)
+    resources = build_draft_resources(
+        report,
+        links,
+        services.model,
+        device=model_device(services),
+        issued=issued,
+        options=services.write_options(),
+        sources=job.context_sources or (),
     )
-    return created_ids(entry.response.location for entry in response.entry or [] if entry.response)
+    return services.writer().write(resources, resume=resume)
 
 
 _PACKAGES = frozenset({"connectors", "flows", "medvlm", "pipeline", "serving", "tests"})
@@ -497,9 +543,10 @@ class _Stages:
             self.completion_tokens += result.completion_tokens
             return result
 
-    async def write(self, job: DraftJob) -> dict[str, Any] | Skip:
+    async def write(self, job: DraftJob, *, resume: bool) -> dict[str, Any] | Skip:
         async with self._write:
-            return await _timed(job, "write_s", self._io(write, self.services, job))
+            call = functools.partial(write, self.services, job, resume=resume)
+            return await _timed(job, "write_s", self._io(call))
 
 
 async def _process_job(stages: _Stages, job: DraftJob, *, dry_run: bool) -> DraftJob:
@@ -544,8 +591,13 @@ async def _process_job(stages: _Stages, job: DraftJob, *, dry_run: bool) -> Draf
                     timings={**job.timings, "draft_s": round(result.latency_s, 3)},
                 )
                 await stages.save(job)
-        if job.state is JobState.DRAFTED and not dry_run:
-            written = await stages.write(job)
+        if job.state in (JobState.DRAFTED, JobState.WRITING) and not dry_run:
+            # Saved before the first request: a job found in ``writing`` may be in the EHR.
+            resume = job.state is JobState.WRITING
+            if not resume:
+                advance(job, JobState.WRITING)
+                await stages.save(job)
+            written = await stages.write(job, resume=resume)
             if isinstance(written, Skip):
                 skip(job, written.reason)
             else:

@@ -108,7 +108,7 @@ def signed_labels(
     Cached labels are used unless ``refresh_signed``; studies without a signed report are asked
     again on the next run (the radiologist may not have signed yet).
     """
-    drafted = [j for j in jobs if j.state in (JobState.DRAFTED, JobState.WRITTEN)]
+    drafted = [j for j in jobs if j.state in (JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN)]
     name = services.labeler.name
     cached = (
         {}

@@ -87,6 +87,12 @@ def source_name(settings: MedvlmSettings) -> str:
     return f"{pacs.kind}:{where}"[:200]
 
 
+def ehr_name(settings: MedvlmSettings) -> str:
+    """Names the EHR in the ledger (its model Device is remembered per EHR; no credentials)."""
+    ehr = settings.ehr
+    return f"{ehr.kind}:{ehr.base_url if ehr.kind == 'fhir' else ehr.folder}"[:200]
+
+
 def _start_local(settings: MedvlmSettings, source: str) -> Any:
     """Start (or join) Ray and the Serve app; Ray is imported here, on the first draft only."""
     from serving.app import start_model_service
@@ -170,6 +176,7 @@ def open_services(
             accession_system=settings.ehr.accession_system,
             site_timezone=settings.pacs.site_timezone,
             source_name=source_name(settings),
+            ehr_name=ehr_name(settings),
             model_capacity=capacity,
             image_processes=image_processes(settings),
             on_progress=on_progress,

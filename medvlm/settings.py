@@ -779,8 +779,47 @@ class JobSettings(BaseModel):
     )
     write_target: Literal["diagnostic_report", "document_reference"] = Field(
         default="diagnostic_report",
-        description="How drafts enter the EHR: a DiagnosticReport transaction (with "
-        "Observations, Device, Provenance) or one preliminary DocumentReference (Epic-style).",
+        description="What a draft becomes in the EHR: a preliminary DiagnosticReport with "
+        "Observations, or a preliminary DocumentReference (EHRs that take drafts only as notes, "
+        "e.g. Epic); both with the model's Device and a Provenance.",
+    )
+    write_strategy: Literal["auto", "transaction", "conditional", "search"] = Field(
+        default="auto",
+        description=(
+            "How drafts are sent to a FHIR EHR: one transaction of conditional creates, one "
+            "conditional create (If-None-Exist) per resource, or a search before each plain "
+            "create (EHRs with neither, e.g. Epic, Oracle Health). `auto`: the strongest the "
+            "server's CapabilityStatement lists. In every mode a write whose answer was lost is "
+            "looked up by its identifiers before anything is sent again."
+        ),
+    )
+    write_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description=(
+            "Attempts of one draft's write within a run when the EHR's answer is lost or it is "
+            "unavailable (each after looking up what the last one wrote)."
+        ),
+    )
+    write_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Wait before the second write attempt; doubles per attempt, up to 20 s.",
+    )
+    organization: str | None = Field(
+        default=None,
+        description=(
+            "Organization/{id} of the radiology department in the EHR: the drafts' performer "
+            "(DiagnosticReport), author (DocumentReference) and the AI's onBehalfOf "
+            "(Provenance, US Core provenance-1). Unset: named by organization_display only."
+        ),
+    )
+    organization_display: str = Field(
+        default="Radiology",
+        min_length=1,
+        max_length=200,
+        description="Name of that Organization as shown in the drafts.",
     )
     identifier_system: str = Field(
         default="urn:medvlm-pipeline:draft",

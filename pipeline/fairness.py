@@ -112,7 +112,7 @@ def draft_labels(report: DraftReport) -> ReportLabels:
 def record_from_job(job: DraftJob, final: ReportLabels | None = None) -> FairnessRecord:
     """A ledger job as a record; ``final`` are the labels of its signed report, if any."""
     outcome: Outcome
-    if job.state in (JobState.DRAFTED, JobState.WRITTEN):
+    if job.state in (JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         outcome = "drafted"
     elif job.state is JobState.DEAD_LETTERED:
         outcome = "dead_lettered"

@@ -1,16 +1,18 @@
 """The job ledger: one row per (study, model version), and the state machine it follows.
 
-    discovered → fetched → drafted → written
-         │          │         │
-         ├──────────┴─────────┴──→ skipped (a safety rule said no: never retried as a failure)
-         │          │         │
-         └──────────┴─────────┴──→ failed ──(attempts < limit)──→ back to the failed stage
-                                     └──(attempts ≥ limit)──→ dead_lettered
+    discovered → fetched → drafted → writing → written
+         │          │         │         │
+         ├──────────┴─────────┴─────────┴──→ skipped (a safety rule said no: never retried)
+         │          │         │         │
+         └──────────┴─────────┴─────────┴──→ failed ──(attempts < limit)──→ back to that stage
+                                               └──(attempts ≥ limit)──→ dead_lettered
 
 Nothing is dropped: a failure is a row with a reason, retried or dead-lettered; a skip is a row
 with its reason (``signed-before-draft``, ``patient-mismatch``, ``not-reportable: …``,
-``burned-in-annotation``). ``written`` is terminal and is what makes a re-run skip a study, so
-idempotency does not depend on the EHR.
+``burned-in-annotation``). ``writing`` is saved before the first request to the EHR: a job
+found in it (after a crash, a lost answer) may be in the EHR already, so its writer looks there
+(by the draft's identifiers) before sending anything. ``written`` is terminal and is what makes a
+re-run skip a study, so idempotency does not depend on the EHR.
 Models and transition rules only; sessions and engines are opened by the caller (flows, via
 ``connectors.ledger_store``). Reasons and references never hold patient data.
 """
@@ -30,6 +32,7 @@ class JobState(StrEnum):
     DISCOVERED = "discovered"
     FETCHED = "fetched"
     DRAFTED = "drafted"
+    WRITING = "writing"
     WRITTEN = "written"
     SKIPPED = "skipped"
     FAILED = "failed"
@@ -41,9 +44,16 @@ TERMINAL = frozenset({JobState.WRITTEN, JobState.SKIPPED, JobState.DEAD_LETTERED
 _FORWARD: dict[JobState, frozenset[JobState]] = {
     JobState.DISCOVERED: frozenset({JobState.FETCHED, JobState.SKIPPED, JobState.FAILED}),
     JobState.FETCHED: frozenset({JobState.DRAFTED, JobState.SKIPPED, JobState.FAILED}),
-    JobState.DRAFTED: frozenset({JobState.WRITTEN, JobState.SKIPPED, JobState.FAILED}),
+    JobState.DRAFTED: frozenset({JobState.WRITING, JobState.SKIPPED, JobState.FAILED}),
+    JobState.WRITING: frozenset({JobState.WRITTEN, JobState.SKIPPED, JobState.FAILED}),
     JobState.FAILED: frozenset(
-        {JobState.DISCOVERED, JobState.FETCHED, JobState.DRAFTED, JobState.DEAD_LETTERED}
+        {
+            JobState.DISCOVERED,
+            JobState.FETCHED,
+            JobState.DRAFTED,
+            JobState.WRITING,
+            JobState.DEAD_LETTERED,
+        }
     ),
     JobState.WRITTEN: frozenset(),
     # An operator's explicit requeue, e.g. after fixing an order or the allow-list.
@@ -185,6 +195,19 @@ def resume_stage(job: DraftJob) -> JobState | None:
     if job.state is JobState.FAILED:
         return job.failed_stage or JobState.DISCOVERED
     return job.state
+
+
+class EhrDevice(SQLModel, table=True):
+    """The model's Device as one EHR knows it: written once per model version, then reused."""
+
+    __tablename__ = "ehr_device"
+
+    ehr: str = Field(primary_key=True, max_length=200, description="Which EHR (kind:where).")
+    device_key: str = Field(
+        primary_key=True, max_length=400, description="The Device's identifier system|value."
+    )
+    reference: str = Field(max_length=100, description="Device/{id} in that EHR.")
+    created_at: datetime = Field(default_factory=_now)
 
 
 class DiscoveryWatermark(SQLModel, table=True):

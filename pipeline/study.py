@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from pipeline.context import PromptContext, build_prompt_context, eligible_priors
 from pipeline.dicom_time import study_instant
-from pipeline.ehr_rules import EhrContext
+from pipeline.ehr_rules import EhrContext, local_id
 from pipeline.fhir_resources import StudyLinks
 from pipeline.identity import DicomPatient
 from pipeline.prompts import StudyContext
@@ -82,6 +82,7 @@ def prepare_study(
     description = header_value(header, "StudyDescription")
     links: dict[str, Any] = {
         "accession_number": accession_number or study_uid,
+        "study_uid": study_uid,
         "study_started": started,
         "dicom_patient": DicomPatient.from_dataset(header),
     }
@@ -108,6 +109,10 @@ def prepare_study(
         )
         links["patient"] = f"Patient/{context.patient.id}"
         links["service_request"] = f"ServiceRequest/{order.id}" if order is not None else None
+        encounter = (
+            local_id(order.encounter.reference, "Encounter") if order and order.encounter else None
+        )
+        links["encounter"] = f"Encounter/{encounter}" if encounter else None
         links["imaging_study"] = _imaging_study(context, study_uid)
     flags = () if started is not None else (FLAG_NO_STUDY_TIME,)
     return PreparedStudy(prompt, StudyLinks(**links), flags)

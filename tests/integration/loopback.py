@@ -71,7 +71,16 @@ class FhirProxy:
     - ``valid_tokens``: when not None, requests without ``Authorization: Bearer <one of them>``
       get 401 (the real server runs without auth in the session);
     - ``rewrite``: changes a forwarded answer body (to serve a malformed resource);
-    - ``smart_configuration``: served at ``/fhir/.well-known/smart-configuration``.
+    - ``smart_configuration``: served at ``/fhir/.well-known/smart-configuration``;
+    - ``ignore_if_none_exist``: a server without conditional create — ``If-None-Exist`` and
+      ``Bundle.entry.request.ifNoneExist`` are dropped (the write becomes a plain create) and
+      the CapabilityStatement says ``conditionalCreate: false``;
+    - ``reject_transactions``: a server without transactions — a POST to the base answers 405
+      and the CapabilityStatement lists no ``transaction`` interaction;
+    - ``lose_answers``: that many POSTs (those ``lose_where(path)`` accepts) are forwarded and
+      committed by the real server, then answered 504 as a gateway that timed out waiting
+      would: the answer is lost, not the write.
+    A real server cannot be made to do any of these on demand; the proxy does them and says so.
     """
 
     FORWARDED = ("content-type", "accept", "if-match", "if-none-exist", "prefer")
@@ -82,6 +91,11 @@ class FhirProxy:
         self.valid_tokens: set[str] | None = None
         self.rewrite: Callable[[bytes], bytes] | None = None
         self.smart_configuration: dict[str, Any] | None = None
+        self.ignore_if_none_exist = False
+        self.reject_transactions = False
+        self.lose_answers = 0
+        self.lose_where: Callable[[str], bool] = lambda path: True
+        self.lost: list[str] = []  # paths whose answer was lost after the write
         self.forwarded = 0
         self._http = httpx.Client(timeout=10.0, trust_env=False)
         self.server = LoopbackServer(self._handle)
@@ -126,18 +140,67 @@ class FhirProxy:
                     ],
                 }
                 return 401, fhir_json | {"WWW-Authenticate": "Bearer"}, json.dumps(outcome).encode()
+        is_transaction = method == "POST" and path.split("?")[0].rstrip("/") == "/fhir"
+        if is_transaction and self.reject_transactions:
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "error", "code": "not-supported", "diagnostics": "no transactions"}
+                ],
+            }
+            return 405, fhir_json, json.dumps(outcome).encode()
+        forwarded = {k: v for k, v in headers.items() if k in self.FORWARDED}
+        if self.ignore_if_none_exist and method == "POST":
+            forwarded.pop("if-none-exist", None)
+            if is_transaction:
+                bundle = json.loads(body)
+                for entry in bundle.get("entry") or []:
+                    (entry.get("request") or {}).pop("ifNoneExist", None)
+                body = json.dumps(bundle).encode()
         self.forwarded += 1
         answer = self._http.request(
             method,
             self.upstream + path.removeprefix("/fhir"),
             content=body or None,
-            headers={k: v for k, v in headers.items() if k in self.FORWARDED},
+            headers=forwarded,
         )
+        if (
+            method == "POST"
+            and answer.status_code < 300
+            and self.lose_answers > 0
+            and self.lose_where(path)
+        ):
+            self.lose_answers -= 1
+            self.lost.append(path)
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "timeout", "diagnostics": "injected"}],
+            }
+            return 504, fhir_json, json.dumps(outcome).encode()
         payload = answer.content
+        if path.split("?")[0].endswith("/metadata"):
+            payload = self._capabilities(payload)
         if self.rewrite is not None:
             payload = self.rewrite(payload)
-        keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "etag")}
+        keep = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() in ("content-type", "etag", "location")
+        }
         return answer.status_code, keep, payload
+
+    def _capabilities(self, payload: bytes) -> bytes:
+        """The real CapabilityStatement, less what this proxy takes away."""
+        statement = json.loads(payload)
+        for rest in statement.get("rest") or []:
+            if self.reject_transactions:
+                rest["interaction"] = [
+                    i for i in rest.get("interaction") or [] if i.get("code") != "transaction"
+                ]
+            if self.ignore_if_none_exist:
+                for resource in rest.get("resource") or []:
+                    resource["conditionalCreate"] = False
+        return json.dumps(statement).encode()
 
     def __enter__(self) -> FhirProxy:
         self.server.__enter__()

@@ -84,6 +84,7 @@ class Site:
     prefix: str
     draft_system: str
     accessions: list[str] = field(default_factory=list)
+    version: str = VERSION
 
     def add(
         self,
@@ -184,7 +185,7 @@ class Site:
                     ehr=ehr,
                     drafter=drafter,
                     ledger=LedgerStore(open_engine(self.ledger_url)),
-                    model=ModelIdentity("tiny-qwen2-vl", VERSION, random_weights=True),
+                    model=ModelIdentity("tiny-qwen2-vl", self.version, random_weights=True),
                     job=JobSettings.model_validate(
                         {"identifier_system": self.draft_system, "max_attempts": 2, **job}
                     ),
@@ -199,13 +200,13 @@ class Site:
             source.close()
 
     def job(self, study_uid: str) -> DraftJob:
-        (job,) = LedgerStore(open_engine(self.ledger_url)).jobs(VERSION, [study_uid])
+        (job,) = LedgerStore(open_engine(self.ledger_url)).jobs(self.version, [study_uid])
         return job
 
     def drafts_on_server(self) -> list[dict[str, Any]]:
         """Every resource the pipeline wrote for this test's drafts, read from the server."""
         found = []
-        jobs = LedgerStore(open_engine(self.ledger_url)).jobs(VERSION)
+        jobs = LedgerStore(open_engine(self.ledger_url)).jobs(self.version)
         with httpx.Client(base_url=self.fhir_base_url, timeout=30, trust_env=False) as client:
             for draft_id in {job.draft_id for job in jobs if job.draft_id}:
                 for rtype in ("DiagnosticReport", "Observation", "Provenance"):

@@ -210,7 +210,7 @@ def test_every_study_goes_discovered_fetched_drafted_written(world: World) -> No
     assert summary.discovered == summary.attempted == 3
     assert summary.counts["written"] == 3 and not summary.failures and not summary.skipped
     for case in world.cases:
-        assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "written"]
+        assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "writing", "written"]
         job = world.job(case)
         assert set(job.timings) >= {"fetch_s", "draft_s", "write_s"}
         assert job.context_sources  # the order, its condition and the prior were used
@@ -269,7 +269,7 @@ def test_a_failed_study_that_succeeds_on_retry_is_written_once(world: World) -> 
     assert summary.counts["written"] == 1
     job = world.job(case)
     assert job.state is JobState.WRITTEN and job.attempts == 1 and job.error_type is None
-    assert world.ledger.states[case.study_uid][-3:] == ["fetched", "drafted", "written"]
+    assert world.ledger.states[case.study_uid][-4:] == ["fetched", "drafted", "writing", "written"]
 
 
 def test_output_cut_at_max_tokens_is_a_failure_never_a_partial_report(world: World) -> None:
@@ -332,14 +332,20 @@ def test_a_failure_at_the_write_resumes_at_the_write_without_drafting_again(
     drafter = ScriptedDrafter()
     world.run(drafter)
     job = world.job(case)
-    assert job.state is JobState.FAILED and job.failed_stage is JobState.DRAFTED
+    assert job.state is JobState.FAILED and job.failed_stage is JobState.WRITING
     assert job.error_type == "IsADirectoryError" and "write_s" in job.timings
     observations.rmdir()
     world.run(drafter)
     assert world.job(case).state is JobState.WRITTEN
     assert drafter.calls == [case.ref]  # drafted once, written on the second run
-    # Resumed at its failed stage (drafted) and written in the same step.
-    assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "failed", "written"]
+    # Resumed at its failed stage (writing: the EHR is searched first) and written.
+    assert world.ledger.states[case.study_uid] == [
+        "fetched",
+        "drafted",
+        "writing",
+        "failed",
+        "written",
+    ]
     assert len(world.drafts()) == 1 and len(world.drafts("Provenance")) == 1
 
 
@@ -354,7 +360,7 @@ def test_a_killed_run_resumes_a_fetched_study_by_fetching_and_drafting_it(world:
     drafter = ScriptedDrafter()
     world.run(drafter)
     assert world.job(case).state is JobState.WRITTEN and drafter.calls == [case.ref]
-    assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "written"]
+    assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "writing", "written"]
 
 
 def test_a_drafted_study_is_written_on_resume_without_drafting_again(world: World) -> None:
@@ -453,7 +459,7 @@ def test_an_order_signed_between_drafting_and_writing_gets_no_draft(world: World
     job = world.job(case)
     assert job.state is JobState.SKIPPED and (job.reason or "").startswith("signed-before-draft")
     assert world.drafts() == [] and world.drafts("Provenance") == []
-    assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "skipped"]
+    assert world.ledger.states[case.study_uid] == ["fetched", "drafted", "writing", "skipped"]
 
 
 def test_images_of_another_patient_never_get_a_draft_on_this_order(world: World) -> None:
@@ -622,8 +628,8 @@ def test_concurrent_stage_changes_share_ledger_commits(world: World) -> None:
     world.ledger.save = counting  # type: ignore[method-assign]
     summary = world.run(ScriptedDrafter(), concurrency=8, fetch_concurrency=8)
     assert summary.counts["written"] == 8
-    # 8 studies x 3 saves (fetched, drafted, written) in fewer commits than saves.
-    assert sum(commits) == 24 and len(commits) < 24
+    # 8 studies x 4 saves (fetched, drafted, writing, written) in fewer commits than saves.
+    assert sum(commits) == 32 and len(commits) < 32
 
 
 def test_a_run_with_nothing_to_draft_starts_no_model(world: World) -> None:

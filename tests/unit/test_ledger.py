@@ -10,7 +10,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from connectors.ledger_store import LedgerStore, NewStudy, open_engine
+from connectors.ledger_store import _OPEN_STATES, LedgerStore, NewStudy, open_engine
 from pipeline.ledger import (
     TERMINAL,
     DraftJob,
@@ -32,7 +32,7 @@ def _job() -> DraftJob:
 
 def test_happy_path_ends_written_and_needs_nothing_more() -> None:
     job = _job()
-    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         advance(job, state)
     assert job.state is JobState.WRITTEN
     assert resume_stage(job) is None
@@ -42,7 +42,7 @@ def test_stages_cannot_be_skipped_or_left_after_written() -> None:
     job = _job()
     with pytest.raises(InvalidTransitionError, match="study-abc"):
         advance(job, JobState.WRITTEN)
-    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         advance(job, state)
     with pytest.raises(InvalidTransitionError):
         advance(job, JobState.DISCOVERED)
@@ -115,7 +115,7 @@ def test_pending_excludes_written_and_dead_lettered(tmp_path: Path) -> None:
     store = LedgerStore(open_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
     store.register([NewStudy(f"1.3.{i}", f"study-{i}", None) for i in range(3)], "v1")
     done, dead, open_job = store.jobs("v1")
-    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         advance(done, state)
     fail(dead, "undecodable pixels", max_attempts=1)
     store.save([done, dead])
@@ -166,13 +166,21 @@ def _mixed_states(store: LedgerStore, version: str) -> list[DraftJob]:
     """The version's jobs, cycled through every state (saved)."""
     jobs = store.jobs(version)
     for i, job in enumerate(jobs):
-        match i % 7:
+        match i % 8:
+            case 7:
+                for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING):
+                    advance(job, state)
             case 1:
                 advance(job, JobState.FETCHED)
             case 2:
                 advance(advance(job, JobState.FETCHED), JobState.DRAFTED)
             case 3:
-                for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+                for state in (
+                    JobState.FETCHED,
+                    JobState.DRAFTED,
+                    JobState.WRITING,
+                    JobState.WRITTEN,
+                ):
                     advance(job, state)
             case 4:
                 skip(job, "signed-before-draft")
@@ -232,7 +240,12 @@ def test_pending_pages_skip_nothing_while_jobs_are_finished_between_pages(
             if i % 3 == 0:
                 fail(job, "timeout", max_attempts=3)  # open, but behind the cursor
             else:
-                for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+                for state in (
+                    JobState.FETCHED,
+                    JobState.DRAFTED,
+                    JobState.WRITING,
+                    JobState.WRITTEN,
+                ):
                     advance(job, state)
         store.save(page)
         if n == 1:
@@ -275,7 +288,7 @@ def test_the_pending_page_query_reads_the_state_index(tmp_path: Path) -> None:
     _mixed_states(store, "v1")
     plan = select_plan(store, lambda: store.pending_page("v1", after_id=3, limit=5))
     ranges = [step for step in plan if "ix_draft_job_version_state_id" in step]
-    assert len(ranges) == 4, plan  # one index range per open state
+    assert len(ranges) == len(_OPEN_STATES), plan  # one index range per open state
     assert all("state=? AND id>?" in step for step in ranges), plan
     assert not [step for step in plan if step.startswith("SCAN draft_job")], plan
 

@@ -19,7 +19,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from connectors.ledger_schema import current_revision, head_revision
-from connectors.ledger_store import LedgerStore, NewStudy, open_engine
+from connectors.ledger_store import _OPEN_STATES, LedgerStore, NewStudy, open_engine
 from connectors.pacs import StudyQuery
 from flows.draft_reports import discover, draft_pending
 from medvlm.errors import LeaseLostError, LedgerSchemaBehindError
@@ -85,7 +85,7 @@ def test_claims_take_open_jobs_only_and_pass_over_held_ones(tmp_path: Path) -> N
     store = _store(tmp_path)
     jobs = _register(store, 6)
     written, skipped, dead, failed = jobs[:4]
-    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         advance(written, state)
     skip(skipped, "signed-before-draft")
     fail(dead, "undecodable", max_attempts=1)
@@ -157,7 +157,7 @@ def test_a_terminal_save_gives_the_claim_up_and_release_frees_only_ones_own(
     _register(store, 4)
     done, failed, untouched = store.claim_page("v1", "worker-a", limit=3, lease_s=LEASE_S)
     (other,) = store.claim_page("v1", "worker-b", limit=1, lease_s=LEASE_S)
-    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITTEN):
+    for state in (JobState.FETCHED, JobState.DRAFTED, JobState.WRITING, JobState.WRITTEN):
         advance(done, state)
     fail(failed, "timeout", max_attempts=3)
     store.save([done, failed])
@@ -190,7 +190,7 @@ def test_the_claim_reads_index_ranges_however_many_rows_are_written(tmp_path: Pa
         connection.execute(text("UPDATE draft_job SET state = 'WRITTEN' WHERE id <= 25"))
     plan = select_plan(store, lambda: store.claim_page("v1", "worker-a", limit=3, lease_s=LEASE_S))
     ranges = [step for step in plan if "ix_draft_job_version_state_id" in step]
-    assert len(ranges) == 4, plan  # one index range per open state
+    assert len(ranges) == len(_OPEN_STATES), plan  # one index range per open state
     assert not [step for step in plan if step.startswith("SCAN draft_job")], plan
 
 

@@ -241,7 +241,12 @@ def test_the_projects_draft_bundle_replays_on_the_folder_sink_without_duplicates
 ) -> None:
     from datetime import UTC, datetime
 
-    from pipeline.fhir_resources import ModelIdentity, StudyLinks, build_draft_bundle
+    from pipeline.fhir_resources import (
+        ModelIdentity,
+        StudyLinks,
+        as_transaction,
+        build_draft_resources,
+    )
     from pipeline.report import DraftReport
 
     report = DraftReport.model_validate(
@@ -262,17 +267,20 @@ def test_the_projects_draft_bundle_replays_on_the_folder_sink_without_duplicates
             "recommendation": "none",
         }
     )
-    bundle = build_draft_bundle(
-        report,
-        StudyLinks(accession_number="SYN-ACC-0001", patient="Patient/SYN-0001"),
-        ModelIdentity(name="m", version="v1"),
-        issued=datetime(2026, 11, 2, tzinfo=UTC),
+    bundle = as_transaction(
+        build_draft_resources(
+            report,
+            StudyLinks(accession_number="SYN-ACC-0001", patient="Patient/SYN-0001"),
+            ModelIdentity(name="m", version="v1"),
+            device="Device/d-1",
+            issued=datetime(2026, 11, 2, tzinfo=UTC),
+        )
     )
     ehr = NdjsonEhr(folder)
     first = ehr.transaction(bundle)
     again = ehr.transaction(bundle)
     assert [e.response.location for e in first.entry] == [e.response.location for e in again.entry]
-    for rtype in ("Device", "Observation", "Provenance"):
+    for rtype in ("Observation", "Provenance"):
         assert len((folder / f"{rtype}.ndjson").read_text().splitlines()) == 1
     reports = [
         json.loads(line)

@@ -15,7 +15,8 @@ from pipeline.fhir_resources import (
     RANDOM_WEIGHTS_NOTICE,
     ModelIdentity,
     StudyLinks,
-    build_draft_bundle,
+    build_device,
+    build_draft_resources,
 )
 from pipeline.report import DraftReport
 from serving.model_source import resolve_model
@@ -67,17 +68,16 @@ def test_a_draft_from_random_weights_says_so_in_its_device_and_text() -> None:
     model = ModelIdentity("tiny-qwen2_vl", "tiny-1", random_weights=True)
     import datetime as dt
 
-    bundle = build_draft_bundle(
-        report, links, model, issued=dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
-    ).model_dump(mode="json", exclude_none=True)
-    by_type = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
-    device = by_type["Device"]
+    issued = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
+    draft = build_draft_resources(report, links, model, device="Device/d", issued=issued)
+    device = build_device(model)
     assert RANDOM_WEIGHTS_NOTICE in device["type"]["text"]
     assert device["note"][0]["text"] == RANDOM_WEIGHTS_NOTICE
-    text = base64.b64decode(by_type["DiagnosticReport"]["presentedForm"][0]["data"]).decode()
+    text = base64.b64decode(draft.main.resource["presentedForm"][0]["data"]).decode()
     assert text.splitlines()[0] == RANDOM_WEIGHTS_NOTICE
     real = ModelIdentity("med-r1", "1.0")
-    real_bundle = build_draft_bundle(
-        report, links, real, issued=dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
-    ).model_dump(mode="json", exclude_none=True)
+    real_bundle = [
+        build_device(real),
+        *build_draft_resources(report, links, real, device="Device/d", issued=issued).resources,
+    ]
     assert RANDOM_WEIGHTS_NOTICE not in str(real_bundle)

@@ -119,6 +119,7 @@ def test_prepared_links_point_to_the_order_patient_imaging_study_and_time() -> N
         patient="Patient/p1",
         service_request="ServiceRequest/o1",
         imaging_study="ImagingStudy/is1",
+        study_uid=uid,
         study_started=dt.datetime(2026, 11, 2, 10, 15, tzinfo=dt.timezone(dt.timedelta(hours=1))),
         dicom_patient=DicomPatient(patient_id_digest("MRN-1"), None),
     )

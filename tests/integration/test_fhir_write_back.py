@@ -1,0 +1,213 @@
+"""Write-back that stays idempotent on any EHR: real FHIR server, real Orthanc, the real model.
+
+A loopback proxy in front of the real FHIR server (tests/integration/loopback.py) takes away
+what many EHRs do not offer — conditional create, transactions — and loses the answer of a write
+the server has committed (a gateway timing out): faults the real server cannot be made to
+produce on demand. In each write mode a run and its re-runs leave exactly one draft per order,
+one Device per model version (whose version string carries FHIR search syntax), and a
+Provenance that lists every resource the prompt used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connectors.draft_writer import WriteStrategy, choose_strategy
+from medvlm.dev.servers import OrthancInfo
+from pipeline.fhir_resources import written_types
+from pipeline.ledger import JobState
+from serving.clients import HandleDrafter
+from tests.integration.loopback import FhirProxy
+from tests.integration.test_write_safety import Site, WatchingDrafter
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def site(orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path) -> Iterator[Site]:
+    """A site whose model version needs escaping in every search (``&``, ``|``, ``,``)."""
+    study_date = dt.date(1950, 1, 1) + dt.timedelta(days=random.randrange(10_000))
+    prefix = uuid.uuid4().hex[:6].upper()
+    with FhirProxy(fhir_base_url) as proxy:
+        yield Site(
+            orthanc,
+            fhir_base_url,
+            proxy,
+            f"sqlite:///{tmp_path / 'ledger.db'}",
+            study_date,
+            prefix,
+            f"urn:medvlm-test:{prefix}",
+            version=f"a&b|c,d-{prefix}",
+        )
+
+
+@pytest.fixture
+def drafter(serve_handle: Any) -> WatchingDrafter:
+    return WatchingDrafter(HandleDrafter(serve_handle))
+
+
+def _get(site: Site, path: str, **params: str) -> list[dict[str, Any]]:
+    """Every resource of a search on the real server (not through the proxy)."""
+    with httpx.Client(base_url=site.fhir_base_url, timeout=30, trust_env=False) as client:
+        bundle = client.get(path, params={**params, "_count": "500"}).json()
+    return [
+        e["resource"]
+        for e in bundle.get("entry", [])
+        if e.get("search", {}).get("mode") != "outcome"
+    ]
+
+
+def _devices(site: Site) -> list[dict[str, Any]]:
+    escaped = site.version.replace("|", "\\|").replace(",", "\\,")
+    return _get(site, "/Device", identifier=f"{site.draft_system}:device|tiny-qwen2-vl\\|{escaped}")
+
+
+def _drafts_per_order(site: Site, rtype: str = "DiagnosticReport") -> dict[str, int]:
+    """Preliminary drafts of this site's model version on each of its orders."""
+    counts: dict[str, int] = {}
+    for job in site_jobs(site):
+        order = job.links.get("service_request")
+        assert order, job.study_ref
+        if rtype == "DiagnosticReport":
+            found = _get(site, "/DiagnosticReport", **{"based-on": order, "status": "preliminary"})
+        else:
+            found = [
+                d
+                for d in _get(site, "/DocumentReference", patient=job.links["patient"])
+                if {"reference": order} in d.get("context", {}).get("related", [])
+            ]
+        counts[order] = sum(
+            any(i.get("value") == job.draft_id for i in r.get("identifier", [])) for r in found
+        )
+    return counts
+
+
+def site_jobs(site: Site) -> list[Any]:
+    from connectors.ledger_store import LedgerStore, open_engine
+
+    return LedgerStore(open_engine(site.ledger_url)).jobs(site.version)
+
+
+def _lose(site: Site, mode: WriteStrategy) -> None:
+    """One committed write whose answer is lost: the transaction, or a create of the draft's
+    (not the Device's, which is written once and looked up the same way)."""
+    site.proxy.lose_answers = 1
+    if mode is WriteStrategy.TRANSACTION:
+        site.proxy.lose_where = lambda path: path.rstrip("/") == "/fhir"
+    else:
+        site.proxy.lose_where = lambda path: not path.startswith("/fhir/Device")
+
+
+@pytest.mark.parametrize("mode", list(WriteStrategy)[1:], ids=str)
+def test_a_lost_answer_on_a_server_without_conditional_create_leaves_one_draft_per_order(
+    site: Site, drafter: WatchingDrafter, mode: WriteStrategy
+) -> None:
+    studies = [site.add() for _ in range(2)]
+    site.run(drafter, dry_run=True)  # drafted once; the writes below are what is under test
+    site.proxy.ignore_if_none_exist = True  # the server creates twins when asked twice
+    site.proxy.reject_transactions = mode is not WriteStrategy.TRANSACTION
+    _lose(site, mode)
+    # One attempt per run: the study whose answer was lost stays `writing`-failed ...
+    first = site.run(drafter, write_strategy=mode.value, write_attempts=1)
+    assert site.proxy.lost and first.counts["written"] == 1 and first.counts["failed"] == 1
+    (failed,) = [site.job(s) for s in studies if site.job(s).state is JobState.FAILED]
+    assert failed.failed_stage is JobState.WRITING and failed.attempts == 1
+    # ... and the next run looks before it sends: a transaction was all there (nothing is
+    # sent); of one-by-one creates the rest is sent, and its own lost answer looked up in-run.
+    _lose(site, mode)
+    writes_before = len(site.proxy.writes)
+    second = site.run(drafter, write_strategy=mode.value)
+    assert second.counts["written"] == 2 and not second.failures
+    if mode is WriteStrategy.TRANSACTION:
+        assert len(site.proxy.lost) == 1 and len(site.proxy.writes) == writes_before
+    else:
+        assert len(site.proxy.lost) == 2
+    third = site.run(drafter, write_strategy=mode.value)
+    assert third.attempted == 0
+    assert set(_drafts_per_order(site).values()) == {1}
+    for job in site_jobs(site):
+        assert len(_get(site, "/Observation", _tag=f"{site.draft_system}|{job.draft_id}")) == len(
+            job.draft["findings"]
+        )
+        assert len(_get(site, "/Provenance", _tag=f"{site.draft_system}|{job.draft_id}")) == 1
+    (device,) = _devices(site)
+    assert device["version"] == [{"value": site.version}]  # `a&b|c,d-…` round-trips
+    if mode is not WriteStrategy.TRANSACTION:
+        assert ("POST", "/fhir") not in site.proxy.writes
+
+
+def test_eight_concurrent_first_writes_of_a_new_model_version_make_one_device(
+    site: Site, drafter: WatchingDrafter
+) -> None:
+    for _ in range(8):
+        site.add()
+    site.run(drafter, dry_run=True, page_size=8, concurrency=4)
+    summary = site.run(drafter, write_concurrency=8, page_size=8)  # eight writes start at once
+    assert summary.counts["written"] == 8
+    (device,) = _devices(site)
+    assert device["type"]["coding"][0]["code"] == "Artificial-Intelligence"
+    assert set(_drafts_per_order(site).values()) == {1} and len(_drafts_per_order(site)) == 8
+    for job in site_jobs(site):
+        (report,) = _get(
+            site, "/DiagnosticReport", identifier=f"{site.draft_system}|{job.draft_id}"
+        )
+        assert all(
+            o["device"]["reference"] == f"Device/{device['id']}"
+            for o in _get(site, "/Observation", _tag=f"{site.draft_system}|{job.draft_id}")
+        )
+        assert report["status"] == "preliminary"
+
+
+def test_the_provenance_of_a_draft_lists_every_resource_the_prompt_used(
+    site: Site, drafter: WatchingDrafter
+) -> None:
+    study = site.add(earlier_prior=True)
+    site.run(drafter)
+    job = site.job(study)
+    assert job.state is JobState.WRITTEN
+    (report_id,) = job.fhir_ids["DiagnosticReport"]
+    (provenance,) = _get(site, "/Provenance", target=f"DiagnosticReport/{report_id}")
+    entities = {e["what"].get("reference") for e in provenance["entity"]}
+    used = set(job.context_sources) | {job.links["service_request"], job.links["imaging_study"]}
+    assert any(s.startswith("Condition/") for s in job.context_sources)
+    assert any(s.startswith("DiagnosticReport/") for s in job.context_sources)
+    assert used <= entities
+    assert provenance["agent"][0]["who"]["reference"].startswith("Device/")
+    assert provenance["reason"][0]["coding"][0]["code"] == "AIAST"
+
+
+@pytest.mark.parametrize("mode", list(WriteStrategy)[1:], ids=str)
+def test_a_note_draft_is_found_by_the_us_core_clinical_note_search(
+    site: Site, drafter: WatchingDrafter, mode: WriteStrategy
+) -> None:
+    study = site.add()
+    site.proxy.ignore_if_none_exist = mode is WriteStrategy.SEARCH
+    site.proxy.reject_transactions = mode is not WriteStrategy.TRANSACTION
+    site.run(drafter, write_target="document_reference", write_strategy=mode.value)
+    site.run(drafter, write_target="document_reference", write_strategy=mode.value)
+    job = site.job(study)
+    assert job.state is JobState.WRITTEN
+    notes = _get(site, "/DocumentReference", patient=job.links["patient"], category="clinical-note")
+    assert [n["docStatus"] for n in notes] == ["preliminary"]
+    (provenance,) = _get(site, "/Provenance", target=f"DocumentReference/{notes[0]['id']}")
+    assert provenance["agent"][0]["who"]["reference"] == f"Device/{_devices(site)[0]['id']}"
+
+
+def test_auto_reads_what_the_server_offers_from_its_capability_statement(site: Site) -> None:
+    def chosen() -> WriteStrategy:
+        with site.ehr(site.proxy.base_url) as ehr:
+            return choose_strategy("auto", ehr.capabilities(), written_types("diagnostic_report"))
+
+    assert chosen() is WriteStrategy.TRANSACTION  # the real server offers both
+    site.proxy.reject_transactions = True
+    assert chosen() is WriteStrategy.CONDITIONAL
+    site.proxy.ignore_if_none_exist = True
+    assert chosen() is WriteStrategy.SEARCH
