@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
-from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.coding import Coding
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.meta import Meta
@@ -31,11 +30,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from connectors.draft_writer import DraftWriter, choose_strategy
 from connectors.ehr import Ehr
 from connectors.ledger_store import LedgerStore
 from medvlm.errors import EhrError, EhrInvalidResourceError
 from medvlm.settings import FairnessSettings
-from pipeline.ehr_rules import created_ids
 from pipeline.fairness import (
     FairnessRecord,
     compute_report,
@@ -45,6 +44,7 @@ from pipeline.fairness import (
 from pipeline.fairness_fhir import build_measure_report, measure_report_identifier
 from pipeline.fairness_html import render_html
 from pipeline.fairness_types import FairnessReport
+from pipeline.fhir_resources import DraftResources, PendingResource, SearchKey
 from pipeline.labeler import Labeler, ReportLabels, RuleLabeler
 from pipeline.ledger import DraftJob, FairnessRun, JobState, SignedReportLabels
 from pipeline.report import FindingName, Presence
@@ -67,6 +67,7 @@ class FairnessServices:
     model_version: str | None = None  # None: drafts of every model version in the window
     write_measure_report: bool = True
     refresh_signed: bool = False  # re-read signed reports even when labels are cached
+    write_strategy: str = "auto"  # job.write_strategy: how the MeasureReport is sent
 
 
 @dataclass(frozen=True)
@@ -196,10 +197,12 @@ def write_html(report: FairnessReport, directory: Path) -> Path:
 def write_measure_report(services: FairnessServices, report: FairnessReport) -> str:
     """The report as a MeasureReport in the EHR, once per window and scope.
 
-    Idempotent without relying on the server: the ledger remembers what it wrote. On top, the
-    write is a transaction entry created only if no MeasureReport carries the run's tag
-    (``_tag`` is a search parameter of every resource; ``identifier`` is not supported on
-    MeasureReport by every server), covering a crash between the EHR's commit and the ledger's.
+    Idempotent without relying on the server: the ledger remembers what it wrote, and the
+    write goes through the drafts' writer (``connectors.draft_writer``), which first looks for a
+    MeasureReport carrying the run's tag (``_tag`` is a search parameter of every resource;
+    ``identifier`` is not supported on MeasureReport by every server) and sends only when there
+    is none: a crash between the EHR's commit and the ledger's, or a lost answer, writes nothing
+    twice, also on servers without conditional create or transactions.
     """
     scope = services.model_version or "all-model-versions"
     system = services.identifier_system
@@ -213,17 +216,17 @@ def write_measure_report(services: FairnessServices, report: FairnessReport) -> 
     )
     tag_system = f"{system}:fairness-run"
     resource.meta = Meta(tag=[Coding(system=tag_system, code=identifier.value)])
-    entry = BundleEntry(
-        fullUrl=f"urn:uuid:{uuid.uuid4()}",
-        resource=resource,
-        request=BundleEntryRequest(
-            method="POST",
-            url="MeasureReport",
-            ifNoneExist=urlencode({"_tag": f"{tag_system}|{identifier.value}"}),
-        ),
+    pending = PendingResource(
+        f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{tag_system}/{identifier.value}')}",
+        json.loads(resource.model_dump_json(by_alias=True, exclude_none=True)),
+        SearchKey("_tag", tag_system, identifier.value),
     )
-    response = services.ehr.transaction(Bundle(type="transaction", entry=[entry]))
-    created = created_ids(e.response.location for e in response.entry or [] if e.response)
+    strategy = choose_strategy(
+        services.write_strategy, services.ehr.capabilities(), {"MeasureReport"}
+    )
+    created = DraftWriter(services.ehr, strategy).write(
+        DraftResources(identifier.value, (pending,), main_type="MeasureReport"), resume=True
+    )
     rid = created.get("MeasureReport", [""])[0]
     if not rid:
         raise EhrInvalidResourceError("MeasureReport: transaction answer names no resource")

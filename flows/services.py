@@ -208,4 +208,5 @@ def open_fairness_services(
                 else write_measure_report
             ),
             refresh_signed=refresh_signed,
+            write_strategy=settings.job.write_strategy,
         )

@@ -207,8 +207,9 @@ def test_planted_disparity_alerts_and_the_measure_report_lands_once(
         again = fairness_monitor(services, *world.window)
         assert again.measure_report_id == outcome.measure_report_id
         assert again.alerts == outcome.alerts
-        # Even when the ledger lost its record (a crash after the EHR committed), the server's
-        # conditional create on the run's tag finds the one already written.
+        # Even when the ledger lost its record (a crash after the EHR committed), the writer's
+        # look-up of the run's tag finds the one already written (this server lists no
+        # conditional create for MeasureReport: the write is a search, then a plain create).
         identifier = measure.identifier[0]
         with Session(open_engine(world.ledger_url)) as session:
             session.delete(session.get(FairnessRun, identifier.value))
