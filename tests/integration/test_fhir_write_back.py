@@ -10,9 +10,6 @@ Provenance that lists every resource the prompt used.
 
 from __future__ import annotations
 
-import datetime as dt
-import random
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +22,7 @@ from medvlm.dev.servers import OrthancInfo
 from pipeline.fhir_resources import written_types
 from pipeline.ledger import JobState
 from serving.clients import HandleDrafter
-from tests.integration.loopback import FhirProxy
-from tests.integration.test_write_safety import Site, WatchingDrafter
+from tests.integration.test_write_safety import Site, WatchingDrafter, open_site
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,19 +30,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture
 def site(orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path) -> Iterator[Site]:
     """A site whose model version needs escaping in every search (``&``, ``|``, ``,``)."""
-    study_date = dt.date(1950, 1, 1) + dt.timedelta(days=random.randrange(10_000))
-    prefix = uuid.uuid4().hex[:6].upper()
-    with FhirProxy(fhir_base_url) as proxy:
-        yield Site(
-            orthanc,
-            fhir_base_url,
-            proxy,
-            f"sqlite:///{tmp_path / 'ledger.db'}",
-            study_date,
-            prefix,
-            f"urn:medvlm-test:{prefix}",
-            version=f"a&b|c,d-{prefix}",
-        )
+    with open_site(
+        orthanc, fhir_base_url, tmp_path, version=lambda prefix: f"a&b|c,d-{prefix}"
+    ) as opened:
+        yield opened
 
 
 @pytest.fixture

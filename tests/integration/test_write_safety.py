@@ -14,6 +14,7 @@ import random
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,9 +232,12 @@ class _OpenEhr:
         self.client.close()
 
 
-@pytest.fixture
-def site(orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path) -> Iterator[Site]:
-    # A date of its own, decades back (see test_draft_flow.py), and identifiers of its own.
+@contextmanager
+def open_site(
+    orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path, **fields: Any
+) -> Iterator[Site]:
+    """A test's own site: a date of its own, decades back (see test_draft_flow.py),
+    identifiers of its own, and a proxy in front of the real FHIR server."""
     study_date = dt.date(1950, 1, 1) + dt.timedelta(days=random.randrange(10_000))
     prefix = uuid.uuid4().hex[:6].upper()
     with FhirProxy(fhir_base_url) as proxy:
@@ -245,7 +249,14 @@ def site(orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path) -> Iterator[S
             study_date,
             prefix,
             f"urn:medvlm-test:{prefix}",
+            **{key: value(prefix) if callable(value) else value for key, value in fields.items()},
         )
+
+
+@pytest.fixture
+def site(orthanc: OrthancInfo, fhir_base_url: str, tmp_path: Path) -> Iterator[Site]:
+    with open_site(orthanc, fhir_base_url, tmp_path) as opened:
+        yield opened
 
 
 @pytest.fixture
