@@ -4,7 +4,8 @@ Pure functions over pydicom datasets: no network, no files beyond what the calle
 The steps follow the DICOM display pipeline (PS3.3 C.11 / C.7.6.3): Modality LUT (rescale
 slope/intercept) → VOI LUT or window centre/width → presentation (MONOCHROME1 inverted so that
 air is black, as radiologists read) → 8-bit → resize to the model's pixel budget. Colour data
-(RGB, YBR_*) is converted to RGB by pydicom.
+ends as 8-bit RGB: YBR_* converted by pydicom's decoding, PALETTE COLOR (common in ultrasound)
+looked up in its palette by pydicom's ``apply_color_lut`` (see ``palette_to_rgb``).
 
 Unsupported or undecodable input raises ``ImagingError`` naming the study by a
 non-identifying reference (see ``study_reference``), never by patient data.
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from medvlm.errors import ImagingError
 
@@ -106,11 +109,109 @@ def linear_window(ds: Dataset) -> tuple[float, float] | None:
     return slope / (w - 1), (intercept - (c - 0.5)) / (w - 1) + 0.5
 
 
+_RGB_ONCE_DECODED = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+"""Three-sample photometric interpretations that pydicom's ``pixel_array`` returns as RGB: with
+its ``as_rgb`` default it converts YBR_FULL and YBR_FULL_422 (``convert_color_space``; native,
+RLE, JPEG and JPEG-LS data alike), and the JPEG 2000 decoder inverts YBR_ICT / YBR_RCT itself.
+YBR_PARTIAL_422 / YBR_PARTIAL_420 (retired, or MPEG only, which pydicom does not decode) are
+converted by neither, nor by ``convert_color_space``: they are refused, not shown in wrong
+colours."""
+
+_PALETTE_CHANNELS = ("Red", "Green", "Blue")
+
+
+def _little_endian(ds: Dataset) -> bool:
+    """Byte order of the dataset's OW values: that of the file or stream they were read from,
+    else that of its transfer syntax (a dataset built in memory), else little endian."""
+    little = ds.original_encoding[1]
+    if little is not None:
+        return bool(little)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        return syntax is None or bool(UID(syntax).is_little_endian)
+    except ValueError:  # not a transfer syntax UID
+        return True
+
+
+def _palette_module(ds: Dataset, entries: int) -> Dataset:
+    """The Palette Color LUT module of ``ds`` in the form pydicom 3.0's ``apply_color_lut``
+    reads right, values unchanged.
+
+    That function reads non-segmented LUT Data in the machine's byte order (wrong colours from a
+    big endian file) and indexes with the entries' own integer type (8-bit entries: stored
+    values above 255 wrap round). So those data go to it as native 16-bit words: big endian
+    words swapped (PS3.5 7.3; 8-bit entries are packed two to a word, the first in the low
+    byte), 8-bit entries widened. Segmented data (PS3.3 C.7.9.2), which it expands itself, go
+    with a transfer syntax of the byte order they are in.
+    """
+    little = _little_endian(ds)
+    module = Dataset()
+    for channel in _PALETTE_CHANNELS:
+        descriptor = f"{channel}PaletteColorLookupTableDescriptor"
+        values = [int(v) for v in ds[descriptor].value]
+        first_vr = "SS" if values[1] < 0 else "US"  # negative only for signed stored values
+        data = ds.get(f"{channel}PaletteColorLookupTableData")
+        if data is None:  # segmented: apply_color_lut expands it
+            module[descriptor] = DataElement(descriptor, first_vr, values)
+            segmented = f"Segmented{channel}PaletteColorLookupTableData"
+            module[segmented] = DataElement(segmented, "OW", ds[segmented].value)
+            continue
+        raw = bytes(data)
+        if not little and len(raw) % 2 == 0:
+            raw = np.frombuffer(raw, dtype=">u2").astype("<u2").tobytes()
+        if len(raw) >= 2 * entries:
+            words = np.frombuffer(raw[: 2 * entries], dtype="<u2").astype(np.uint16)
+        else:  # 8-bit entries, one a byte
+            words = np.frombuffer(raw[:entries], dtype=np.uint8).astype(np.uint16)
+        # 16 in the descriptor as the data are 16-bit words now (pydicom knows no other word
+        # sizes); ``palette_to_rgb`` scales by the entries' bits in the original descriptor.
+        module[descriptor] = DataElement(descriptor, first_vr, [values[0], values[1], 16])
+        name = f"{channel}PaletteColorLookupTableData"
+        module[name] = DataElement(name, "OW", words.tobytes())  # native, as pydicom reads it
+    module.file_meta = FileMetaDataset()
+    module.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return module
+
+
+def palette_to_rgb(ds: Dataset, frame: np.ndarray) -> np.ndarray:
+    """PALETTE COLOR stored values to 8-bit RGB through the image's own palette (PS3.3
+    C.7.6.3.1.5-6, segmented C.7.9.2), looked up by pydicom's ``apply_color_lut``.
+
+    Values below the first mapped value take the first entry, values above the last the last.
+    Each entry keeps its 8 most significant bits as the LUT descriptor counts its bits: the high
+    byte of 16-bit entries (exact for both ways 8-bit colours are written in 16 bits, k·256 and
+    k·257), 8-bit entries as they are, also when kept in 16-bit words (PS3.3 C.7.6.3.1.5);
+    entries above what the descriptor allows are taken as 16-bit.
+    """
+    try:
+        entries, first, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImagingError("palette colour image without a usable palette descriptor") from exc
+    entries = entries or 2**16
+    segmented = "RedPaletteColorLookupTableData" not in ds
+    if segmented and "SegmentedRedPaletteColorLookupTableData" not in ds:
+        raise ImagingError("palette colour image without palette data")
+    if segmented and bits == 8 and entries > 256:
+        # pydicom would index them with 8-bit integers (see ``_palette_module``).
+        raise ImagingError("8-bit segmented palettes of more than 256 entries are not supported")
+    # Clipped here, so that pydicom's index arithmetic stays within the LUT for any entry type.
+    indices = np.clip(frame, first, first + entries - 1)
+    try:
+        rgb = apply_color_lut(indices, _palette_module(ds, entries))[..., :3]
+    except (IndexError, KeyError, TypeError, ValueError, struct.error) as exc:
+        raise ImagingError(f"palette colour lookup table cannot be applied: {exc}") from exc
+    bits = bits if 8 <= bits <= 16 else 16
+    if int(rgb.max(initial=0)) >= 2**bits:
+        bits = 16
+    return (rgb >> (bits - 8)).astype(np.uint8)
+
+
 def frame_to_image(
     ds: Dataset, frame: np.ndarray, budget: PixelBudget | None = None
 ) -> Image.Image:
     """One decoded frame to a display-ready 8-bit PIL image (``L`` or ``RGB``), fitted to
-    ``budget`` when one is given.
+    ``budget`` when one is given. ``frame`` is as pydicom's ``pixel_array`` returns it (YBR_*
+    already RGB, see ``_RGB_ONCE_DECODED``; PALETTE COLOR stored values).
 
     The common grayscale case, a rescale and a LINEAR window (``linear_window``), is computed
     here in float32 in place (a 2k radiograph: ~13 ms against ~100 ms through pydicom's
@@ -118,9 +219,11 @@ def frame_to_image(
     """
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1))
-    if samples == 3:
-        # pydicom's pixel_array already converts YBR_* to RGB (its ``as_rgb`` default).
+    if samples == 3 and photometric in _RGB_ONCE_DECODED:
         image = Image.fromarray(frame if frame.dtype == np.uint8 else _to_uint8(frame), "RGB")
+        return budget.fit(image) if budget is not None else image
+    if samples == 1 and photometric == "PALETTE COLOR":
+        image = Image.fromarray(palette_to_rgb(ds, frame), "RGB")
         return budget.fit(image) if budget is not None else image
     if samples != 1 or photometric not in {"MONOCHROME1", "MONOCHROME2"}:
         raise ImagingError(f"unsupported photometric interpretation {photometric!r}")
