@@ -84,7 +84,9 @@ class DicomFolderSource:
             try:
                 records = pydicom.dcmread(dicomdir).DirectoryRecordSequence
             except (*_HEADER_ERRORS, AttributeError, OSError) as exc:
-                raise ConfigurationError(f"pacs.folder: DICOMDIR unreadable: {exc}") from exc
+                raise ConfigurationError(
+                    f"pacs.folder: DICOMDIR unreadable ({type(exc).__name__})"
+                ) from None  # pydicom's message may quote a record's values (names)
             for record in records:
                 file_id = record.get("ReferencedFileID")
                 if file_id:  # PS3.3 F.3.2.2: components of the path relative to the DICOMDIR
@@ -258,5 +260,5 @@ def _read_instance(path: Path, study_uid: str) -> Dataset:
     except (*_HEADER_ERRORS, OSError) as exc:
         raise InvalidDicomError(
             f"{study_reference(study_uid)}: unreadable instance ({type(exc).__name__})"
-        ) from exc
+        ) from None  # pydicom's message may quote element values (names, dates)
     return ds

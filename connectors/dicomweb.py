@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from requests.adapters import HTTPAdapter
 from tenacity import Retrying
 
+from connectors.circuit import CircuitBreaker
 from connectors.pacs import (
     ChangeFeed,
     InstanceRef,
@@ -49,6 +50,7 @@ from connectors.pacs import (
 from medvlm.errors import (
     ConfigurationError,
     InvalidDicomError,
+    PacsDownError,
     PacsError,
     PacsNotFoundError,
     PacsUnauthorizedError,
@@ -105,20 +107,40 @@ def is_transient(exc: BaseException) -> bool:
 class HttpEdge:
     """Retries and exception translation for every HTTP call to the PACS, in one place."""
 
-    def __init__(self, settings: HttpEdgeSettings) -> None:
+    def __init__(self, settings: HttpEdgeSettings, breaker: CircuitBreaker | None = None) -> None:
         self._settings = settings
+        self.breaker = breaker
 
     def call(self, fn: Callable[[], T], *, study_uid: str | None, what: str) -> T:
-        """Run ``fn`` with retries; library errors come out as ``PacsError`` subclasses."""
+        """Run ``fn`` with retries; library errors come out as ``PacsError`` subclasses.
+
+        With a breaker: nothing is sent while the PACS is known down (``PacsDownError``), and a
+        call that spends its retry budget without an answer marks it down."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.check()
         retrying = Retrying(**retry_policy(self._settings, retry_on=is_transient))
         try:
-            return retrying(fn)
+            result = retrying(fn)
         except (requests.RequestException, *_PARSE_ERRORS) as exc:
-            raise self.translate(exc, study_uid=study_uid, what=what) from exc
+            if breaker is not None and is_transient(exc):
+                status = _status_of(exc)
+                raise breaker.failed(f"HTTP {status}" if status else type(exc).__name__) from None
+            if breaker is not None and isinstance(exc, requests.HTTPError):
+                breaker.succeeded()  # it answered, with an error of this call's own
+            raise self.translate(exc, study_uid=study_uid, what=what) from None
+        if breaker is not None:
+            breaker.succeeded()
+        return result
 
     @staticmethod
     def translate(exc: BaseException, *, study_uid: str | None, what: str) -> PacsError:
-        """The one mapping from requests/pydicom exceptions to the project's PACS errors."""
+        """The one mapping from requests/pydicom exceptions to the project's PACS errors.
+
+        Raised ``from None`` by every caller: the library's message names the request URL with
+        its query (an AccessionNumber, a PatientID) or a header value, and a chained exception
+        would print it in every traceback (stderr, Prefect's log table). Only its type is kept.
+        """
         ref = study_reference(study_uid) if study_uid else "pacs"
         status = _status_of(exc)
         if status in (401, 403):
@@ -225,7 +247,23 @@ class DicomWebSource:
             session=http,
             timeout=(settings.connect_timeout_s, settings.read_timeout_s),
         )
-        edge = HttpEdge(settings)
+        url = settings.dicomweb_url.rstrip("/")
+
+        def probe() -> None:
+            """One QIDO-RS study search for a single result, no retry."""
+            answer = http.get(
+                f"{url}/studies",
+                params={"limit": "1"},
+                headers={"Accept": "application/dicom+json"},
+                timeout=(settings.connect_timeout_s, settings.read_timeout_s),
+            )
+            if answer.status_code >= 500 or answer.status_code == 429:
+                raise PacsUnavailableError(f"PACS probe: HTTP {answer.status_code}")
+
+        breaker = CircuitBreaker(
+            "PACS", url, probe, probe_interval_s=settings.probe_interval_s, error=PacsDownError
+        )
+        edge = HttpEdge(settings, breaker)
         return cls(
             client,
             page_size=settings.page_size,
@@ -276,7 +314,7 @@ class DicomWebSource:
                 try:
                     yield Dataset.from_json(item)
                 except _PARSE_ERRORS as exc:
-                    raise self._edge.translate(exc, study_uid=study_uid, what="QIDO-RS") from exc
+                    raise self._edge.translate(exc, study_uid=study_uid, what="QIDO-RS") from None
             if len(page) < self._page_size:
                 return
             offset += len(page)
@@ -363,7 +401,7 @@ class DicomWebSource:
             try:
                 headers.append(Dataset.from_json(_without_bulk_data(item), _no_bulk_data))
             except _PARSE_ERRORS as exc:
-                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from None
         return sort_instances(headers)
 
     def retrieve_instances(self, study_uid: str, headers: Sequence[Dataset]) -> list[Dataset]:
@@ -393,7 +431,7 @@ class DicomWebSource:
                 if str(ds.SOPInstanceUID) != sop_uid:
                     raise ValueError("the PACS returned another instance than asked for")
             except _PARSE_ERRORS as exc:
-                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from None
             out.append(ds)
         return out
 
@@ -406,7 +444,7 @@ class DicomWebSource:
             except StopIteration:
                 return
             except (requests.RequestException, *_PARSE_ERRORS) as exc:
-                raise self._edge.translate(exc, study_uid=study_uid, what=what) from exc
+                raise self._edge.translate(exc, study_uid=study_uid, what=what) from None
             yield ds
 
     def retrieve_frames(

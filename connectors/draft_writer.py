@@ -35,7 +35,7 @@ from typing import Any
 from fhir.resources.R4B.resource import Resource
 
 from connectors.ehr import Ehr, WriteCapabilities
-from medvlm.errors import EhrError, EhrUnavailableError
+from medvlm.errors import EhrError, EhrUnavailableError, ServiceDownError
 from pipeline.ehr_rules import created_ids
 from pipeline.fhir_resources import DraftResources, PendingResource, SearchKey, as_transaction
 
@@ -172,6 +172,8 @@ class DraftWriter:
                     if pending.full_url not in refs:
                         refs[pending.full_url] = self._create(pending, refs)
                 return created_ids(refs.values())
+            except ServiceDownError:
+                raise  # the EHR is down: the caller waits for it (connectors.circuit)
             except EhrUnavailableError as exc:
                 # The server may have applied it before the answer was lost: search next time.
                 last = exc
@@ -234,6 +236,8 @@ class DraftWriter:
                 if existing is not None:
                     return existing
                 return self._create(pending, refs)
+            except ServiceDownError:
+                raise
             except EhrUnavailableError as exc:
                 last = exc
                 if attempt < self._attempts:

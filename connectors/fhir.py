@@ -45,6 +45,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from connectors.circuit import CircuitBreaker
 from connectors.ehr import (
     FINAL_REPORT_STATUSES,
     EhrContext,
@@ -59,6 +60,7 @@ from connectors.fhir_auth import build_auth
 from medvlm.errors import (
     ConfigurationError,
     EhrConflictError,
+    EhrDownError,
     EhrError,
     EhrInvalidResourceError,
     EhrNotFoundError,
@@ -253,6 +255,13 @@ class FhirEhr:
         self.base_url = settings.base_url.rstrip("/")
         self._origin = urlsplit(self.base_url)[:2]
         self._capabilities: WriteCapabilities | None = None
+        self.breaker = CircuitBreaker(
+            "EHR",
+            self.base_url,
+            self._probe,
+            probe_interval_s=settings.probe_interval_s,
+            error=EhrDownError,
+        )
 
     def __repr__(self) -> str:
         return f"FhirEhr(base_url={self.base_url!r})"
@@ -287,6 +296,12 @@ class FhirEhr:
                 return after
         return float(backoff(s)(state))
 
+    def _probe(self) -> None:
+        """One ``GET [base]/metadata``, no retry: raises unless the server answers below 500."""
+        response = self._client.get(f"{self.base_url}/metadata", headers={"Accept": FHIR_JSON})
+        if response.status_code >= 500 or response.status_code == 429:
+            raise EhrUnavailableError(f"CapabilityStatement: HTTP {response.status_code}")
+
     def _path_ref(self, response: httpx.Response) -> str:
         """``GET ServiceRequest``: the method and the path below the base, never the query."""
         path = response.request.url.path
@@ -317,6 +332,7 @@ class FhirEhr:
         if urlsplit(url)[:2] != self._origin:
             # A next-link or Location on another host would receive our bearer token.
             raise EhrInvalidResourceError(f"{ref}: server pointed to another origin")
+        self.breaker.check()  # known down: no request, the caller waits (connectors.circuit)
         attempts = self._settings.retry_attempts if retry else 1
         send_headers = {"Accept": FHIR_JSON, **(headers or {})}
         content = None
@@ -345,10 +361,15 @@ class FhirEhr:
                         raise _RetryableStatus(response)
         except _RetryableStatus as exc:
             response = exc.response
+            if retry:  # the whole retry budget spent on a server answering 5xx/429: down
+                raise self.breaker.failed(f"HTTP {response.status_code}") from None
         except httpx.TransportError as exc:
+            if retry:  # ... or on one that does not answer at all
+                raise self.breaker.failed(type(exc).__name__) from None
             raise EhrUnavailableError(
                 f"{ref}: {type(exc).__name__} after {attempts} attempt(s)"
             ) from exc
+        self.breaker.succeeded()
         if response.status_code >= 400:
             leaves = list(_string_leaves(body)) if body is not None else []
             raise error_for_status(

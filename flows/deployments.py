@@ -20,7 +20,9 @@ from prefect import flow, serve, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
+from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.ehr import identifier_ref
 from connectors.pacs import StudyQuery
 from flows.draft_reports import (
     RunSummary,
@@ -33,6 +35,7 @@ from flows.draft_reports import (
 from flows.fairness import FairnessOutcome, fairness_monitor
 from flows.services import open_fairness_services, open_services
 from medvlm.settings import MedvlmSettings
+from pipeline.imaging import study_reference
 
 NIGHTLY_CRON = "0 1 * * *"
 FAIRNESS_CRON = "0 6 * * *"  # daily, after the night's drafts (and morning sign-offs) are in
@@ -50,29 +53,83 @@ def draft_pending_task(services: Services, dry_run: bool) -> RunTally:
     return draft_pending(services, dry_run)
 
 
+class FlowArgument(BaseModel):
+    """An argument of a Prefect flow that Prefect records only by its ``summary``.
+
+    Prefect stores every flow run's parameters (``Flow.serialize_parameters``: FastAPI's
+    ``jsonable_encoder``) in its database and shows them in the UI. A study query may carry an
+    accession number or a patient id, and the services hold clients and settings: neither
+    belongs there. The value stays in this process (it is excluded from serialisation); Prefect
+    sees the summary: the window and modalities, hashes of identifiers.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    value: Any = Field(default=None, exclude=True)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+def query_argument(query: StudyQuery | None) -> FlowArgument:
+    """The run's query for Prefect: dates, times and modalities as they are, identifiers hashed."""
+    if query is None:
+        return FlowArgument(value=None, summary={"since": "watermark"})
+    summary: dict[str, Any] = {
+        "date_from": query.date_from.isoformat() if query.date_from else None,
+        "date_to": query.date_to.isoformat() if query.date_to else None,
+        "time_from": query.time_from,
+        "time_to": query.time_to,
+        "modalities": sorted(query.modalities),
+        "limit": query.limit,
+    }
+    if query.accession_number:
+        summary["accession"] = identifier_ref(query.accession_number)
+    if query.patient_id:
+        summary["patient"] = identifier_ref(query.patient_id)
+    if query.study_uid:
+        summary["study"] = study_reference(query.study_uid)
+    return FlowArgument(value=query, summary={k: v for k, v in summary.items() if v is not None})
+
+
 @flow(name="draft-reports", validate_parameters=False, log_prints=True)
+def _draft_reports_flow(
+    services: FlowArgument,
+    query: FlowArgument,
+    dry_run: bool = False,
+    discovered: int | None = None,
+) -> RunSummary:
+    assert isinstance(services.value, Services)
+    return run_draft_job(
+        services.value,
+        query.value,
+        dry_run,
+        discover_step=discover_task if discovered is None else (lambda _s, _q: discovered),
+        drafting_step=draft_pending_task,
+    )
+
+
 def draft_reports(
-    services: Any,
+    services: Services,
     query: StudyQuery | None,
     dry_run: bool = False,
     discovered: int | None = None,
 ) -> RunSummary:
-    """Discover → draft the pending jobs → summary. Studies already written are skipped.
+    """Discover → draft the pending jobs → summary, as the Prefect flow ``draft-reports``.
+    Studies already written are skipped.
 
     ``query`` None discovers the studies new since the source's saved watermark.
     ``discovered``: the caller has discovered already (``medvlm run`` does, to start no flow run
-    when nothing is pending) and found this many; the flow does not discover again.
-
-    ``services`` is a ``Services``; typed ``Any`` because Prefect derives a parameter schema
-    from the signature and cannot for Protocol-typed fields.
+    when nothing is pending) and found this many; the flow does not discover again. Prefect
+    records the flow run's parameters without patient identifiers (``FlowArgument``).
     """
-    assert isinstance(services, Services)
-    return run_draft_job(
-        services,
-        query,
-        dry_run,
-        discover_step=discover_task if discovered is None else (lambda _s, _q: discovered),
-        drafting_step=draft_pending_task,
+    model = services.model
+    return _draft_reports_flow(
+        FlowArgument(
+            value=services,
+            summary={"model_version": model.version, "source": services.source_name},
+        ),
+        query_argument(query),
+        dry_run=dry_run,
+        discovered=discovered,
     )
 
 

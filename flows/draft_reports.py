@@ -55,6 +55,7 @@ from medvlm.errors import (
     LedgerUnavailableError,
     MedvlmError,
     ModelServiceStartError,
+    ServiceDownError,
     one_line,
 )
 from medvlm.settings import JobSettings, host_timezone
@@ -169,6 +170,14 @@ class RunSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     flags: dict[str, int] = field(default_factory=dict)
     tally: RunTally | None = None
+
+
+class _LeftPending(Exception):
+    """A study stops where it is because a service it needs stayed down; not its failure."""
+
+    def __init__(self, down: ServiceDownError) -> None:
+        super().__init__(str(down))
+        self.down = down
 
 
 @dataclass(frozen=True)
@@ -510,6 +519,7 @@ class _Stages:
         self._since = time.perf_counter()
         self.model_busy_s = 0.0  # ∫ requests at the model dt: / wall time = mean in flight
         self.completion_tokens = 0
+        self.outage: ServiceDownError | None = None  # a service stayed down: take no more
 
     def _io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -527,10 +537,49 @@ class _Stages:
     async def save(self, job: DraftJob) -> None:
         await self._saves.save(job)
 
+    async def _waiting(self, job: DraftJob, call: Callable[[bool], T]) -> T:
+        """``call(again)`` in an I/O thread; while the service it needs is down (its breaker
+        open: ``ServiceDownError``) the study waits for it, probing, up to
+        ``job.outage_wait_s``, then runs ``call(True)`` — at most ``job.outage_retries`` times.
+        A study that cannot go on is left where it is (``_LeftPending``): not failed, no
+        attempt spent, and the run takes no new studies (``outage``)."""
+        limits = self.services.job
+        again = False
+        for waited in range(limits.outage_retries + 1):
+            if self.outage is not None:
+                raise _LeftPending(self.outage)
+            try:
+                return await self._io(call, again)
+            except ServiceDownError as down:
+                breaker = down.breaker
+                if waited == limits.outage_retries or breaker is None:
+                    self.outage = self.outage or down
+                    raise _LeftPending(down) from None
+                if not await self._wait_for(breaker, limits.outage_wait_s):
+                    self.outage = self.outage or down
+                    raise _LeftPending(down) from None
+                log.info("%s: %s answers again; going on", job.study_ref, breaker.service)
+                again = True
+        raise AssertionError("unreachable")
+
+    async def _wait_for(self, breaker: Any, timeout_s: float) -> bool:
+        """Probe ``breaker``'s service in an I/O thread every ``probe_interval_s`` (sleeping
+        here, not in a thread: the ledger's leases are renewed meanwhile) until it answers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self._io(breaker.probe_once):
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.outage is not None:
+                return False
+            await asyncio.sleep(min(breaker.probe_interval_s, remaining))
+        return True
+
     async def fetch(self, job: DraftJob) -> _Fetched | Skip:
         async with self._fetch:
             return await _timed(
-                job, "fetch_s", self._io(fetch, self.services, job, self._image_processes)
+                job,
+                "fetch_s",
+                self._waiting(job, lambda _again: fetch(self.services, job, self._image_processes)),
             )
 
     async def draft(self, job: DraftJob, model_input: ModelInput) -> DraftResult:
@@ -545,8 +594,12 @@ class _Stages:
 
     async def write(self, job: DraftJob, *, resume: bool) -> dict[str, Any] | Skip:
         async with self._write:
-            call = functools.partial(write, self.services, job, resume=resume)
-            return await _timed(job, "write_s", self._io(call))
+            # After waiting for the EHR the write resumes: it may have reached the EHR.
+            return await _timed(
+                job,
+                "write_s",
+                self._waiting(job, lambda again: write(self.services, job, resume=resume or again)),
+            )
 
 
 async def _process_job(stages: _Stages, job: DraftJob, *, dry_run: bool) -> DraftJob:
@@ -606,6 +659,12 @@ async def _process_job(stages: _Stages, job: DraftJob, *, dry_run: bool) -> Draf
         raise
     except LeaseLostError:  # another worker has the study now: not this run's to record
         raise
+    except _LeftPending as left:
+        # Where it was (no attempt spent): the next run, or a worker, takes it from there.
+        log.info("%s left pending at %s: %s", job.study_ref, job.state, left.down)
+        if services.on_progress is not None:
+            services.on_progress(job)
+        return job
     except Exception as exc:  # the per-study boundary: recorded on the study, never raised
         failed_at = job.state
         reason = failure_reason(exc, job, failed_at)
@@ -634,6 +693,7 @@ class RunTally:
     wall_s: float = 0.0
     model_busy_s: float = 0.0
     completion_tokens: int = 0
+    outage: str | None = None  # a service stayed down: the run ended early, the rest pending
 
     @property
     def model_mean_in_flight(self) -> float:
@@ -805,7 +865,7 @@ async def run_pending(
         async with asyncio.TaskGroup() as group:
             if claims is not None:
                 renewing = group.create_task(claims.renew_periodically())
-                while page := await claims.next_page(alive):
+                while stages.outage is None and (page := await claims.next_page(alive)):
                     for job in page:
                         group.create_task(one(job))  # its place in ``alive`` is taken
                 for _ in range(limits.alive):  # every job done
@@ -814,8 +874,10 @@ async def run_pending(
             else:
                 page_iterator = iter(pages or ())
                 while (
-                    given := await loop.run_in_executor(executor, next, page_iterator, None)
-                ) is not None:
+                    stages.outage is None
+                    and (given := await loop.run_in_executor(executor, next, page_iterator, None))
+                    is not None
+                ):
                     for job in given:
                         await alive.acquire()
                         group.create_task(one(job))
@@ -835,6 +897,9 @@ async def run_pending(
     stages.settle()
     tally.model_busy_s = stages.model_busy_s
     tally.completion_tokens = stages.completion_tokens
+    if stages.outage is not None:
+        tally.outage = str(stages.outage)
+        log.error("run ended early: %s; the studies not done stay pending", stages.outage)
     return tally
 
 

@@ -1,15 +1,17 @@
 """The exception tree of medvlm-pipeline.
 
 One root, ``MedvlmError``, and a branch per external system. Library exceptions are translated
-into these in exactly one place per connector and chained with ``from``. Messages name a study or
-resource by a non-identifying reference (a study UID hash, a resource type and logical id), never
-a patient name, MRN or birth date. Every class is picklable so it can cross Ray process
+into these in exactly one place per connector and chained with ``from`` (``from None`` where the
+library's message would carry a request URL with its query, or a DICOM value). Messages name a
+study or resource by a non-identifying reference (a study UID hash, a resource type and logical
+id), never a patient name, MRN or birth date. Every class is picklable so it can cross Ray process
 boundaries (only positional ``args`` are used).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class MedvlmError(Exception):
@@ -103,6 +105,24 @@ class EhrInvalidResourceError(EhrError):
 
 class EhrUnavailableError(EhrError):
     """The EHR cannot be reached, timed out or kept answering 429/5xx after retries."""
+
+
+class ServiceDownError(MedvlmError):
+    """An outside service (the EHR, the PACS) is known to be down: its circuit breaker is open
+    (``connectors.circuit``). Not a study's failure: the study waits for the service or stays
+    pending. ``breaker`` is the open breaker (to wait on)."""
+
+    def __init__(self, message: str, breaker: Any = None) -> None:
+        super().__init__(message)
+        self.breaker = breaker
+
+
+class EhrDownError(ServiceDownError, EhrUnavailableError):
+    """The EHR is known to be down (its breaker is open)."""
+
+
+class PacsDownError(ServiceDownError, PacsUnavailableError):
+    """The PACS is known to be down (its breaker is open)."""
 
 
 class LedgerUnavailableError(MedvlmError):

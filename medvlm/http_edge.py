@@ -14,7 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from tenacity import retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
 from tenacity.wait import wait_base
 
 from medvlm.settings import HttpEdgeSettings
@@ -44,11 +49,12 @@ def retry_policy(
     wait: wait_base | Callable[[Any], float] | None = None,
     before_sleep: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: ``retry_attempts``
-    attempts while ``retry_on`` says the failure is transient, then the last one is raised."""
+    """Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: up to ``retry_attempts``
+    attempts within ``retry_budget_s`` seconds while ``retry_on`` says the failure is transient,
+    then the last one is raised."""
     policy: dict[str, Any] = {
         "retry": retry_if_exception(retry_on),
-        "stop": stop_after_attempt(edge.retry_attempts),
+        "stop": stop_after_attempt(edge.retry_attempts) | stop_before_delay(edge.retry_budget_s),
         "wait": wait if wait is not None else backoff(edge),
         "reraise": True,
     }

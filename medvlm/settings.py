@@ -439,10 +439,25 @@ class HttpEdgeSettings(BaseModel):
         ),
     )
     retry_attempts: int = Field(
-        default=4,
+        default=10,
         ge=1,
-        le=20,
-        description="Attempts per request on connection errors, timeouts and 429/502/503/504.",
+        le=50,
+        description=(
+            "Attempts per request on connection errors, timeouts and 429/502/503/504, within "
+            "retry_budget_s."
+        ),
+    )
+    retry_budget_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds one call may spend on retries (with retry_attempts, whichever ends first). "
+            "A call that spends it without an answer marks the service down: new work waits "
+            "for it (a probe every probe_interval_s) instead of failing study after study."
+        ),
+    )
+    probe_interval_s: float = Field(
+        default=5.0, gt=0, description="Seconds between two probes of a service that is down."
     )
     retry_initial_backoff_s: float = Field(
         default=0.5, ge=0, description="First backoff; doubles per attempt, plus jitter."
@@ -792,6 +807,21 @@ class JobSettings(BaseModel):
             "server's CapabilityStatement lists. In every mode a write whose answer was lost is "
             "looked up by its identifiers before anything is sent again."
         ),
+    )
+    outage_wait_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "Seconds a study waits for the EHR or PACS once it is known to be down (the "
+            "service is probed meanwhile) before the run stops taking studies and ends with "
+            "the rest still pending: an outage spends no study's attempts."
+        ),
+    )
+    outage_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Times one study goes on after waiting for a service that was down.",
     )
     write_attempts: int = Field(
         default=4,

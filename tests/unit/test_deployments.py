@@ -80,3 +80,38 @@ def test_fairness_monitor_runs_daily_over_the_configured_window() -> None:
     since, until = fairness_window(30, dt.datetime(2026, 11, 30, 6, 0, 41, tzinfo=dt.UTC))
     assert until == dt.datetime(2026, 11, 30, 6, tzinfo=dt.UTC)
     assert since == dt.datetime(2026, 10, 31, 6, tzinfo=dt.UTC)
+
+
+def test_prefect_records_the_run_query_without_patient_identifiers(tmp_path: Path) -> None:
+    """What Prefect stores as the flow run's parameters (its own ``serialize_parameters``)
+    holds the window and hashes, never the accession number, the patient id or the services."""
+    from connectors.ehr import identifier_ref
+    from connectors.pacs import StudyQuery
+    from flows.deployments import FlowArgument, _draft_reports_flow, query_argument
+
+    query = StudyQuery(
+        date_from=dt.date(2026, 11, 1),
+        date_to=dt.date(2026, 11, 2),
+        modalities=frozenset({"CR"}),
+        accession_number="ACC-Zoë-778899",
+        patient_id="MRN-4455667",
+    )
+    services = FlowArgument(value=object(), summary={"model_version": "v1"})
+    stored = _draft_reports_flow.serialize_parameters(
+        {"services": services, "query": query_argument(query), "dry_run": False}
+    )
+    text = str(stored)
+    assert "ACC-Zoë-778899" not in text and "MRN-4455667" not in text
+    assert stored["query"] == {
+        "summary": {
+            "date_from": "2026-11-01",
+            "date_to": "2026-11-02",
+            "modalities": ["CR"],
+            "accession": identifier_ref("ACC-Zoë-778899"),
+            "patient": identifier_ref("MRN-4455667"),
+        }
+    }
+    assert stored["services"] == {"summary": {"model_version": "v1"}}
+    # Without the wrapper Prefect would have stored the query as it is.
+    raw = _draft_reports_flow.serialize_parameters({"query": query})
+    assert "MRN-4455667" in str(raw)
