@@ -104,10 +104,18 @@ class LazyDrafter:
 
 
 class HandleDrafter:
-    """Through a Ray Serve DeploymentHandle (in-cluster)."""
+    """Through a Ray Serve DeploymentHandle (in-cluster).
 
-    def __init__(self, handle: Any) -> None:
+    A replica that dies under a request (its actor killed, its node lost) fails that request
+    with a ``RayError``; drafting has no side effect, so it is sent again (``edge``: attempts,
+    backoff and time budget, by default long enough for Serve to start a replica elsewhere)
+    and the handle routes it to a live replica. The replica's own errors are not retried."""
+
+    def __init__(self, handle: Any, edge: HttpEdgeSettings | None = None) -> None:
         self._handle = handle
+        self._edge = edge or HttpEdgeSettings(
+            retry_attempts=8, retry_initial_backoff_s=1.0, retry_budget_s=300.0
+        )
 
     async def draft(self, model_input: ModelInput) -> DraftResult:
         """The replica's answer; Ray's wrappers are taken off at this edge: the replica's own
@@ -115,8 +123,17 @@ class HandleDrafter:
         not Ray's multi-line, colour-coded traceback."""
         from ray.exceptions import RayError, RayTaskError
 
+        def lost_replica(exc: BaseException) -> bool:
+            return isinstance(exc, RayError) and not isinstance(exc, RayTaskError)
+
+        async def send() -> DraftResult:
+            answer: DraftResult = await self._handle.draft.remote(model_input)
+            return answer
+
         try:
-            result: DraftResult = await self._handle.draft.remote(model_input)
+            result: DraftResult = await AsyncRetrying(
+                **retry_policy(self._edge, retry_on=lost_replica)
+            )(send)
         except RayTaskError as exc:
             cause = exc.cause
             if isinstance(cause, MedvlmError):

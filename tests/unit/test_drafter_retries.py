@@ -121,3 +121,40 @@ def test_pacs_ehr_and_model_service_share_one_shape_of_network_settings() -> Non
     # Each keeps the defaults its peer needs (DICOMweb answers are large, drafts are slow).
     assert (settings.pacs.read_timeout_s, settings.ehr.read_timeout_s) == (120.0, 30.0)
     assert settings.job.model_client.read_timeout_s == 300.0
+
+
+class _Handle:
+    """A DeploymentHandle whose first calls fail as Ray fails a request whose replica died
+    (a fake: tests/integration/test_ray_cluster.py loses a replica for real, over HTTP)."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.draft = self
+
+    def remote(self, model_input: ModelInput) -> asyncio.Future[DraftResult]:
+        self.calls += 1
+        future: asyncio.Future[DraftResult] = asyncio.get_running_loop().create_future()
+        if self.failures:
+            future.set_exception(self.failures.pop(0))
+        else:
+            future.set_result(RESULT)
+        return future
+
+
+def test_a_request_whose_replica_died_is_sent_again_and_a_replica_error_is_not() -> None:
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from medvlm.errors import InvalidModelOutputError
+    from serving.clients import HandleDrafter
+
+    edge = HttpEdgeSettings(retry_attempts=4, retry_initial_backoff_s=0.01)
+    handle = _Handle([ActorDiedError(), ActorDiedError()])
+    assert asyncio.run(HandleDrafter(handle, edge).draft(INPUT)) == RESULT
+    assert handle.calls == 3
+    # The replica's own error (its output did not validate) is the study's: raised at once.
+    own = RayTaskError("draft", "traceback", InvalidModelOutputError("study-r: bad JSON"))
+    handle = _Handle([own])
+    with pytest.raises(InvalidModelOutputError, match="bad JSON"):
+        asyncio.run(HandleDrafter(handle, edge).draft(INPUT))
+    assert handle.calls == 1
