@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -80,6 +81,8 @@ class FhirProxy:
     - ``lose_answers``: that many POSTs (those ``lose_where(path)`` accepts) are forwarded and
       committed by the real server, then answered 504 as a gateway that timed out waiting
       would: the answer is lost, not the write.
+    - ``outage(seconds, on_first_post=True)``: every request answers 503 for that long (from
+      the next POST on, or at once), as a server behind a load balancer does while it restarts.
     A real server cannot be made to do any of these on demand; the proxy does them and says so.
     """
 
@@ -95,6 +98,10 @@ class FhirProxy:
         self.reject_transactions = False
         self.lose_answers = 0
         self.lose_where: Callable[[str], bool] = lambda path: True
+        self._outage_s = 0.0
+        self._outage_until = 0.0
+        self._outage_on_post = False
+        self.refused_in_outage = 0
         self.lost: list[str] = []  # paths whose answer was lost after the write
         self.forwarded = 0
         self._http = httpx.Client(timeout=10.0, trust_env=False)
@@ -123,6 +130,16 @@ class FhirProxy:
                 {"Content-Type": "application/json"},
                 json.dumps(self.smart_configuration).encode(),
             )
+        if self._outage_on_post and method == "POST":
+            self._outage_on_post = False
+            self._outage_until = time.monotonic() + self._outage_s
+        if time.monotonic() < self._outage_until:
+            self.refused_in_outage += 1
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "transient", "diagnostics": "outage"}],
+            }
+            return 503, fhir_json, json.dumps(outcome).encode()
         if self.fail_next:
             status, extra = self.fail_next.pop(0)
             outcome = {
@@ -188,6 +205,14 @@ class FhirProxy:
             if k.lower() in ("content-type", "etag", "location")
         }
         return answer.status_code, keep, payload
+
+    def outage(self, seconds: float, *, on_first_post: bool = True) -> None:
+        """503 for everything for ``seconds``, from the next POST on (or from now)."""
+        self._outage_s = seconds
+        if on_first_post:
+            self._outage_on_post = True
+        else:
+            self._outage_until = time.monotonic() + seconds
 
     def _capabilities(self, payload: bytes) -> bytes:
         """The real CapabilityStatement, less what this proxy takes away."""

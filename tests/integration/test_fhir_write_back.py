@@ -198,3 +198,43 @@ def test_auto_reads_what_the_server_offers_from_its_capability_statement(site: S
     assert chosen() is WriteStrategy.CONDITIONAL
     site.proxy.ignore_if_none_exist = True
     assert chosen() is WriteStrategy.SEARCH
+
+
+# A short retry budget and probe interval, so that outages of seconds show what hours would.
+QUICK_EHR = {"retry_budget_s": 2.0, "retry_initial_backoff_s": 0.2, "probe_interval_s": 0.5}
+
+
+def test_an_ehr_outage_mid_run_is_waited_out_and_costs_no_attempt(
+    site: Site, drafter: WatchingDrafter
+) -> None:
+    for _ in range(4):
+        site.add()
+    site.run(drafter, dry_run=True)
+    site.proxy.outage(6.0)  # from the first write on: every request answers 503 for 6 s
+    summary = site.run(drafter, ehr_settings=QUICK_EHR, outage_wait_s=60)
+    assert site.proxy.refused_in_outage > 0
+    assert summary.counts["written"] == 4 and not summary.failures
+    assert all(job.attempts == 0 for job in site_jobs(site))
+    assert set(_drafts_per_order(site).values()) == {1}
+    # The breaker held the calls: a few probes per second of outage, not a storm of retries.
+    assert site.proxy.refused_in_outage < 60
+
+
+def test_an_ehr_outage_longer_than_the_wait_leaves_the_studies_pending_for_the_next_run(
+    site: Site, drafter: WatchingDrafter
+) -> None:
+    for _ in range(3):
+        site.add()
+    site.run(drafter, dry_run=True)
+    site.proxy.outage(3600.0)
+    first = site.run(drafter, ehr_settings=QUICK_EHR, outage_wait_s=2)
+    assert first.tally is not None and first.tally.outage is not None
+    assert (
+        "EHR http://127.0.0.1:" in first.tally.outage and "is down (HTTP 503)" in first.tally.outage
+    )
+    assert not first.failures and first.counts["written"] == 0
+    assert all(job.attempts == 0 and job.state is not JobState.FAILED for job in site_jobs(site))
+    site.proxy.outage(0.0, on_first_post=False)  # the EHR is back
+    second = site.run(drafter, ehr_settings=QUICK_EHR)
+    assert second.counts["written"] == 3 and not second.failures
+    assert set(_drafts_per_order(site).values()) == {1}

@@ -174,13 +174,20 @@ class Site:
             with httpx.Client(base_url=self.fhir_base_url, timeout=30, trust_env=False) as c:
                 c.post("/DiagnosticReport", json=report).raise_for_status()
 
-    def ehr(self, base_url: str | None = None) -> _OpenEhr:
-        return _OpenEhr(base_url or self.fhir_base_url)
+    def ehr(self, base_url: str | None = None, **settings: Any) -> _OpenEhr:
+        return _OpenEhr(base_url or self.fhir_base_url, **settings)
 
-    def run(self, drafter: Any, *, dry_run: bool = False, **job: Any) -> RunSummary:
+    def run(
+        self,
+        drafter: Any,
+        *,
+        dry_run: bool = False,
+        ehr_settings: dict[str, Any] | None = None,
+        **job: Any,
+    ) -> RunSummary:
         source = build_image_source(self.orthanc.pacs_settings())
         try:
-            with self.ehr(self.proxy.base_url) as ehr:
+            with self.ehr(self.proxy.base_url, **(ehr_settings or {})) as ehr:
                 services = Services(
                     source=source,
                     ehr=ehr,
@@ -219,9 +226,14 @@ class Site:
 
 
 class _OpenEhr:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, **settings: Any) -> None:
         self.settings = EhrSettings.model_validate(
-            {"kind": "fhir", "base_url": base_url, "accession_system": ACCESSION_SYSTEM}
+            {
+                "kind": "fhir",
+                "base_url": base_url,
+                "accession_system": ACCESSION_SYSTEM,
+                **settings,
+            }
         )
 
     def __enter__(self) -> FhirEhr:
