@@ -306,6 +306,16 @@ class DevServers:
             self._stop_all(running)
             return list(running)
 
+    def stop(self, name: ServerName) -> bool:
+        """Stop one server (its data stays: ``up`` starts it again on the same ports and
+        storage); whether it was running."""
+        with self._locked():
+            pid = self._verified_pid(name)
+            if pid is None:
+                return False
+            self._stop(name, pid)
+            return True
+
     def status(self) -> list[ServerStatus]:
         """PID and health of each server; stale PID files are removed on the way."""
         out: list[ServerStatus] = []

@@ -183,9 +183,11 @@ class Site:
         *,
         dry_run: bool = False,
         ehr_settings: dict[str, Any] | None = None,
+        pacs_settings: dict[str, Any] | None = None,
+        on_progress: Callable[[DraftJob], None] | None = None,
         **job: Any,
     ) -> RunSummary:
-        source = build_image_source(self.orthanc.pacs_settings())
+        source = build_image_source(self.orthanc.pacs_settings(**(pacs_settings or {})))
         try:
             with self.ehr(self.proxy.base_url, **(ehr_settings or {})) as ehr:
                 services = Services(
@@ -201,6 +203,7 @@ class Site:
                     patient_identifier_system=MRN_SYSTEM,
                     accession_system=ACCESSION_SYSTEM,
                     site_timezone=ZoneInfo("Europe/Berlin"),
+                    on_progress=on_progress,
                 )
                 query = StudyQuery(date_from=self.study_date, date_to=self.study_date)
                 return run_draft_job(services, query, dry_run)
