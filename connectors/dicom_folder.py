@@ -249,6 +249,22 @@ class DicomFolderSource:
             watermark, self.find_studies(StudyQuery(date_from=floor)), self._lookback_days
         )
 
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """The folder (or DICOMDIR) exists and can be read (flows/preflight.py). Raises
+        ``PacsUnavailableError`` chained to the ``OSError`` (no such folder, permission)."""
+        from medvlm.errors import PacsUnavailableError
+
+        try:
+            if self.root.is_file():
+                self.root.open("rb").close()
+            else:
+                with os.scandir(self.root) as entries:
+                    next(entries, None)
+        except OSError as exc:
+            raise PacsUnavailableError(f"pacs: folder unreadable ({type(exc).__name__})") from exc
+
 
 def _read_instance(path: Path, study_uid: str) -> Dataset:
     """One full instance, every element parsed now so that a broken file fails here."""

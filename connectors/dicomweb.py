@@ -498,6 +498,23 @@ class DicomWebSource:
         found_all = self.find_studies(StudyQuery(date_from=floor))
         return advance_date_watermark(watermark, found_all, self._lookback_days)
 
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """One QIDO-RS SearchForStudies, one attempt, within the client's timeouts: that the
+        PACS answers and accepts our credentials (flows/preflight.py). It asks for a study UID
+        that no study has (``limit=1``), so no patient data travels.
+
+        Raises ``PacsUnauthorizedError`` (401/403), ``PacsUnavailableError`` (no connection,
+        timeout, 5xx) or ``PacsError``, chained to the library's exception for its cause (this
+        request's URL holds no patient value).
+        """
+        nobody = {"StudyInstanceUID": "2.25.0"}
+        try:
+            self._client.search_for_studies(limit=1, search_filters=nobody)
+        except (requests.RequestException, *_PARSE_ERRORS) as exc:
+            raise HttpEdge.translate(exc, study_uid=None, what="QIDO-RS (pre-flight)") from exc
+
 
 _PIXEL_TAGS: Final = frozenset({"7FE00008", "7FE00009", "7FE00010"})
 

@@ -672,3 +672,33 @@ class DimseSource:
         return advance_date_watermark(
             watermark, self.find_studies(StudyQuery(date_from=floor)), self._lookback_days
         )
+
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """A TCP connection to the PACS, then a C-ECHO on one association, one attempt each
+        within the endpoint's timeout: that the PACS answers and accepts our AE titles
+        (flows/preflight.py). No patient data.
+
+        Raises ``PacsUnavailableError`` (no connection: chained to the socket's error, for its
+        cause), ``PacsUnauthorizedError`` (association rejected) or ``PacsError`` (the echo
+        failed).
+        """
+        import socket
+
+        endpoint = self.client.endpoint
+        try:
+            socket.create_connection((endpoint.host, endpoint.port), endpoint.timeout_s).close()
+        except OSError as exc:
+            raise PacsUnavailableError(
+                f"pacs: no connection to {endpoint.host}:{endpoint.port}"
+            ) from exc
+        once = DimseClient(endpoint, retries=HttpEdgeSettings(retry_attempts=1))
+        try:
+            status = once.echo()
+        except PacsUnavailableError:
+            raise PacsUnavailableError(
+                "pacs: connected, but no DICOM association (is it the PACS's DICOM port?)"
+            ) from None
+        if not status.ok:
+            raise PacsError(f"pacs: C-ECHO failed: status 0x{status.code & 0xFFFF:04X}")

@@ -747,3 +747,30 @@ class FhirEhr:
         if not isinstance(rid, str) or not _ID.match(rid):
             raise EhrInvalidResourceError(f"{ref}: answer names no {rtype} id")
         return f"{rtype}/{rid}"
+
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """``GET [base]/metadata`` once (no retry), within the client's timeouts and with its
+        auth (a SMART token is fetched): that the server answers, is a FHIR server and, where
+        it guards its CapabilityStatement, accepts our credentials (flows/preflight.py). No
+        patient data.
+
+        Raises the ``EhrError`` of the status (``error_for_status``), ``EhrUnavailableError``
+        (no connection, timeout) or ``EhrInvalidResourceError`` (no CapabilityStatement),
+        chained to the library's exception for its cause.
+        """
+        ref = "CapabilityStatement (pre-flight)"
+        try:
+            response = self._client.get(f"{self.base_url}/metadata")
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise error_for_status(exc.response.status_code, ref) from exc
+        except httpx.TransportError as exc:
+            raise EhrUnavailableError(f"{ref}: {type(exc).__name__}") from exc
+        try:
+            kind = response.json().get("resourceType")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != "CapabilityStatement":
+            raise EhrInvalidResourceError(f"{ref}: the answer is not a CapabilityStatement")

@@ -642,3 +642,25 @@ class LedgerStore:
         with self._session() as session:
             session.merge(run)
             session.commit()
+
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self, timeout_s: float = 10.0) -> None:
+        """``SELECT 1`` on a connection of its own, opened within ``timeout_s`` (SQLite's busy
+        timeout; libpq's ``connect_timeout`` on PostgreSQL): that the database answers
+        (flows/preflight.py). Raises ``LedgerUnavailableError`` chained to the driver's error."""
+        from sqlalchemy import text
+        from sqlalchemy.pool import NullPool
+
+        url = self._engine.url
+        connect_args: dict[str, Any] = {}
+        if self._is_sqlite:
+            connect_args["timeout"] = timeout_s
+        elif url.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = max(1, round(timeout_s))
+        engine = create_engine(url, connect_args=connect_args, poolclass=NullPool)
+        try:
+            with self._ledger_errors(), engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()

@@ -670,6 +670,19 @@ class NdjsonEhr:
             }
         )
 
+    # -- pre-flight ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """The folder exists and can be read (flows/preflight.py). Raises
+        ``EhrUnavailableError`` chained to the ``OSError`` (no such folder, permission)."""
+        from medvlm.errors import EhrUnavailableError
+
+        try:
+            with os.scandir(self.folder) as entries:
+                next(entries, None)
+        except OSError as exc:
+            raise EhrUnavailableError(f"ehr: folder unreadable ({type(exc).__name__})") from exc
+
 
 _CRITERIA: dict[str, Callable[[dict[str, Any], str | None, str], bool]] = {
     "identifier": _has_identifier,

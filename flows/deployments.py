@@ -158,6 +158,10 @@ def scheduled_draft_reports(
             update={"job": settings.job.model_copy(update={"model_endpoint": model_endpoint})}
         )
     query = None if since_watermark else window_query(days_back, modalities or [], dt.date.today())
+    if settings.job.preflight:  # a wrong URL or credential: one line within seconds
+        from flows.preflight import require_services
+
+        require_services(settings)
     with open_services(settings) as services:
         return draft_reports(services, query, dry_run=dry_run)
 

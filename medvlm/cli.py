@@ -2,7 +2,10 @@
 
 Settings are loaded once here (``MedvlmSettings()``: environment, ``MEDVLM_`` prefix) and passed
 down. Commands print for people (rich); errors of the project's own tree end with a one-line
-message and exit code 1, without a traceback and without patient data.
+message and exit code 1, without a traceback and without patient data. Invalid settings (a
+variable that names no setting, a malformed value), a bad option value and a service that does
+not answer the pre-flight (``medvlm run``, ``medvlm check``) end with one line each and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -17,14 +20,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
 
 from connectors.pacs import StudyQuery
 from medvlm.dev.cli import app as dev_app
-from medvlm.errors import MedvlmError
-from medvlm.settings import MedvlmSettings, TinyArchitecture
+from medvlm.errors import ConfigurationError, MedvlmError
+from medvlm.settings import (
+    MedvlmSettings,
+    TinyArchitecture,
+    describe_settings_error,
+    with_variable_names,
+)
 from medvlm.telemetry import disable_third_party_telemetry
 
 if TYPE_CHECKING:
@@ -46,12 +55,17 @@ app.add_typer(model_app, name="model")
 console = Console()
 
 
+def _line(label: str, message: str) -> None:
+    """``label: message`` as one line, however wide the terminal (no wrapping, no markup)."""
+    console.print(f"[red]{label}:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+
+
 def _settings() -> MedvlmSettings:
     try:
         return MedvlmSettings()
-    except ValueError as exc:  # pydantic ValidationError: invalid settings fail at start-up
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    except ValueError as exc:  # ValidationError, SettingsVariableError: fail at start-up
+        _line("invalid settings", describe_settings_error(exc))
+        raise typer.Exit(2) from None
 
 
 def _model_settings(settings: MedvlmSettings) -> MedvlmSettings:
@@ -65,7 +79,10 @@ def _model_settings(settings: MedvlmSettings) -> MedvlmSettings:
 
 
 def _fail(exc: MedvlmError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    message = " ".join(str(exc).split())
+    if isinstance(exc, ConfigurationError):  # "pacs.token_file …" → "MEDVLM_PACS__TOKEN_FILE …"
+        message = with_variable_names(message)
+    _line("error", message)
     raise typer.Exit(1) from exc
 
 
@@ -146,6 +163,10 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
                 # The first flow run starts Prefect's temporary API server: ~25 s on 2 cores,
                 # over the 20 s default timeout once measured.
                 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+                # A run killed with SIGKILL could not stop its temporary Prefect server.
+                from medvlm.orphans import stop_orphaned_prefect_servers
+
+                stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))
                 from flows.deployments import draft_reports
 
                 summary = draft_reports(services, query, dry_run=dry_run, discovered=discovered)
@@ -165,6 +186,8 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
     for flag, count in sorted(summary.flags.items()):
         console.print(f"flag {flag}: {count} studies", highlight=False)
     tally = summary.tally
+    if tally is not None and tally.outage:
+        _line("stopped early", f"{tally.outage}; the studies not done stay pending")
     if tally is not None and tally.attempted and tally.wall_s > 0:
         console.print(
             f"{tally.attempted} studies in {tally.wall_s:.1f} s "
@@ -190,19 +213,31 @@ def run(
 ) -> None:
     """Draft preliminary reports for the studies of a window, against the configured PACS/EHR.
 
-    Exit code 3 when some studies failed or were dead-lettered (listed, with reasons).
+    First the pre-flight (job.preflight): PACS, EHR and ledger must answer, else exit code 2
+    with one line per service that did not. Exit code 3 when some studies failed or were
+    dead-lettered (listed, with reasons); 4 when the EHR or PACS stayed down longer than
+    job.outage_wait_s and the run ended early (the studies not done stay pending).
     """
-    settings = _model_settings(_settings())
-    query = (
-        None
-        if new
-        else StudyQuery(
-            date_from=dt.date.fromisoformat(since) if since else None,
-            date_to=dt.date.fromisoformat(until) if until else None,
+    settings = _settings()
+    query = None
+    if not new:
+        start, end = _date(since, "--since"), _date(until, "--until")
+        if start and end and start > end:
+            _line("error", f"--since {start} is after --until {end}")
+            raise typer.Exit(2)
+        query = StudyQuery(
+            date_from=start,
+            date_to=end,
             modalities=frozenset(modality or ()),
             accession_number=accession,
         )
-    )
+    settings = _model_settings(settings)
+    try:
+        _check_model_configuration(settings)
+    except MedvlmError as exc:
+        _fail(exc)
+    if settings.job.preflight:
+        _preflight(settings)
     try:
         summary = _run_flow(settings, query, dry_run=dry_run)
     except MedvlmError as exc:
@@ -210,6 +245,64 @@ def run(
         return
     if summary.failures:
         raise typer.Exit(3)
+    if summary.tally is not None and summary.tally.outage:
+        raise typer.Exit(4)
+
+
+def _date(value: str | None, option: str) -> dt.date | None:
+    """A YYYY-MM-DD option's date; a malformed one ends the command with one line naming it."""
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        _line("error", f"{option} {value!r} is not a date (YYYY-MM-DD)")
+        raise typer.Exit(2) from None
+
+
+def _check_model_configuration(settings: MedvlmSettings) -> None:
+    """The local model's configuration (a source is set, random weights only when allowed),
+    before the pre-flight: a run that could not start its model fails on that first. The
+    weights are hashed later, once, by the run itself (a version is pinned here)."""
+    if settings.job.model_endpoint != "local":
+        return
+    from serving.model_source import resolve_model
+
+    model = settings.model.model_copy(update={"version": settings.model.version or "unhashed"})
+    resolve_model(settings.model_copy(update={"model": model}))
+
+
+def _preflight(settings: MedvlmSettings) -> None:
+    """The pre-flight of a run: one line per service that did not answer, then exit code 2
+    (nothing discovered, no flow run, no model started)."""
+    from flows.preflight import run_checks
+
+    failed = [result for result in run_checks(settings) if not result.ok]
+    for result in failed:
+        _line("pre-flight", result.line())
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def check() -> None:
+    """Check that the PACS, the EHR and the job ledger answer, as `medvlm run` does before it
+    starts (one cheap request each, no patient data). Exit code 2 when one does not."""
+    from flows.preflight import run_checks
+
+    settings = _settings()
+    results = run_checks(settings)
+    table = Table(title=f"pre-flight (timeout {settings.job.preflight_timeout_s:g} s)")
+    for column in ("service", "kind", "where", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        status = "[green]OK[/green]" if result.ok else "[red]FAILED[/red]"
+        table.add_row(
+            result.service, result.kind, escape(result.where), status, escape(result.detail)
+        )
+    console.print(table)
+    if not all(result.ok for result in results):
+        raise typer.Exit(2)
 
 
 def _print_draft(report: DraftReport, title: str) -> None:

@@ -10,14 +10,28 @@ Secrets are ``SecretStr`` and never have a value written in code.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import json
+import os
+import re
+import types
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ByteSize, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ByteSize, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from medvlm.errors import ConfigurationError
 from pipeline.fairness_types import ATTRIBUTES, AlertRule
 from pipeline.reportable import DEFAULT_REPORTABLE_MODALITIES, DEFAULT_REPORTABLE_SOP_CLASSES
 
@@ -919,6 +933,25 @@ class JobSettings(BaseModel):
         ),
     )
 
+    preflight: bool = Field(
+        default=True,
+        description=(
+            "Before a run discovers studies or starts the model: check that the PACS, the EHR "
+            "and the ledger answer (one cheap request each, no patient data), and stop with "
+            "exit code 2 naming the one that does not. `medvlm check` runs the same checks."
+        ),
+    )
+    preflight_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds each pre-flight check may take, one attempt: the connect timeout (at most "
+            "the service's own connect_timeout_s) and the wait for its answer. The checks run "
+            "at once, so the pre-flight takes about this long at most."
+        ),
+    )
+
     @staticmethod
     def default_worker_id() -> str:
         """host:pid:random suffix (the suffix tells apart processes that reuse a pid)."""
@@ -1017,6 +1050,30 @@ class MedvlmSettings(BaseSettings):
     job: JobSettings = Field(default_factory=JobSettings)
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, after a check of every ``MEDVLM_`` variable the environment and
+        a .env file (``_env_file=``) hold: one that names no setting is an error."""
+        read = [
+            (source, where)
+            for source, where in ((env_settings, ""), (dotenv_settings, "env file"))
+            if isinstance(source, EnvSettingsSource)
+        ]
+        return (
+            _VariableCheck(settings_cls, read),
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+        )
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> MedvlmSettings:
         if self.dev.workdir is None:
@@ -1044,3 +1101,229 @@ class MedvlmSettings(BaseSettings):
             return self.dev.bind_shim
         shim = self.home / "lib" / "bind_loopback.so"
         return shim if shim.is_file() else None
+
+
+# -- MEDVLM_ variables that name no setting ------------------------------------------------------
+
+ENV_PREFIX: Final = "MEDVLM_"
+ENV_DELIMITER: Final = "__"
+
+#: The ``MEDVLM_`` variables that are not settings: read by the project's scripts, its Prefect
+#: deployment and its tests, never by ``MedvlmSettings``. The check of the environment lets
+#: exactly these through; any other ``MEDVLM_`` variable must name a setting.
+NOT_SETTINGS: Final = frozenset(
+    {
+        "MEDVLM_CODE_DIR",  # prefect.yaml's pull step (and the chart): where the flow code is
+        "MEDVLM_FHIR_PYTHON",  # scripts/install-servers.sh: the dev FHIR server's interpreter
+        "MEDVLM_TORCH_PIP_ARGS",  # scripts/install.sh: pip options for torch (package mirror)
+        "MEDVLM_TEST_MODEL_CACHE",  # tests/conftest.py: where the tiny test model is cached
+        "MEDVLM_TEST_PG_BIN",  # tests/integration/conftest_servers.py: PostgreSQL's programs
+        "MEDVLM_TEST_RUN_ID",  # tests/integration/test_cli_run.py: marks a run's processes
+    }
+)
+
+
+class SettingsVariableError(ConfigurationError, ValueError):
+    """``MEDVLM_`` variables that name no setting (a typo would otherwise be ignored), or the
+    value of a structured setting (a section, a list, a mapping) that is not JSON. Raised while
+    the settings load; the message is one line naming each variable, never its value."""
+
+
+def _shape(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """What a field holds: ``model`` (a settings section, with its class), ``mapping``,
+    ``sequence`` (both given as JSON) or ``scalar``; ``X | None`` is X."""
+    arms = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    for arm in arms or (annotation,):
+        origin = get_origin(arm)
+        if origin is None and isinstance(arm, type) and issubclass(arm, BaseModel):
+            return "model", arm
+        base = origin if origin is not None else arm
+        if isinstance(base, type) and issubclass(base, Mapping | dict):
+            return "mapping", None
+        if isinstance(base, type) and issubclass(base, list | tuple | set | frozenset):
+            return "sequence", None
+    return "scalar", None
+
+
+def _variable(path: Sequence[str]) -> str:
+    return ENV_PREFIX + ENV_DELIMITER.join(part.upper() for part in path)
+
+
+def _walk(model: type[BaseModel], path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    for name, field in model.model_fields.items():
+        yield (*path, name)
+        shape, section = _shape(field.annotation)
+        if shape == "model" and section is not None:
+            yield from _walk(section, (*path, name))
+
+
+@functools.cache
+def setting_variables() -> dict[str, str]:
+    """Every setting's variable (sections included) → its dotted name, e.g.
+    ``MEDVLM_JOB__CONCURRENCY`` → ``job.concurrency``."""
+    return {_variable(path): ".".join(path) for path in _walk(MedvlmSettings, ())}
+
+
+def _lookup(parts: Sequence[str]) -> tuple[str, type[BaseModel] | None] | None:
+    """The shape of the setting that ``parts`` (field names, one per level) name; anything
+    below a mapping names an entry of it (``scalar``); None when no setting has that name."""
+    model: type[BaseModel] = MedvlmSettings
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        shape, section = _shape(field.annotation)
+        if depth == len(parts) - 1:
+            return shape, section
+        if shape == "mapping":
+            return "scalar", None
+        if shape != "model" or section is None:
+            return None
+        model = section
+    return None
+
+
+def _suggestion(variable: str) -> str:
+    known = {name.removeprefix(ENV_PREFIX): name for name in (*setting_variables(), *NOT_SETTINGS)}
+    close = difflib.get_close_matches(variable.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.6)
+    return f"did you mean {known[close[0]]}?" if close else "no setting has a similar name"
+
+
+def _json_keys(section: type[BaseModel], data: Mapping[str, Any], holder: str) -> Iterator[str]:
+    """The keys of a section's JSON value that name no setting of it (at any depth); JSON keys
+    are matched as written (case matters)."""
+    for key, value in data.items():
+        field = section.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(str(key), section.model_fields, n=1, cutoff=0.6)
+            hint = f'did you mean "{close[0]}"?' if close else "no setting has a similar name"
+            yield f'"{key}" (a key of the JSON in {holder}) is not a setting; {hint}'
+            continue
+        shape, inner = _shape(field.annotation)
+        if shape == "model" and inner is not None and isinstance(value, dict):
+            yield from _json_keys(inner, value, holder)
+
+
+def variable_problems(variables: Mapping[str, str | None], *, where: str = "") -> list[str]:
+    """One message per ``MEDVLM_`` variable of ``variables`` (name → value, names in any
+    case) that names no setting and is not in ``NOT_SETTINGS``, or that holds a structured
+    setting whose value is not JSON (a section's JSON is checked key by key too). ``where``
+    names the file the variables come from ("" for the environment)."""
+    problems = []
+    origin = f" (in the {where})" if where else ""
+    for name in sorted(variables):
+        variable = name.upper()
+        if not variable.startswith(ENV_PREFIX) or variable in NOT_SETTINGS:
+            continue
+        parts = variable.removeprefix(ENV_PREFIX).lower().split(ENV_DELIMITER)
+        found = _lookup(parts)
+        if found is None:
+            problems.append(f"{variable}{origin} is not a setting; {_suggestion(variable)}")
+            continue
+        shape, section = found
+        value = variables[name]
+        if shape == "scalar" or value is None:
+            continue
+        try:
+            data = json.loads(value)
+        except ValueError:
+            takes = {"model": "an object", "mapping": "an object", "sequence": "an array"}[shape]
+            problems.append(f"{variable}{origin} is not JSON (this setting takes {takes})")
+            continue
+        if section is not None and isinstance(data, dict):
+            problems.extend(_json_keys(section, data, f"{variable}{origin}"))
+    return problems
+
+
+class _VariableCheck(PydanticBaseSettingsSource):
+    """Not a source of values: the check of the variables the environment and .env sources
+    read, run before them (``MedvlmSettings.settings_customise_sources``)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], sources: Sequence[tuple[EnvSettingsSource, str]]
+    ) -> None:
+        super().__init__(settings_cls)
+        self._sources = sources
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        problems = [
+            problem
+            for source, where in self._sources
+            for problem in variable_problems(source.env_vars, where=_file_label(source, where))
+        ]
+        if problems:
+            raise SettingsVariableError("; ".join(problems))
+        return {}
+
+
+def _file_label(source: EnvSettingsSource, where: str) -> str:
+    """``env file NAME`` for a .env source, "" for the environment."""
+    files = getattr(source, "env_file", None)
+    if not where or files is None:
+        return where
+    names = [files] if isinstance(files, str | os.PathLike) else list(files)
+    return f"{where} {', '.join(str(name) for name in names)}"
+
+
+# -- one line for invalid settings ---------------------------------------------------------------
+
+
+@functools.cache
+def _dotted_names() -> re.Pattern[str]:
+    """Dotted setting names as written in validators' messages (``ehr.base_url``)."""
+    names = sorted(setting_variables().values(), key=len, reverse=True)
+    return re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+
+
+def _named(message: str, section: type[BaseModel] | None, path: Sequence[str]) -> str:
+    """``message`` with setting names as their variables: dotted ones (``pacs.kind``) and, for a
+    section's own validator, the section's field names that have an underscore (``ca_bundle``;
+    one-word names such as ``kind`` are also ordinary words)."""
+    dotted = {dotted: variable for variable, dotted in setting_variables().items()}
+    message = _dotted_names().sub(lambda m: dotted[m.group(1)], message)
+    if section is not None:
+        own = sorted((n for n in section.model_fields if "_" in n), key=len, reverse=True)
+        if own:
+            pattern = r"(?<![\w.])(" + "|".join(own) + r")(?!\w)"
+            message = re.sub(pattern, lambda m: _variable((*path, m.group(1))), message)
+    return re.sub(r"(MEDVLM_\w+) \(\1\)", r"\1", message)  # "X (X)" → "X"
+
+
+def with_variable_names(message: str) -> str:
+    """``message`` with the dotted setting names in it (``pacs.token_file``) written as their
+    variables (``MEDVLM_PACS__TOKEN_FILE``), for messages shown to whoever sets them."""
+    return _named(message, None, ())
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(error.get("loc", ()))
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    model: type[BaseModel] | None = MedvlmSettings
+    path: list[str] = []
+    for item in loc:
+        if model is None or not isinstance(item, str) or item not in model.model_fields:
+            break
+        field = model.model_fields[item]
+        path.append(str(item))
+        shape, section = _shape(field.annotation)
+        model = section if shape == "model" else None
+    message = _named(message, model if len(path) == len(loc) else None, path)
+    rest = loc[len(path) :]
+    if not path:
+        return message
+    where = f" (item {'.'.join(str(item) for item in rest)})" if rest else ""
+    if model is not None and not rest and ENV_PREFIX in message:
+        return message  # a section's own check, already naming its variables
+    return f"{_variable(path)}{where}: {message}"
+
+
+def describe_settings_error(exc: BaseException) -> str:
+    """One line for settings that failed to load: each problem with the ``MEDVLM_`` variable it
+    concerns, joined by "; ". Values are never shown (a value may be a secret or carry one)."""
+    if isinstance(exc, ValidationError):
+        errors: Iterable[Mapping[str, Any]] = exc.errors(include_url=False, include_input=False)
+        return "; ".join(dict.fromkeys(_describe(error) for error in errors))
+    return " ".join(str(exc).split())

@@ -6,6 +6,7 @@ passes ``.dev`` down and prints tables. It never prints a password (only where i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -93,7 +94,12 @@ def down(ctx: typer.Context) -> None:
         stopped = servers.down()
     except MedvlmError as exc:
         _fail(exc)
-    _console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    from medvlm.orphans import stop_orphaned_prefect_servers
+
+    names: list[str] = list(stopped)
+    if orphans := stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME")):
+        names.append(f"{orphans} Prefect temporary server(s) of killed runs")
+    _console.print(f"stopped: {', '.join(names)}" if names else "nothing was running")
 
 
 @app.command()

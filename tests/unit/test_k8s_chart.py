@@ -502,7 +502,7 @@ def test_every_medvlm_variable_names_a_settings_field(
                     unknown.append(name)
                     break
                 model = annotation
-    assert unknown == []  # an unknown variable is silently ignored by pydantic-settings
+    assert unknown == []  # the worker would refuse to start on an unknown variable (a typo)
 
 
 # -- replicas: fixed, autoscaled, spread ---------------------------------------------------------

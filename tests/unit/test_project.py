@@ -47,6 +47,7 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "settings",
         "dev",
         "db",
+        "check",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
