@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,12 +72,10 @@ def dev_settings_factory() -> DevSettingsFactory:
     return make
 
 
-@pytest.fixture(scope="session")
-def dev_servers(
-    tmp_path_factory: pytest.TempPathFactory, dev_settings_factory: DevSettingsFactory
-) -> Iterator[DevServers]:
-    """Orthanc and the FHIR server, up for the whole session."""
-    servers = DevServers(dev_settings_factory(tmp_path_factory.mktemp("devservers")))
+@contextmanager
+def running_dev_servers(settings: Any) -> Iterator[DevServers]:
+    """Orthanc and the FHIR server of ``settings``, up until the block ends."""
+    servers = DevServers(settings)
     try:
         servers.up()
         yield servers
@@ -86,6 +84,15 @@ def dev_servers(
             servers.down()
         finally:
             servers.close()
+
+
+@pytest.fixture(scope="session")
+def dev_servers(
+    tmp_path_factory: pytest.TempPathFactory, dev_settings_factory: DevSettingsFactory
+) -> Iterator[DevServers]:
+    """Orthanc and the FHIR server, up for the whole session."""
+    with running_dev_servers(dev_settings_factory(tmp_path_factory.mktemp("devservers"))) as up:
+        yield up
 
 
 @dataclass(frozen=True)

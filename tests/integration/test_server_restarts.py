@@ -21,6 +21,7 @@ import pytest
 from medvlm.dev.servers import DevServers
 from pipeline.ledger import DraftJob, JobState
 from serving.clients import HandleDrafter
+from tests.integration.conftest_servers import running_dev_servers
 from tests.integration.test_fhir_write_back import _drafts_per_order, site_jobs
 from tests.integration.test_write_safety import Site, WatchingDrafter, open_site
 
@@ -35,15 +36,8 @@ DOWN_S = 6.0
 def own_servers(
     tmp_path_factory: pytest.TempPathFactory, dev_settings_factory: Any
 ) -> Iterator[DevServers]:
-    servers = DevServers(dev_settings_factory(tmp_path_factory.mktemp("restarts")))
-    try:
-        servers.up()
-        yield servers
-    finally:
-        try:
-            servers.down()
-        finally:
-            servers.close()
+    with running_dev_servers(dev_settings_factory(tmp_path_factory.mktemp("restarts"))) as up:
+        yield up
 
 
 @pytest.fixture
