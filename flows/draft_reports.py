@@ -5,7 +5,7 @@
         (several workers may share the ledger: each takes other jobs, under a lease):
           fetch (EHR context, PACS headers, chosen images)  ≤ job.fetch_concurrency at once
           draft (model)                                     ≤ model capacity at once
-          write (EHR transaction)                           ≤ job.write_concurrency at once
+          write (EHR: DraftWriter)                          ≤ job.write_concurrency at once
         every study moves through the stages on its own, so the model is kept busy while other
         studies are being fetched and written; at most the sum of the three limits are alive
         (backpressure: memory does not grow with the batch)
@@ -13,10 +13,14 @@
 
 Every stage change is saved in the ledger before the next begins (concurrent saves share one
 commit), so a crash anywhere resumes on re-run: written studies are skipped, drafted ones are
-written without drafting again, the rest start over at their stage. Writes are conditional
-creates on ids stable per (accession, model version), so even a crash between the EHR's
-commit and the ledger's cannot duplicate a report. Failures are recorded with their reason and
-retried on the next run until ``job.max_attempts``, then dead-lettered. Nothing is dropped.
+written without drafting again, the rest start over at their stage. Every resource written has
+a key stable per (accession, model version); ``writing`` is saved before the first request, and
+a study found in it (a crash, a lost answer) is looked up in the EHR by those keys before
+anything is sent again (``connectors.draft_writer``), so even a crash between the EHR's commit
+and the ledger's cannot duplicate a report, whatever the EHR offers. Failures are recorded with
+their reason and retried on the next run until ``job.max_attempts``, then dead-lettered; a
+study that waits for a service that is down spends no attempt (``connectors.circuit``).
+Nothing is dropped.
 
 The model capacity is ``job.concurrency`` when set, else what the model service takes
 (``Services.model_capacity``: replicas × max_ongoing_requests), so extra replicas are used.
