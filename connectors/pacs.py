@@ -351,11 +351,16 @@ def check_instance(ds: Dataset, study_uid: str) -> None:
     bits = int(ds.get("BitsAllocated", 0) or 0)
     if bits < 8:
         return
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422" and samples == 3:
+        samples = (
+            2  # native YBR_FULL_422: two Cb/Cr per two Y, 2 values a pixel (PS3.3 C.7.6.3.1.2)
+        )
     expected = (
         int(ds.get("Rows", 0) or 0)
         * int(ds.get("Columns", 0) or 0)
         * int(ds.get("NumberOfFrames", 1) or 1)
-        * int(ds.get("SamplesPerPixel", 1) or 1)
+        * samples
         * bits
         // 8
     )
