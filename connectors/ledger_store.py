@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,6 +94,13 @@ def _sqlstate(exc: BaseException | None) -> str | None:
         exc = exc.__cause__ or exc
     state = getattr(getattr(exc, "orig", None), "sqlstate", None)
     return state if isinstance(state, str) else None
+
+
+def _disk_full(exc: BaseException, state: str | None) -> bool:
+    """PostgreSQL's disk_full (SQLSTATE 53100) or SQLite's SQLITE_FULL (13)."""
+    if state == "53100":
+        return True
+    return getattr(getattr(exc, "orig", None), "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _retrying_conflicts(method: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -214,8 +222,15 @@ class LedgerStore:
             yield
         except SQLAlchemyError as exc:
             state = _sqlstate(exc)
+            backend = self._engine.url.get_backend_name()
+            if _disk_full(exc, state):
+                raise LedgerUnavailableError(
+                    f"job ledger ({backend}): its disk is full ({type(exc).__name__}); the "
+                    "change was rolled back: free space, then run again (studies resume where "
+                    "they were)"
+                ) from exc
             raise LedgerUnavailableError(
-                f"job ledger ({self._engine.url.get_backend_name()}): {type(exc).__name__}"
+                f"job ledger ({backend}): {type(exc).__name__}"
                 + (f" (SQLSTATE {state})" if state else "")
             ) from exc
 
