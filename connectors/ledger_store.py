@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -94,6 +95,21 @@ def _sqlstate(exc: BaseException | None) -> str | None:
         exc = exc.__cause__ or exc
     state = getattr(getattr(exc, "orig", None), "sqlstate", None)
     return state if isinstance(state, str) else None
+
+
+def _worker_gone(worker: str, host: str) -> bool:
+    """Whether ``host:pid:suffix`` names a process of this host that no longer exists."""
+    _, _, rest = worker.partition(f"{host}:")
+    pid, _, suffix = rest.partition(":")
+    if not pid.isdigit() or not suffix:
+        return False  # not a default worker id: its owner is not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _disk_full(exc: BaseException, state: str | None) -> bool:
@@ -490,6 +506,30 @@ class LedgerStore:
             if job.claimed_by == worker:
                 job.claimed_by = job.lease_until = None
         return released
+
+    @_retrying_conflicts
+    def release_claims_of_dead_workers(self, host: str) -> list[str]:
+        """Free the jobs held by workers of this ``host`` whose process is gone (a run killed
+        on this machine: its leases would keep its studies from the next run for
+        ``job.lease_s``). Only worker ids of the default form ``host:pid:suffix`` are judged;
+        a pid that is alive (perhaps reused by another process) keeps its claims until they
+        run out. Returns the workers whose claims were freed."""
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        with self._transaction() as connection:
+            holders = connection.execute(
+                sa_select(table.c.claimed_by)
+                .where(table.c.claimed_by.like(f"{host}:%"))
+                .where(table.c.lease_until > self._clock(connection))
+                .distinct()
+            ).scalars()
+            dead = [worker for worker in holders if _worker_gone(worker, host)]
+            if dead:
+                connection.execute(
+                    update(table)
+                    .where(table.c.claimed_by.in_(dead))
+                    .values(claimed_by=None, lease_until=None)
+                )
+        return dead
 
     @_retrying_conflicts
     def save(self, jobs: Sequence[DraftJob]) -> None:

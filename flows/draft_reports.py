@@ -38,6 +38,7 @@ import datetime as dt
 import functools
 import logging
 import multiprocessing
+import socket
 import threading
 import time
 import traceback
@@ -848,6 +849,14 @@ async def run_pending(
     alive = asyncio.Semaphore(limits.alive)
     claims = _Claims(services, executor) if pages is None else None
     loop = asyncio.get_running_loop()
+    if claims is not None:
+        # A run killed on this machine left its studies claimed: take them back now rather
+        # than after their leases run out.
+        dead = await loop.run_in_executor(
+            executor, services.ledger.release_claims_of_dead_workers, socket.gethostname()
+        )
+        for worker in dead:
+            log.warning("took back the studies of %s, a run on this host that is gone", worker)
 
     async def one(job: DraftJob) -> None:
         try:

@@ -15,15 +15,19 @@ from pathlib import Path
 
 from fhir.resources.R4B.bundle import Bundle
 
+from connectors.ehr import Ehr
 from connectors.ndjson import NdjsonEhr
 from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
 from medvlm.dev.synthetic_dicom import make_study
 
 
-def build_folder_site(root: Path, count: int, day: dt.date, *, prefix: str = "SITE") -> None:
-    """``count`` one-image CR studies dated ``day`` in ``root/dicom`` and, in ``root/ehr``, a
-    patient, an order (by accession number), a condition and a signed prior report for each."""
-    ehr = NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
+def build_folder_site(
+    root: Path, count: int, day: dt.date, *, prefix: str = "SITE", ehr: Ehr | None = None
+) -> None:
+    """``count`` one-image CR studies dated ``day`` in ``root/dicom`` and, in ``root/ehr`` (or
+    ``ehr``), a patient, an order (by accession number), a condition and a signed prior report
+    for each."""
+    ehr = ehr or NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
     for i in range(count):
         mrn, accession = f"SYN-{prefix}-{i:04d}", f"ACC-{prefix}-{i:03d}"
         (ds,) = make_study("CR", seed=100 + i, accession=accession, patient_id=mrn, study_date=day)

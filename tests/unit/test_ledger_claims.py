@@ -389,3 +389,32 @@ def test_a_ledger_migrated_by_a_newer_release_is_refused_not_touched(tmp_path: P
         connection.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(LedgerSchemaBehindError, match="9999, which this release does not know"):
         open_engine(f"sqlite:///{path}")
+
+
+def test_the_claims_of_a_killed_run_on_this_host_are_taken_back_and_no_others(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    store = _store(tmp_path)
+    _register(store, 8)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = f"ward-host:{gone.stdout.strip()}:a1b2c3"  # a process that has exited
+    alive = f"ward-host:{os.getpid()}:d4e5f6"
+    other_host = f"other-host:{gone.stdout.strip()}:a1b2c3"
+    custom = "ward-host:nightly-worker"  # not the default form: not judged
+    for worker in (dead, alive, other_host, custom):
+        assert len(store.claim_page("v1", worker, limit=2, lease_s=LEASE_S)) == 2
+    assert store.release_claims_of_dead_workers("ward-host") == [dead]
+    holders = {job.claimed_by for job in store.jobs("v1")}
+    assert holders == {None, alive, other_host, custom}
+    # The freed studies are anyone's again, at once.
+    assert len(store.claim_page("v1", "ward-host:1:new", limit=8, lease_s=LEASE_S)) == 2
+    assert store.release_claims_of_dead_workers("ward-host") == []
