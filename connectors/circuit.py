@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from medvlm.errors import ServiceDownError
 
@@ -26,12 +26,18 @@ __all__ = ["CircuitBreaker", "public_url"]
 
 
 def public_url(url: str) -> str:
-    """``url`` without user info, query or fragment: fit for a log line."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """``url`` without user, password, query and fragment (a token may sit in any of them):
+    fit for a log line or a message."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(unparsable URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    where = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{where}{parts.path}" if parts.scheme else where + parts.path
 
 
 class CircuitBreaker:

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
+from connectors.circuit import public_url as redact_url
 from medvlm.errors import ConfigurationError, MedvlmError
 from medvlm.settings import (
     EhrSettings,
@@ -86,20 +86,6 @@ class PreflightError(ConfigurationError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user, password, query and fragment (a token may sit in any of them)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "(unparsable URL)"
-    if ":" in host:
-        host = f"[{host}]"
-    where = f"{host}:{port}" if port is not None else host
-    return f"{parts.scheme}://{where}{parts.path}" if parts.scheme else where + parts.path
 
 
 # -- causes ---------------------------------------------------------------------------------------
