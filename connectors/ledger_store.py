@@ -185,6 +185,10 @@ def ledger_engine(url: str) -> Engine:
         url,
         connect_args={"timeout": 30} if is_sqlite else {},
         pool_pre_ping=not is_sqlite,
+        # A database error's message quotes the statement's parameters (accession numbers, a
+        # job's links): it is chained to LedgerUnavailableError, and Prefect logs the chain of
+        # a failed task or flow.
+        hide_parameters=True,
     )
     if is_sqlite:
 
