@@ -74,14 +74,15 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._opened_at is not None
 
-    def down(self) -> ServiceDownError:
-        """The error a call gets while the breaker is open."""
-        return self._error(f"{self.service} {self.url} is down ({self._cause})", self)
+    def down(self, what: str = "") -> ServiceDownError:
+        """The error a call (``what``: the request, without patient data) gets while open."""
+        prefix = f"{what}: " if what else ""
+        return self._error(f"{prefix}{self.service} {self.url} is down ({self._cause})", self)
 
-    def check(self) -> None:
+    def check(self, what: str = "") -> None:
         """Before a call: fail at once while the service is known to be down."""
         if self._opened_at is not None:
-            raise self.down()
+            raise self.down(what)
 
     def succeeded(self) -> None:
         """A call got an answer: the service is up."""
@@ -94,9 +95,9 @@ class CircuitBreaker:
             self._opened_at = None
         log.warning("%s %s answers again (down for %.0f s)", self.service, self.url, down_s)
 
-    def failed(self, cause: str) -> ServiceDownError:
-        """A call spent its retry budget without an answer: open (logged once) and return the
-        error to raise instead of the call's own."""
+    def failed(self, cause: str, what: str = "") -> ServiceDownError:
+        """A call (``what``) spent its retry budget without an answer: open (logged once) and
+        return the error to raise instead of the call's own."""
         with self._lock:
             if self._opened_at is None:
                 self._opened_at = self._clock()
@@ -108,7 +109,7 @@ class CircuitBreaker:
                     cause,
                     self._probe_interval_s,
                 )
-        return self.down()
+        return self.down(what)
 
     @property
     def probe_interval_s(self) -> float:

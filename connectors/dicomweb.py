@@ -117,15 +117,17 @@ class HttpEdge:
         With a breaker: nothing is sent while the PACS is known down (``PacsDownError``), and a
         call that spends its retry budget without an answer marks it down."""
         breaker = self.breaker
+        ref = f"{study_reference(study_uid) if study_uid else 'pacs'}: {what}"
         if breaker is not None:
-            breaker.check()
+            breaker.check(ref)
         retrying = Retrying(**retry_policy(self._settings, retry_on=is_transient))
         try:
             result = retrying(fn)
         except (requests.RequestException, *_PARSE_ERRORS) as exc:
             if breaker is not None and is_transient(exc):
                 status = _status_of(exc)
-                raise breaker.failed(f"HTTP {status}" if status else type(exc).__name__) from None
+                cause = f"HTTP {status}" if status else type(exc).__name__
+                raise breaker.failed(cause, ref) from None
             if breaker is not None and isinstance(exc, requests.HTTPError):
                 breaker.succeeded()  # it answered, with an error of this call's own
             raise self.translate(exc, study_uid=study_uid, what=what) from None

@@ -332,7 +332,7 @@ class FhirEhr:
         if urlsplit(url)[:2] != self._origin:
             # A next-link or Location on another host would receive our bearer token.
             raise EhrInvalidResourceError(f"{ref}: server pointed to another origin")
-        self.breaker.check()  # known down: no request, the caller waits (connectors.circuit)
+        self.breaker.check(ref)  # known down: no request, the caller waits (connectors.circuit)
         attempts = self._settings.retry_attempts if retry else 1
         send_headers = {"Accept": FHIR_JSON, **(headers or {})}
         content = None
@@ -362,10 +362,10 @@ class FhirEhr:
         except _RetryableStatus as exc:
             response = exc.response
             if retry:  # the whole retry budget spent on a server answering 5xx/429: down
-                raise self.breaker.failed(f"HTTP {response.status_code}") from None
+                raise self.breaker.failed(f"HTTP {response.status_code}", ref) from None
         except httpx.TransportError as exc:
             if retry:  # ... or on one that does not answer at all
-                raise self.breaker.failed(type(exc).__name__) from None
+                raise self.breaker.failed(type(exc).__name__, ref) from None
             raise EhrUnavailableError(
                 f"{ref}: {type(exc).__name__} after {attempts} attempt(s)"
             ) from exc

@@ -786,8 +786,15 @@ def test_unreachable_server_is_unavailable(ehr_for: Callable[..., FhirEhr]) -> N
     with LoopbackServer(lambda *a: (200, {}, b"")) as server:
         dead = server.url  # closed when the block ends: nothing listens there any more
     ehr = ehr_for(f"{dead}/fhir", retry_attempts=2)
-    with pytest.raises(EhrUnavailableError, match="ConnectError after 2"):
+    # Its retries spent on a server that does not answer: the EHR is down (breaker open),
+    # named with its URL; the next call is refused at once, without a request.
+    with pytest.raises(EhrUnavailableError, match=r"EHR http://.* is down \(ConnectError\)"):
         ehr.read_patient("SYN-0001")
+    assert ehr.breaker.is_open
+    started = time.monotonic()
+    with pytest.raises(EhrUnavailableError, match="is down"):
+        ehr.read_patient("SYN-0002")
+    assert time.monotonic() - started < 0.5
 
 
 # -- auth ------------------------------------------------------------------------------------
