@@ -1,8 +1,9 @@
 """Orthanc, then the FHIR server, stopped and restarted in the middle of a batch — for real.
 
 The test's own Orthanc and FHIR server (not the session's: these are stopped), the real model.
-Each server is stopped as soon as the batch's first study is done and started again a few
-seconds later, on the same ports and storage. Expected: the studies that needed the server
+Each server is stopped as soon as the model is asked for the batch's first draft (the other
+studies are still to be fetched, one at a time) and started again a few seconds later, on the
+same ports and storage. Expected: the studies that needed the server
 wait for it (its breaker probes it), every study is written exactly once, no attempt is spent,
 and the outage is logged once per server, not per study.
 """
@@ -19,7 +20,6 @@ from typing import Any
 import pytest
 
 from medvlm.dev.servers import DevServers
-from pipeline.ledger import DraftJob, JobState
 from serving.clients import HandleDrafter
 from tests.integration.conftest_servers import running_dev_servers
 from tests.integration.test_fhir_write_back import _drafts_per_order, site_jobs
@@ -46,19 +46,23 @@ def site(own_servers: DevServers, tmp_path: Path) -> Iterator[Site]:
         yield opened
 
 
-class Restarter:
-    """Stops one server when the first study is done, starts it again ``DOWN_S`` later."""
+class Restarter(WatchingDrafter):
+    """The real model; when it is asked for the batch's first draft (the other studies are
+    still to be fetched: one fetch at a time), one server is stopped, and started again
+    ``DOWN_S`` later."""
 
-    def __init__(self, servers: DevServers, name: str) -> None:
+    def __init__(self, inner: HandleDrafter, servers: DevServers, name: str) -> None:
+        super().__init__(inner)
         self.servers = servers
         self.name = name
         self.stopped_at: float | None = None
         self.thread: threading.Thread | None = None
 
-    def __call__(self, job: DraftJob) -> None:
-        if self.thread is None and job.state is JobState.WRITTEN:
+    async def draft(self, model_input: Any) -> Any:
+        if self.thread is None:
             self.thread = threading.Thread(target=self._outage, daemon=True)
             self.thread.start()
+        return await super().draft(model_input)
 
     def _outage(self) -> None:
         assert self.servers.stop(self.name)  # type: ignore[arg-type]
@@ -67,7 +71,7 @@ class Restarter:
         self.servers.up()
 
     def join(self) -> None:
-        assert self.thread is not None, "no study was done: the server was never stopped"
+        assert self.thread is not None, "nothing was drafted: the server was never stopped"
         self.thread.join(timeout=120)
 
 
@@ -81,13 +85,12 @@ def test_a_server_restarted_mid_batch_is_waited_for_and_every_study_is_written_o
 ) -> None:
     for _ in range(STUDIES):
         site.add()
-    restarter = Restarter(own_servers, server)
+    restarter = Restarter(HandleDrafter(serve_handle), own_servers, server)
     with caplog.at_level(logging.WARNING, logger="connectors.circuit"):
         summary = site.run(
-            WatchingDrafter(HandleDrafter(serve_handle)),
+            restarter,
             ehr_settings=QUICK,
             pacs_settings=QUICK,
-            on_progress=restarter,
             fetch_concurrency=1,
             page_size=2,
             outage_wait_s=120,
@@ -100,5 +103,9 @@ def test_a_server_restarted_mid_batch_is_waited_for_and_every_study_is_written_o
     down = [
         r for r in caplog.records if f"{service} " in r.getMessage() and "is down" in r.getMessage()
     ]
-    back = [r for r in caplog.records if "answers again" in r.getMessage()]
+    back = [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith(f"{service} ") and "answers again" in r.getMessage()
+    ]
     assert len(down) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
