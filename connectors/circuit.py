@@ -4,7 +4,7 @@ A call that has spent its whole retry budget on a service that does not answer (
 refused or reset, timeouts, 502/503/504) opens the breaker: the service is known to be down.
 While it is open every call to it fails at once with ``ServiceDownError`` — no request is sent
 — and the flow does not count that against the study (``flows.draft_reports``): the study
-waits for the service (``wait_until_closed``: one probe request every ``probe_interval_s``)
+waits for the service (``probe_once``, every ``probe_interval_s``, from the flow's event loop)
 and goes on where it stopped, or the run ends with it still pending. Opening and closing are
 logged once each, naming the service and its URL (never a patient identifier), not once per
 study.
@@ -53,7 +53,6 @@ class CircuitBreaker:
         probe_interval_s: float = 5.0,
         error: type[ServiceDownError] = ServiceDownError,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.service = service
         self.url = public_url(url)
@@ -61,7 +60,6 @@ class CircuitBreaker:
         self._probe_interval_s = probe_interval_s
         self._error = error
         self._clock = clock
-        self._sleep = sleep
         self._lock = threading.Lock()
         self._probing = threading.Lock()
         self._opened_at: float | None = None
@@ -130,14 +128,4 @@ class CircuitBreaker:
         finally:
             self._probing.release()
         self.succeeded()
-        return True
-
-    def wait_until_closed(self, timeout_s: float) -> bool:
-        """Block until the service answers a probe (True) or ``timeout_s`` passed (False)."""
-        deadline = self._clock() + timeout_s
-        while not self.probe_once():
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return False
-            self._sleep(min(self._probe_interval_s, remaining))
         return True
