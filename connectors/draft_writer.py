@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from fhir.resources.R4B.resource import Resource
 
@@ -40,6 +40,7 @@ from pipeline.ehr_rules import created_ids
 from pipeline.fhir_resources import DraftResources, PendingResource, SearchKey, as_transaction
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["DraftWriter", "WriteStrategy", "choose_strategy"]
 
@@ -157,32 +158,41 @@ class DraftWriter:
         ``resume``: the ledger says an earlier attempt may have reached the server, so what
         exists is looked up before anything is sent.
         """
-        last: EhrError | None = None
-        for attempt in range(1, self._attempts + 1):
-            try:
-                refs = self._existing(draft) if resume or attempt > 1 else {}
-                if len(refs) == len(draft.entries):
-                    return created_ids(refs.values())
-                if self.strategy is WriteStrategy.TRANSACTION and not refs:
-                    response = self.ehr.transaction(as_transaction(draft), retry=False)
-                    return created_ids(
-                        entry.response.location for entry in response.entry or [] if entry.response
-                    )
-                for pending in draft.entries:
-                    if pending.full_url not in refs:
-                        refs[pending.full_url] = self._create(pending, refs)
+
+        def attempt(number: int) -> dict[str, list[str]]:
+            refs = self._existing(draft) if resume or number > 1 else {}
+            if len(refs) == len(draft.entries):
                 return created_ids(refs.values())
+            if self.strategy is WriteStrategy.TRANSACTION and not refs:
+                response = self.ehr.transaction(as_transaction(draft), retry=False)
+                return created_ids(
+                    entry.response.location for entry in response.entry or [] if entry.response
+                )
+            for pending in draft.entries:
+                if pending.full_url not in refs:
+                    refs[pending.full_url] = self._create(pending, refs)
+            return created_ids(refs.values())
+
+        return self._attempts_of(draft.draft_id, attempt)
+
+    def _attempts_of(self, name: str, attempt: Callable[[int], T]) -> T:
+        """``attempt(1)``, ``attempt(2)``, … while the EHR's answer is lost (timeout, 5xx,
+        reset: it may have applied the request), backing off between them; each attempt after
+        the first looks up what exists before sending anything."""
+        last: EhrError | None = None
+        for number in range(1, self._attempts + 1):
+            try:
+                return attempt(number)
             except ServiceDownError:
                 raise  # the EHR is down: the caller waits for it (connectors.circuit)
             except EhrUnavailableError as exc:
-                # The server may have applied it before the answer was lost: search next time.
                 last = exc
-                if attempt < self._attempts:
-                    wait = min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s)
+                if number < self._attempts:
+                    wait = min(self._backoff_s * 2 ** (number - 1), self._max_backoff_s)
                     log.warning(
                         "%s: write not confirmed (%s); looking for what was written before "
                         "trying again in %.1f s",
-                        draft.draft_id,
+                        name,
                         exc,
                         wait,
                     )
@@ -229,18 +239,8 @@ class DraftWriter:
 
     def _ensure(self, pending: PendingResource, refs: dict[str, str]) -> str:
         """Found by its key, else created (with the writer's retries)."""
-        last: EhrError | None = None
-        for attempt in range(1, self._attempts + 1):
-            try:
-                existing = self._find(pending)
-                if existing is not None:
-                    return existing
-                return self._create(pending, refs)
-            except ServiceDownError:
-                raise
-            except EhrUnavailableError as exc:
-                last = exc
-                if attempt < self._attempts:
-                    self._sleep(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
-        assert last is not None
-        raise last
+
+        def attempt(number: int) -> str:
+            return self._find(pending) or self._create(pending, refs)
+
+        return self._attempts_of(f"{pending.resource_type} {pending.key.value}", attempt)
