@@ -3,8 +3,10 @@
 Built on ``dicomweb-client``'s ``DICOMwebClient`` over one long-lived ``requests.Session``
 (auth none/basic/bearer, TLS verification on by default with an optional CA bundle, finite
 connect/read timeouts). Retries (tenacity) live only at the I/O edge, in ``HttpEdge``: connection
-errors, timeouts and HTTP 429/502/503/504; never other 4xx. Library exceptions are translated to
-``medvlm.errors`` in ``HttpEdge.translate`` and nowhere else.
+errors, timeouts and HTTP 429/502/503/504, never other 4xx; after the server's ``Retry-After`` up
+to ``pacs.retry_after_max_s`` (a longer one fails the call at once), else after a backoff.
+Library exceptions are translated to ``medvlm.errors`` in ``HttpEdge.translate`` and nowhere
+else.
 
 Server quirks are handled by settings, not by server names: query values are exact (wildcards are
 refused, since some servers do not decode percent-encoded values: Orthanc quirk 1);
@@ -33,7 +35,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying
+from tenacity import RetryCallState, Retrying
 
 from connectors.circuit import CircuitBreaker
 from connectors.pacs import (
@@ -56,7 +58,7 @@ from medvlm.errors import (
     PacsUnauthorizedError,
     PacsUnavailableError,
 )
-from medvlm.http_edge import retry_policy
+from medvlm.http_edge import retry_after_wait, retry_policy
 from medvlm.settings import HttpEdgeSettings, PacsSettings
 from pipeline.imaging import study_reference
 
@@ -91,9 +93,16 @@ _WILDCARDS: Final = frozenset("*?\\")
 _PARSE_ERRORS: Final = (PydicomInvalidDicomError, ValueError, EOFError, struct.error, KeyError)
 
 
-def _status_of(exc: BaseException) -> int | None:
+def _status_of(exc: BaseException | None) -> int | None:
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return int(exc.response.status_code)
+    return None
+
+
+def _header_of(exc: BaseException | None, name: str) -> str | None:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        value = exc.response.headers.get(name)
+        return str(value) if value is not None else None
     return None
 
 
@@ -120,7 +129,9 @@ class HttpEdge:
         ref = f"{study_reference(study_uid) if study_uid else 'pacs'}: {what}"
         if breaker is not None:
             breaker.check(ref)
-        retrying = Retrying(**retry_policy(self._settings, retry_on=is_transient))
+        retrying = Retrying(
+            **retry_policy(self._settings, retry_on=is_transient, wait=self._wait(ref))
+        )
         try:
             result = retrying(fn)
         except (requests.RequestException, *_PARSE_ERRORS) as exc:
@@ -134,6 +145,21 @@ class HttpEdge:
         if breaker is not None:
             breaker.succeeded()
         return result
+
+    def _wait(self, ref: str) -> Callable[[RetryCallState], float]:
+        """The server's ``Retry-After`` (429/503) up to ``pacs.retry_after_max_s``, else
+        backoff; a longer one fails the call at once (``PacsUnavailableError``)."""
+
+        def refuse(state: RetryCallState, why: str) -> PacsError:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            return PacsUnavailableError(f"{ref}: PACS answered {_status_of(exc)}, {why}")
+
+        return retry_after_wait(
+            self._settings,
+            retry_after=lambda exc: _header_of(exc, "Retry-After"),
+            refuse=refuse,
+            setting="pacs.retry_after_max_s",
+        )
 
     @staticmethod
     def translate(exc: BaseException, *, study_uid: str | None, what: str) -> PacsError:

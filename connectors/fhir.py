@@ -21,12 +21,11 @@ diagnostics.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -67,7 +66,7 @@ from medvlm.errors import (
     EhrUnauthorizedError,
     EhrUnavailableError,
 )
-from medvlm.http_edge import backoff, httpx_timeout, retry_policy, tls_verify
+from medvlm.http_edge import httpx_timeout, retry_after_wait, retry_policy, tls_verify
 from medvlm.settings import EhrSettings
 from pipeline.ehr_rules import is_active, local_id, signed_report_of
 
@@ -125,23 +124,6 @@ class _RetryableStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(response.status_code)
         self.response = response
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or HTTP-date, RFC 9110 10.2.3)."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _redact(text: str, sensitive: Iterable[str]) -> str:
@@ -279,22 +261,24 @@ class FhirEhr:
         waited for: the call fails at once with ``EhrUnavailableError`` (the study fails, and a
         later run tries it again), rather than holding a worker for as long as the server asks.
         """
-        s = self._settings
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, _RetryableStatus):
-            after = _retry_after_s(exc.response)
-            if after is not None:
-                if after > s.retry_after_max_s:
-                    hook = getattr(state.retry_object, "before_sleep", None)
-                    ref = hook.ref if isinstance(hook, _RetryLog) else self._path_ref(exc.response)
-                    raise EhrUnavailableError(
-                        f"{ref}: HTTP {exc.response.status_code}, the server asked to retry after "
-                        f"{after:.0f} s, over the {s.retry_after_max_s:g} s cap "
-                        "(ehr.retry_after_max_s); not retried"
-                    ) from exc
-                return after
-        return float(backoff(s)(state))
+
+        def refuse(state: RetryCallState, why: str) -> EhrUnavailableError:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            assert isinstance(exc, _RetryableStatus)
+            hook = getattr(state.retry_object, "before_sleep", None)
+            ref = hook.ref if isinstance(hook, _RetryLog) else self._path_ref(exc.response)
+            return EhrUnavailableError(f"{ref}: HTTP {exc.response.status_code}, {why}")
+
+        return retry_after_wait(
+            self._settings,
+            retry_after=lambda exc: (
+                exc.response.headers.get("Retry-After")
+                if isinstance(exc, _RetryableStatus)
+                else None
+            ),
+            refuse=refuse,
+            setting="ehr.retry_after_max_s",
+        )(state)
 
     def _probe(self) -> None:
         """One ``GET [base]/metadata``, no retry: raises unless the server answers below 500."""

@@ -205,7 +205,46 @@ def discover(services: Services, query: StudyQuery | None) -> list[StudyRef]:
 
     ``query`` None: the studies new since the saved watermark of this source (the first run
     sees every study the source holds). The watermark moves only after registration.
+
+    While the PACS is known down (its breaker open: ``ServiceDownError``) discovery waits for
+    it as a study's stage does (``_Stages._waiting``): probing, up to ``job.outage_wait_s``, at
+    most ``job.outage_retries`` times; then the ``ServiceDownError`` is raised, with nothing
+    registered (``run_draft_job`` ends the run with it as the run's outage, no study failed).
     """
+    limits = services.job
+    for waited in range(limits.outage_retries + 1):
+        try:
+            return _discover(services, query)
+        except ServiceDownError as down:
+            breaker = down.breaker
+            if waited == limits.outage_retries or breaker is None:
+                raise
+            if not _wait_for_service(breaker, limits.outage_wait_s):
+                raise
+            log.info("discovery: %s answers again; going on", breaker.service)
+    raise AssertionError("unreachable")
+
+
+def _wait_for_service(breaker: Any, timeout_s: float) -> bool:
+    """Probe ``breaker``'s service every ``probe_interval_s`` until it answers (True) or
+    ``timeout_s`` has passed (False). Blocking: discovery holds no claim to renew meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not breaker.probe_once():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(breaker.probe_interval_s, remaining))
+    return True
+
+
+def discovery_outage(down: ServiceDownError) -> RunTally:
+    """The tally of a run that ended at discovery because the PACS stayed down: no study
+    taken, none failed, the outage said once."""
+    log.error("run ended early: %s; no study was discovered, none failed", down)
+    return RunTally(outage=str(down))
+
+
+def _discover(services: Services, query: StudyQuery | None) -> list[StudyRef]:
     watermark = None
     if query is None:
         saved = services.ledger.watermark(services.source_name)
@@ -963,9 +1002,13 @@ def run_draft_job(
 ) -> RunSummary:
     """The main job as plain code: discover, drive the pending jobs through the stages, summarize.
 
-    The Prefect flow passes its tasks as the steps; tests call this directly.
+    The Prefect flow passes its tasks as the steps; tests call this directly. A PACS down for
+    longer than discovery waits (``discover``) ends the run there: ``RunTally.outage``.
     """
-    discovered = (discover_step or (lambda s, q: len(discover(s, q))))(services, query)
+    try:
+        discovered = (discover_step or (lambda s, q: len(discover(s, q))))(services, query)
+    except ServiceDownError as down:  # the PACS stayed down: end here, nothing failed
+        return summarize(services, 0, discovery_outage(down))
     tally = (drafting_step or draft_pending)(services, dry_run)
     return summarize(services, discovered, tally)
 

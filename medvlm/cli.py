@@ -27,7 +27,7 @@ from rich.table import Table
 
 from connectors.pacs import StudyQuery
 from medvlm.dev.cli import app as dev_app
-from medvlm.errors import ConfigurationError, MedvlmError
+from medvlm.errors import ConfigurationError, MedvlmError, ServiceDownError
 from medvlm.settings import (
     MedvlmSettings,
     TinyArchitecture,
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from pipeline.report import DraftReport
 
 disable_third_party_telemetry()
+# A command's first flow run starts Prefect's temporary API server (unless PREFECT_API_URL
+# names a server): ~25 s on 2 cores, over Prefect's 20 s default start-up timeout once
+# measured, far more on a loaded machine. Prefect reads it when imported: set before that.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 app = typer.Typer(
     name="medvlm",
@@ -135,11 +139,19 @@ def serve() -> None:
         shutdown_ray()
 
 
+def _before_prefect() -> None:
+    """Before a command's first flow run: the temporary Prefect server a SIGKILLed run could
+    not stop is stopped now."""
+    from medvlm.orphans import stop_orphaned_prefect_servers
+
+    stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))
+
+
 def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bool) -> RunSummary:
     """Run ``draft_reports`` with a progress bar, then print the summary table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-    from flows.draft_reports import RunTally, discover, has_pending, summarize
+    from flows.draft_reports import RunTally, discover, discovery_outage, has_pending, summarize
     from flows.services import open_services
 
     with Progress(
@@ -157,21 +169,19 @@ def _run_flow(settings: MedvlmSettings, query: StudyQuery | None, *, dry_run: bo
         with open_services(settings, on_progress=advance) as services:
             # Discovery first, as plain code: a run with nothing left to do ends here, without
             # loading Prefect or starting a flow run (and its temporary API server).
-            discovered = len(discover(services, query))
             summary: RunSummary
-            if has_pending(services):
-                # The first flow run starts Prefect's temporary API server: ~25 s on 2 cores,
-                # over the 20 s default timeout once measured.
-                os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-                # A run killed with SIGKILL could not stop its temporary Prefect server.
-                from medvlm.orphans import stop_orphaned_prefect_servers
-
-                stop_orphaned_prefect_servers(os.environ.get("PREFECT_HOME"))
-                from flows.deployments import draft_reports
-
-                summary = draft_reports(services, query, dry_run=dry_run, discovered=discovered)
+            try:
+                discovered = len(discover(services, query))
+            except ServiceDownError as down:  # the PACS stayed down: exit code 4, no traceback
+                summary = summarize(services, 0, discovery_outage(down))
             else:
-                summary = summarize(services, discovered, RunTally())
+                if has_pending(services):
+                    _before_prefect()
+                    from flows.deployments import draft_reports
+
+                    summary = draft_reports(services, query, dry_run=dry_run, discovered=discovered)
+                else:
+                    summary = summarize(services, discovered, RunTally())
     table = Table(title=f"draft_reports — model {summary.model_version}")
     table.add_column("state")
     table.add_column("studies", justify="right")
@@ -448,6 +458,7 @@ def fairness(
             write_measure_report=write and settings.fairness.write_measure_report,
             refresh_signed=refresh_signed,
         ) as services:
+            _before_prefect()
             outcome = fairness_monitor(services, start, end)
     except MedvlmError as exc:
         _fail(exc)

@@ -4,17 +4,21 @@ Built from ``HttpEdgeSettings``; used by connectors/dicomweb.py, connectors/dims
 connectors/fhir.py and serving/clients.py, each of which keeps only what is its own: which
 failures are worth another attempt, and how library exceptions become ``medvlm.errors``.
 Backoff is exponential with jitter (tenacity), starting at ``retry_initial_backoff_s`` and never
-longer than ``retry_max_backoff_s``.
+longer than ``retry_max_backoff_s``; a server's ``Retry-After`` replaces it, up to
+``retry_after_max_s`` (``retry_after_wait``).
 """
 
 from __future__ import annotations
 
+import email.utils
 import ssl
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from tenacity import (
+    RetryCallState,
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
@@ -24,7 +28,15 @@ from tenacity.wait import wait_base
 
 from medvlm.settings import HttpEdgeSettings
 
-__all__ = ["backoff", "backoff_s", "httpx_timeout", "retry_policy", "tls_verify"]
+__all__ = [
+    "backoff",
+    "backoff_s",
+    "httpx_timeout",
+    "retry_after_s",
+    "retry_after_wait",
+    "retry_policy",
+    "tls_verify",
+]
 
 
 def backoff(edge: HttpEdgeSettings) -> wait_base:
@@ -40,6 +52,56 @@ def backoff_s(edge: HttpEdgeSettings, attempt: int) -> float:
     """The (jitter-free) wait after failed attempt number ``attempt`` (1, 2, …), for loops that
     are not exceptions (a DIMSE association that was neither accepted nor rejected)."""
     return float(min(edge.retry_initial_backoff_s * 2 ** (attempt - 1), edge.retry_max_backoff_s))
+
+
+def retry_after_s(value: str | None, *, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` value as seconds from ``now``: delta-seconds or an HTTP-date (RFC 9110
+    10.2.3; a date already past is 0). None when there is none or it cannot be read."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def retry_after_wait(
+    edge: HttpEdgeSettings,
+    *,
+    retry_after: Callable[[BaseException], str | None],
+    refuse: Callable[[RetryCallState, str], BaseException],
+    setting: str,
+) -> Callable[[RetryCallState], float]:
+    """tenacity ``wait``: the server's ``Retry-After`` when it sent one (``retry_after`` reads
+    the header off the failed attempt's exception), else ``backoff``.
+
+    A ``Retry-After`` beyond ``edge.retry_after_max_s`` (named ``setting`` in the message) is
+    not waited for: ``refuse(state, why)`` is raised at once, so the call fails rather than
+    holding a worker for as long as the server asks. It is raised without its cause: a library
+    exception's message may name the request URL with its query (a patient identifier).
+    """
+
+    def wait(state: RetryCallState) -> float:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        after = retry_after_s(retry_after(exc)) if exc is not None else None
+        if after is None:
+            return float(backoff(edge)(state))
+        if after > edge.retry_after_max_s:
+            why = (
+                f"the server asked to retry after {after:.0f} s, over the "
+                f"{edge.retry_after_max_s:g} s cap ({setting}); not retried"
+            )
+            raise refuse(state, why) from None
+        return after
+
+    return wait
 
 
 def retry_policy(

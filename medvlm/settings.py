@@ -481,6 +481,14 @@ class HttpEdgeSettings(BaseModel):
         ge=0,
         description="Upper bound of one backoff between two attempts.",
     )
+    retry_after_max_s: float = Field(
+        default=120.0,
+        ge=0,
+        description=(
+            "Longest Retry-After (429/503) that is honoured by waiting instead of the backoff; "
+            "a server asking for longer fails the call at once (that study fails, not the run)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_ca_bundle(self) -> HttpEdgeSettings:
@@ -720,14 +728,6 @@ class EhrSettings(HttpEdgeSettings):
             "and answering a wider search (another patient's reports). Some servers reject "
             "unknown Prefer values: turn this off for them; an OperationOutcome warning in a "
             "search answer still fails the search."
-        ),
-    )
-    retry_after_max_s: float = Field(
-        default=120.0,
-        ge=0,
-        description=(
-            "Longest Retry-After (429/503) that is honoured by waiting; a server asking for "
-            "longer fails the call at once (EhrUnavailableError: that study fails, not the run)."
         ),
     )
 

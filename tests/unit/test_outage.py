@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from connectors.circuit import CircuitBreaker, public_url
-from medvlm.errors import EhrDownError, EhrUnavailableError
+from connectors.pacs import StudyQuery
+from flows.draft_reports import run_draft_job
+from medvlm.errors import EhrDownError, EhrUnavailableError, PacsDownError, PacsUnavailableError
 from pipeline.ledger import JobState
 from tests.flow_doubles import ScriptedDrafter
-from tests.unit.test_flow_states import World
+from tests.unit.test_flow_states import STUDY_DATE, World
 
 pytestmark = pytest.mark.unit
 
@@ -154,3 +157,79 @@ def test_an_outage_longer_than_the_wait_ends_the_run_with_the_studies_pending(
     again = world.run(ScriptedDrafter())
     assert again.counts["written"] == 4 and not again.failures
     assert len(world.drafts()) == 4 and len(world.drafts("Provenance")) == 4
+
+
+class FlakyPacs:
+    """The folder PACS behind a breaker, down while ``down`` is set (as ``FlakyEhr``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = False
+        self.searches_while_down = 0
+        self.breaker = CircuitBreaker(
+            "PACS", "http://pacs.example/dicom-web", self._probe, error=PacsDownError
+        )
+        self.breaker._probe_interval_s = 0.02
+
+    def _probe(self) -> None:
+        if self.down:
+            raise PacsUnavailableError("probe: ConnectionError")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def find_studies(self, query: Any) -> Any:
+        self.breaker.check("pacs: QIDO-RS")
+        if self.down:
+            self.searches_while_down += 1
+            raise self.breaker.failed("ConnectionError", "pacs: QIDO-RS")
+        self.breaker.succeeded()
+        return self.inner.find_studies(query)
+
+
+def _run_on(world: World, pacs: FlakyPacs, **job: Any) -> Any:
+    services = world.services(ScriptedDrafter(), **job)
+    return run_draft_job(
+        replace(services, source=pacs), StudyQuery(date_from=STUDY_DATE, date_to=STUDY_DATE)
+    )
+
+
+def test_discovery_waits_for_a_pacs_that_comes_back(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    for _ in range(3):
+        world.add()
+    pacs = FlakyPacs(world.services(ScriptedDrafter()).source)
+    outage = threading.Thread(target=lambda: (time.sleep(0.3), setattr(pacs, "down", False)))
+    pacs.down = True
+    outage.start()
+    with caplog.at_level(logging.WARNING, logger="connectors.circuit"):
+        summary = _run_on(world, pacs, outage_wait_s=10)
+    outage.join()
+    assert summary.discovered == 3 and summary.counts["written"] == 3 and not summary.failures
+    assert summary.tally is not None and summary.tally.outage is None
+    assert pacs.searches_while_down == 1  # then the breaker held discovery, probing
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "PACS http://pacs.example/dicom-web is down",
+        "PACS http://pacs.example/dicom-web answers again",
+    ]
+
+
+def test_a_pacs_down_longer_than_the_wait_ends_the_run_at_discovery_with_nothing_failed(
+    world: World,
+) -> None:
+    for _ in range(2):
+        world.add()
+    pacs = FlakyPacs(world.services(ScriptedDrafter()).source)
+    pacs.down = True
+    started = time.monotonic()
+    summary = _run_on(world, pacs, outage_wait_s=0.2, outage_retries=2)
+    assert time.monotonic() - started < 5
+    assert summary.tally is not None and summary.tally.outage == (
+        "pacs: QIDO-RS: PACS http://pacs.example/dicom-web is down (ConnectionError)"
+    )
+    assert summary.discovered == 0 and not summary.failures and not any(summary.counts.values())
+    pacs.down = False
+    again = _run_on(world, pacs)
+    assert again.counts["written"] == 2 and not again.failures and again.tally is not None
+    assert again.tally.outage is None
