@@ -64,8 +64,10 @@ from pipeline.imaging import study_reference
 
 T = TypeVar("T")
 
-# dicomweb-client logs request URLs (with query values such as PatientID) at DEBUG/INFO.
+# dicomweb-client logs request URLs (with query values such as PatientID) at DEBUG/INFO, and
+# urllib3 logs each request line (the URL with its query) at DEBUG.
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 
 RETRY_STATUS: Final = frozenset({429, 502, 503, 504})
 EXPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"

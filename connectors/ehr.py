@@ -12,6 +12,7 @@ or birth date into a message: references are logical ids or ``identifier_ref`` h
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload, runtime_checkable
 from urllib.parse import urlencode
@@ -161,9 +162,19 @@ class Ehr(Protocol):
         ...
 
 
-def identifier_ref(identifier_value: str, system: str | None = None) -> str:
-    """A non-identifying reference to an identifier (accession number, MRN) for messages/logs."""
-    digest = hashlib.sha256(f"{system or ''}|{identifier_value}".encode()).hexdigest()
+def identifier_ref(
+    identifier_value: str, system: str | None = None, *, key: bytes | None = None
+) -> str:
+    """A non-identifying reference to an identifier (accession number, MRN) for messages/logs.
+
+    With ``key`` (``job.pseudonym_key``, a site secret) it is HMAC-SHA-256, so nobody without
+    the key can find which identifier it stands for by trying every MRN or accession number;
+    ``medvlm ref`` computes one for an operator looking for a study's messages."""
+    data = f"{system or ''}|{identifier_value}".encode()
+    if key is not None:
+        digest = hmac.new(key, data, hashlib.sha256).hexdigest()
+    else:
+        digest = hashlib.sha256(data).hexdigest()
     return f"identifier-{digest[:12]}"
 
 

@@ -61,21 +61,28 @@ def build_image_source(settings: PacsSettings, *, session: Any = None) -> ImageS
     raise ConfigurationError(f"unknown pacs.kind {settings.kind!r}")
 
 
-def build_ehr(settings: EhrSettings, client: httpx.Client | None = None) -> Ehr:
+def build_ehr(
+    settings: EhrSettings, client: httpx.Client | None = None, *, pseudonym_key: bytes | None = None
+) -> Ehr:
     """The EHR named by ``settings.kind``.
 
     For ``fhir``, pass the one long-lived pooled ``httpx.Client`` (``connectors.fhir.
     build_http_client(settings)`` makes one with timeouts, TLS and auth from settings); without
     it one is built and owned by the returned ``FhirEhr`` (close it with ``.close()``).
+    ``pseudonym_key`` (``job.pseudonym_key``) keys the identifier references in its messages.
     """
     if settings.kind == "folder":
         from connectors.ndjson import NdjsonEhr
 
         if settings.folder is None:
             raise ConfigurationError("ehr.folder is not set (MEDVLM_EHR__FOLDER)")
-        return NdjsonEhr(settings.folder, accession_system=settings.accession_system)
+        return NdjsonEhr(
+            settings.folder, accession_system=settings.accession_system, pseudonym_key=pseudonym_key
+        )
     from connectors.fhir import FhirEhr, build_http_client
 
     if client is None:
-        return FhirEhr(build_http_client(settings), settings, owns_client=True)
-    return FhirEhr(client, settings)
+        return FhirEhr(
+            build_http_client(settings), settings, owns_client=True, pseudonym_key=pseudonym_key
+        )
+    return FhirEhr(client, settings, pseudonym_key=pseudonym_key)

@@ -71,6 +71,9 @@ from medvlm.settings import EhrSettings
 from pipeline.ehr_rules import is_active, local_id, signed_report_of
 
 log = logging.getLogger(__name__)
+# httpx logs every request's URL at INFO, and FHIR search URLs carry identifiers (an accession
+# number, an MRN): shown whenever a site raises logging to INFO. Only its warnings are kept.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 R = TypeVar("R", bound=Resource)
 
@@ -227,13 +230,19 @@ class FhirEhr:
     """``connectors.ehr.Ehr`` over FHIR R4 REST on one long-lived ``httpx.Client``."""
 
     def __init__(
-        self, client: httpx.Client, settings: EhrSettings, *, owns_client: bool = False
+        self,
+        client: httpx.Client,
+        settings: EhrSettings,
+        *,
+        owns_client: bool = False,
+        pseudonym_key: bytes | None = None,
     ) -> None:
         if not settings.base_url:
             raise ConfigurationError("ehr.base_url is not set (MEDVLM_EHR__BASE_URL)")
         self._client = client
         self._settings = settings
         self._owns_client = owns_client
+        self._ref = partial(identifier_ref, key=pseudonym_key)
         self.base_url = settings.base_url.rstrip("/")
         self._origin = urlsplit(self.base_url)[:2]
         self._capabilities: WriteCapabilities | None = None
@@ -466,7 +475,7 @@ class FhirEhr:
         self, accession_number: str, include_subject: bool
     ) -> tuple[list[ServiceRequest], list[Patient]]:
         system = self._settings.accession_system
-        ref = f"ServiceRequest {identifier_ref(accession_number, system)}"
+        ref = f"ServiceRequest {self._ref(accession_number, system)}"
         params = [("identifier", identifier_token(accession_number, system))]
         if include_subject:
             params.append(("_include", "ServiceRequest:subject"))
@@ -488,7 +497,7 @@ class FhirEhr:
         return orders[0] if orders else None
 
     def find_patient(self, identifier_value: str, system: str | None = None) -> Patient | None:
-        ref = f"Patient {identifier_ref(identifier_value, system)}"
+        ref = f"Patient {self._ref(identifier_value, system)}"
         found = [
             resource
             for mode, resource in self._search(
@@ -525,7 +534,7 @@ class FhirEhr:
                 )
             patient_id = order_patient
         if patient_id is None:
-            ref = identifier_ref(accession_number, self._settings.accession_system)
+            ref = self._ref(accession_number, self._settings.accession_system)
             raise EhrNotFoundError(f"ServiceRequest {ref}: no order and no patient id given")
         patient = next((p for p in patients if p.id == patient_id), None)
         if patient is None:
@@ -604,7 +613,7 @@ class FhirEhr:
                 for mode, r in self._search(
                     "DiagnosticReport",
                     [("identifier", identifier_token(accession_number, system)), statuses],
-                    ref=f"DiagnosticReport {identifier_ref(accession_number, system)}",
+                    ref=f"DiagnosticReport {self._ref(accession_number, system)}",
                     sensitive=[accession_number],
                 )
                 if mode == "match" and isinstance(r, DiagnosticReport)
@@ -634,7 +643,7 @@ class FhirEhr:
         if identifier.value is None:
             raise ValueError("conditional_create needs Identifier.value")
         rtype = resource.get_resource_type()
-        ref = f"{rtype} {identifier_ref(identifier.value, identifier.system)}"
+        ref = f"{rtype} {self._ref(identifier.value, identifier.system)}"
         body = json.loads(resource.model_dump_json(by_alias=True, exclude_none=True))
         body.pop("id", None)
         response = self._request(
@@ -702,7 +711,7 @@ class FhirEhr:
         return self._capabilities
 
     def find_by_key(self, rtype: str, param: str, system: str, value: str) -> list[Resource]:
-        ref = f"{rtype} {identifier_ref(value, system)}"
+        ref = f"{rtype} {self._ref(value, system)}"
         return [
             resource
             for mode, resource in self._search(

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -287,9 +288,16 @@ def _after_last_newline(fd: int, size: int) -> int:
 class NdjsonEhr:
     """``connectors.ehr.Ehr`` over a FHIR Bulk Data style NDJSON folder."""
 
-    def __init__(self, folder: Path, *, accession_system: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        accession_system: str | None = None,
+        pseudonym_key: bytes | None = None,
+    ) -> None:
         self.folder = folder
         self.accession_system = accession_system
+        self._ref = partial(identifier_ref, key=pseudonym_key)
         self._thread_lock = threading.Lock()
         self._files: dict[str, _Cached] = {}
         self._files_lock = threading.Lock()
@@ -447,7 +455,7 @@ class NdjsonEhr:
             if _has_identifier(data, self.accession_system, accession_number)
         ]
         if len(found) > 1:
-            ref = identifier_ref(accession_number, self.accession_system)
+            ref = self._ref(accession_number, self.accession_system)
             raise EhrError(f"ServiceRequest {ref}: {len(found)} orders carry this accession number")
         return self._parsed(found[0], ServiceRequest) if found else None
 
@@ -458,7 +466,7 @@ class NdjsonEhr:
             if _has_identifier(data, system, identifier_value)
         ]
         if len(found) > 1:
-            ref = identifier_ref(identifier_value, system)
+            ref = self._ref(identifier_value, system)
             raise EhrError(f"Patient {ref}: {len(found)} patients carry this identifier")
         return self._parsed(found[0], Patient) if found else None
 
@@ -479,7 +487,7 @@ class NdjsonEhr:
                 )
             patient_id = subject.split("/", 2)[1]
         if patient_id is None:
-            ref = identifier_ref(accession_number, self.accession_system)
+            ref = self._ref(accession_number, self.accession_system)
             raise EhrNotFoundError(f"ServiceRequest {ref}: no order and no patient id given")
         patient = self.read_patient(patient_id)
         conditions = tuple(
@@ -546,7 +554,7 @@ class NdjsonEhr:
             raise ValueError("conditional_create needs Identifier.value")
         with self._locked():
             rtype = resource.get_resource_type()
-            work = _Pending(self._view(rtype))
+            work = _Pending(self._view(rtype), self._ref)
             data = work.create(resource, identifier.system, identifier.value)
             if data is None:
                 existing = work.matching("identifier", identifier.system, identifier.value)
@@ -596,14 +604,14 @@ class NdjsonEhr:
         if param not in _CRITERIA:
             raise ValueError(f"find_by_key: {param} is not a supported search parameter")
         with self._locked():
-            rows = _Pending(self._view(rtype)).matching(param, system, value)
+            rows = _Pending(self._view(rtype), self._ref).matching(param, system, value)
         return [parse_resource(row, where=f" in {self._path(rtype).name}") for row in rows]
 
     def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> str:
         rtype = str(resource["resourceType"])
         model = parse_resource({k: v for k, v in resource.items() if k != "id"})
         with self._locked():
-            work = _Pending(self._view(rtype))
+            work = _Pending(self._view(rtype), self._ref)
             if if_none_exist is not None:
                 data, new = _post_entry(0, model, if_none_exist, work)
             else:
@@ -634,7 +642,7 @@ class NdjsonEhr:
                 rtype = entry.resource.get_resource_type()
                 work = files.get(rtype)
                 if work is None:
-                    work = files[rtype] = _Pending(self._view(rtype))
+                    work = files[rtype] = _Pending(self._view(rtype), self._ref)
                 method = entry.request.method
                 if method == "POST":
                     data, new = _post_entry(i, entry.resource, entry.request.ifNoneExist, work)
@@ -695,9 +703,10 @@ class _Pending:
     """One file's changes planned under the lock: existing rows (a view), rows replaced by
     position, rows added. Existing rows are never mutated; replacing one means a rewrite."""
 
-    def __init__(self, view: _View) -> None:
+    def __init__(self, view: _View, ref: Callable[[str, str | None], str]) -> None:
         view.check()  # a bad line anywhere: nothing is written to this file
         self.view = view
+        self._ref = ref
         self.replaced: dict[int, dict[str, Any]] = {}
         self.added: list[dict[str, Any]] = []
 
@@ -719,7 +728,7 @@ class _Pending:
         """Add ``resource`` unless a row matches (then None); more than one match: conflict."""
         matches = self.matching(criterion, system, value)
         if len(matches) > 1:
-            ref = identifier_ref(value, system)
+            ref = self._ref(value, system)
             raise EhrConflictError(
                 f"{resource.get_resource_type()} {ref}: {len(matches)} resources match"
             )

@@ -69,8 +69,9 @@ class FlowArgument(BaseModel):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
-def query_argument(query: StudyQuery | None) -> FlowArgument:
-    """The run's query for Prefect: dates, times and modalities as they are, identifiers hashed."""
+def query_argument(query: StudyQuery | None, *, key: bytes | None = None) -> FlowArgument:
+    """The run's query for Prefect: dates, times and modalities as they are, identifiers hashed
+    (keyed with ``key``, ``job.pseudonym_key``, when the site set one)."""
     if query is None:
         return FlowArgument(value=None, summary={"since": "watermark"})
     summary: dict[str, Any] = {
@@ -82,9 +83,9 @@ def query_argument(query: StudyQuery | None) -> FlowArgument:
         "limit": query.limit,
     }
     if query.accession_number:
-        summary["accession"] = identifier_ref(query.accession_number)
+        summary["accession"] = identifier_ref(query.accession_number, key=key)
     if query.patient_id:
-        summary["patient"] = identifier_ref(query.patient_id)
+        summary["patient"] = identifier_ref(query.patient_id, key=key)
     if query.study_uid:
         summary["study"] = study_reference(query.study_uid)
     return FlowArgument(value=query, summary={k: v for k, v in summary.items() if v is not None})
@@ -127,7 +128,7 @@ def draft_reports(
             value=services,
             summary={"model_version": model.version, "source": services.source_name},
         ),
-        query_argument(query),
+        query_argument(query, key=services.pseudonym_key),
         dry_run=dry_run,
         discovered=discovered,
     )

@@ -128,6 +128,7 @@ class Services:
     patient_identifier_issuers: Mapping[str, str] = field(default_factory=dict)
     accession_system: str | None = None
     site_timezone: dt.tzinfo = field(default_factory=host_timezone)
+    pseudonym_key: bytes | None = field(default=None, repr=False)
     source_name: str = "default"
     ehr_name: str = "default"
     model_capacity: int = 16
@@ -330,6 +331,7 @@ def fetch(
         accession_number=job.accession_number,
         accession_system=services.accession_system,
         site_timezone=services.site_timezone,
+        pseudonym_key=services.pseudonym_key,
     )
     images_png = load_model_images(
         services.source,
@@ -374,6 +376,7 @@ def write_gate(services: Services, accession: str | None, links: StudyLinks) -> 
         services.ehr.read_patient(links.patient.removeprefix("Patient/")),
         system=services.patient_identifier_system,
         issuer_systems=services.patient_identifier_issuers,
+        key=services.pseudonym_key,
     )
     return None if check.matches else Skip(f"{SKIP_PATIENT_MISMATCH}: {check.detail}")
 

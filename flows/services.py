@@ -115,7 +115,8 @@ def _open_ehr_and_ledger(settings: MedvlmSettings, stack: ExitStack) -> tuple[Eh
         client = build_http_client(settings.ehr)
         stack.callback(client.close)
     assert settings.job.ledger_url is not None
-    return build_ehr(settings.ehr, client), LedgerStore(open_engine(settings.job.ledger_url))
+    ehr = build_ehr(settings.ehr, client, pseudonym_key=settings.job.pseudonym_key_bytes())
+    return ehr, LedgerStore(open_engine(settings.job.ledger_url))
 
 
 @contextmanager
@@ -175,6 +176,7 @@ def open_services(
             patient_identifier_issuers=settings.ehr.patient_identifier_issuers,
             accession_system=settings.ehr.accession_system,
             site_timezone=settings.pacs.site_timezone,
+            pseudonym_key=job.pseudonym_key_bytes(),
             source_name=source_name(settings),
             ehr_name=ehr_name(settings),
             model_capacity=capacity,

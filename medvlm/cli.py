@@ -494,6 +494,25 @@ def deploy(
     serve_deployments(timezone)
 
 
+@app.command("ref")
+def ref(
+    system: Annotated[
+        str | None,
+        typer.Option(help="The identifier's system (default: ehr.accession_system)."),
+    ] = None,
+) -> None:
+    """Print the `identifier-…` reference that messages and Prefect parameters use for an
+    accession number or MRN (keyed with job.pseudonym_key when set), to find a study's
+    messages. The value is read from the terminal (not echoed, not kept in shell history)."""
+    from connectors.ehr import identifier_ref
+
+    settings = _settings()
+    value = typer.prompt("identifier value", hide_input=True).strip()
+    chosen = system if system is not None else settings.ehr.accession_system
+    key = settings.job.pseudonym_key_bytes()
+    console.print(identifier_ref(value, chosen, key=key), highlight=False)
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print the effective settings (secrets masked)."""

@@ -951,6 +951,51 @@ class JobSettings(BaseModel):
             "at once, so the pre-flight takes about this long at most."
         ),
     )
+    pseudonym_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Site secret for HMAC-SHA-256 pseudonyms: the digest of the images' PatientID "
+            "the ledger keeps for the write gate, and the `identifier-…` references of "
+            "accession numbers and MRNs in messages and Prefect parameters. Unset: plain "
+            "SHA-256, which anyone can reverse for short MRNs or sequential accession numbers "
+            "by trying every value. Prefer pseudonym_key_file. Changing it makes studies "
+            "prepared under the old key fail the write gate with a reason (requeue them)."
+        ),
+    )
+    pseudonym_key_file: Path | None = Field(
+        default=None,
+        description="File holding the pseudonym key (a Kubernetes Secret mounted as a file).",
+    )
+
+    @model_validator(mode="after")
+    def _check_pseudonym_key(self) -> JobSettings:
+        if self.pseudonym_key is not None and self.pseudonym_key_file is not None:
+            raise ValueError("set job.pseudonym_key or job.pseudonym_key_file, not both")
+        self._read_pseudonym_key()
+        return self
+
+    def _read_pseudonym_key(self) -> bytes | None:
+        if self.pseudonym_key is not None:
+            key = self.pseudonym_key.get_secret_value().strip()
+        elif self.pseudonym_key_file is not None:
+            try:
+                key = Path(self.pseudonym_key_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(f"job.pseudonym_key_file unreadable: {why}") from None
+        else:
+            return None
+        if len(key) < 16:
+            raise ValueError("job.pseudonym_key is shorter than 16 characters")
+        return key.encode("utf-8")
+
+    def pseudonym_key_bytes(self) -> bytes | None:
+        """The pseudonym key (read from its file when given, so a rotated Secret is seen by
+        the next run), None when none is set."""
+        try:
+            return self._read_pseudonym_key()
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
 
     @staticmethod
     def default_worker_id() -> str:
@@ -1115,6 +1160,7 @@ NOT_SETTINGS: Final = frozenset(
     {
         "MEDVLM_CODE_DIR",  # prefect.yaml's pull step (and the chart): where the flow code is
         "MEDVLM_FHIR_PYTHON",  # scripts/install-servers.sh: the dev FHIR server's interpreter
+        "MEDVLM_RELIABILITY_OUT",  # scripts/reliability.sh: where scenario tests put figures
         "MEDVLM_TORCH_PIP_ARGS",  # scripts/install.sh: pip options for torch (package mirror)
         "MEDVLM_TEST_MODEL_CACHE",  # tests/conftest.py: where the tiny test model is cached
         "MEDVLM_TEST_PG_BIN",  # tests/integration/conftest_servers.py: PostgreSQL's programs

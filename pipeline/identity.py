@@ -23,7 +23,13 @@ from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.patient import Patient
 from pydicom.dataset import Dataset
 
-__all__ = ["DicomPatient", "IdentityCheck", "check_patient_identity", "patient_id_digest"]
+__all__ = [
+    "DicomPatient",
+    "IdentityCheck",
+    "check_patient_identity",
+    "patient_id_digest",
+    "pseudonym_key_id",
+]
 
 
 def patient_id_digest(value: str, *, key: bytes | None = None) -> str:
@@ -39,6 +45,14 @@ def patient_id_digest(value: str, *, key: bytes | None = None) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def pseudonym_key_id(key: bytes | None) -> str | None:
+    """A short name of ``key`` that reveals nothing of it (None: no key, plain SHA-256), kept
+    beside a digest so that one taken under another key is told apart from a mismatch."""
+    if key is None:
+        return None
+    return hmac.new(key, b"medvlm pseudonym key id", hashlib.sha256).hexdigest()[:12]
+
+
 def _lo(value: object) -> str | None:
     """An LO header value stripped of padding, or None when absent or empty."""
     text = str(value).strip(" \x00") if value is not None else ""
@@ -51,11 +65,13 @@ class DicomPatient:
 
     ``digest``: ``patient_id_digest`` of Patient ID (0010,0020), None when the images carry
     none. ``issuer``: Issuer of Patient ID (0010,0021), the assigning authority's name (PS3.3
-    C.7.1.1), None when absent.
+    C.7.1.1), None when absent. ``key_id``: ``pseudonym_key_id`` of the key the digest was
+    taken with (None: unkeyed).
     """
 
     digest: str | None
     issuer: str | None
+    key_id: str | None = None
 
     @classmethod
     def from_dataset(cls, ds: Dataset, *, key: bytes | None = None) -> DicomPatient:
@@ -64,6 +80,7 @@ class DicomPatient:
         return cls(
             digest=patient_id_digest(patient_id, key=key) if patient_id else None,
             issuer=_lo(ds.get("IssuerOfPatientID")),
+            key_id=pseudonym_key_id(key),
         )
 
 
@@ -101,10 +118,17 @@ def check_patient_identity(
     that system and a value whose digest (``patient_id_digest`` with ``key``, as used for
     ``dicom``) equals ``dicom.digest``, and, when the images name an issuer and that
     identifier has an ``assigner`` (``display`` or ``identifier.value``), the two agree
-    (case-insensitively). Images without a PatientID never match.
+    (case-insensitively). Images without a PatientID never match, nor do images whose digest
+    was taken under another key (the site's pseudonym key changed since they were read).
     """
     if dicom.digest is None:
         return IdentityCheck(False, "the images carry no PatientID (0010,0020)")
+    if dicom.key_id != pseudonym_key_id(key):
+        return IdentityCheck(
+            False,
+            "the images' PatientID digest was taken under another pseudonym key "
+            "(job.pseudonym_key changed since the study was read); requeue the study",
+        )
     issuer_system = issuer_systems.get(dicom.issuer) if dicom.issuer is not None else None
     expected = issuer_system or system
     where = f"system {expected}" if expected else "any system"

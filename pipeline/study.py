@@ -63,6 +63,7 @@ def prepare_study(
     accession_number: str | None,
     accession_system: str | None,
     site_timezone: dt.tzinfo,
+    pseudonym_key: bytes | None = None,
 ) -> PreparedStudy:
     """Decide the prompt context and the links of one study from its header and EHR context.
 
@@ -84,7 +85,7 @@ def prepare_study(
         "accession_number": accession_number or study_uid,
         "study_uid": study_uid,
         "study_started": started,
-        "dicom_patient": DicomPatient.from_dataset(header),
+        "dicom_patient": DicomPatient.from_dataset(header, key=pseudonym_key),
     }
     if context is None:
         prompt = PromptContext(

@@ -27,15 +27,16 @@ ENV = "MEDVLM_RELIABILITY_OUT"
 @dataclass(frozen=True)
 class Figures:
     """One scenario's outcome. ``lost`` = studies neither drafted once nor recorded with a
-    reason in the ledger; ``duplicated`` = studies with more than one draft on the EHR."""
+    reason in the ledger; ``duplicated`` = studies with more than one draft on the EHR. None:
+    not measured by that scenario (shown as a dash)."""
 
     scenario: str
     faults: str
     studies: int
     drafted_once: int
     recorded_with_reason: int = 0
-    lost: int = 0
-    duplicated: int = 0
+    lost: int | None = 0
+    duplicated: int | None = 0
     phi_hits: int | None = None
     peak_rss_mib: float | None = None
     seconds: float | None = None

@@ -21,7 +21,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from connectors.fhir import FhirEhr
-from medvlm.errors import EhrInvalidResourceError, EhrUnavailableError
+from medvlm.errors import EhrError, EhrInvalidResourceError, EhrUnavailableError
 from medvlm.settings import EhrSettings
 from pipeline.ehr_rules import created_ids, location_target
 
@@ -80,7 +80,9 @@ class Scripted:
 def fhir() -> Iterator[Callable[..., tuple[FhirEhr, Scripted]]]:
     clients: list[httpx.Client] = []
 
-    def make(answer: Answer, **overrides: Any) -> tuple[FhirEhr, Scripted]:
+    def make(
+        answer: Answer, pseudonym_key: bytes | None = None, **overrides: Any
+    ) -> tuple[FhirEhr, Scripted]:
         values: dict[str, Any] = {
             "kind": "fhir",
             "base_url": BASE,
@@ -92,7 +94,7 @@ def fhir() -> Iterator[Callable[..., tuple[FhirEhr, Scripted]]]:
         server = Scripted(answer)
         client = httpx.Client(transport=httpx.MockTransport(server))
         clients.append(client)
-        return FhirEhr(client, settings), server
+        return FhirEhr(client, settings, pseudonym_key=pseudonym_key), server
 
     yield make
     for client in clients:
@@ -223,6 +225,28 @@ def test_outcome_echoing_the_accession_number_is_redacted(
     text = str(raised.value)
     assert ACCESSION not in text and "[redacted]" in text
     assert text.startswith("ServiceRequest identifier-")
+
+
+def test_identifier_references_in_messages_are_keyed_with_the_site_pseudonym_key(
+    fhir: Callable[..., tuple[FhirEhr, Scripted]],
+) -> None:
+    """Without the key, nobody can tell which accession number a message's reference stands
+    for by hashing candidate numbers; with it (``medvlm ref``), an operator can."""
+    from connectors.ehr import identifier_ref
+
+    key = b"site-secret-0123456789"
+    twice = _bundle(_match(ORDER), _match(ORDER))
+    refs = []
+    for pseudonym_key in (None, key):
+        ehr, _ = fhir(lambda request: httpx.Response(200, json=twice), pseudonym_key=pseudonym_key)
+        with pytest.raises(
+            EhrError, match="2 ServiceRequests carry this accession number"
+        ) as raised:
+            ehr.find_service_request(ACCESSION)
+        assert ACCESSION not in str(raised.value)
+        refs.append(str(raised.value).split()[1].rstrip(":"))
+    assert refs[0] == identifier_ref(ACCESSION, ACCESSION_SYSTEM)
+    assert refs[1] == identifier_ref(ACCESSION, ACCESSION_SYSTEM, key=key) != refs[0]
 
 
 # -- Retry-After -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pipeline.identity import (
     IdentityCheck,
     check_patient_identity,
     patient_id_digest,
+    pseudonym_key_id,
 )
 
 pytestmark = pytest.mark.unit
@@ -51,9 +52,10 @@ def _check(
     *,
     system: str | None = MRN_SYSTEM,
     issuer_systems: dict[str, str] | None = None,
+    key: bytes | None = None,
 ) -> IdentityCheck:
     result = check_patient_identity(
-        dicom, patient, system=system, issuer_systems=issuer_systems or {}
+        dicom, patient, system=system, issuer_systems=issuer_systems or {}, key=key
     )
     # Whatever the outcome, the detail never carries the MRN, its digest, or the name.
     for secret in (MRN, "0042", str(dicom.digest), "Synthetic", "Jane", "1970"):
@@ -199,3 +201,40 @@ def test_digests_made_with_a_key_match_only_with_the_same_key() -> None:
     unkeyed = check_patient_identity(dicom, patient, system=MRN_SYSTEM, issuer_systems={})
     assert same.matches is True
     assert unkeyed.matches is False
+    assert "another pseudonym key" in unkeyed.detail
+
+
+def test_a_digest_taken_under_another_key_is_told_apart_from_another_patient() -> None:
+    """The site rotated job.pseudonym_key between reading the images and writing: the same
+    patient, a different digest. The gate refuses (safe) and says why, never 'no match'."""
+    ds = Dataset()
+    ds.PatientID = MRN
+    patient = _patient({"system": MRN_SYSTEM, "value": MRN})
+    old = DicomPatient.from_dataset(ds, key=b"old-site-secret-0123")
+    rotated = check_patient_identity(
+        old, patient, system=MRN_SYSTEM, issuer_systems={}, key=b"new-site-secret-4567"
+    )
+    assert rotated.matches is False
+    assert "requeue" in rotated.detail
+    assert MRN not in rotated.detail
+    # A row from before keys existed (no key_id) checked under a key: the same refusal.
+    legacy = DicomPatient(patient_id_digest(MRN), None)
+    assert "another pseudonym key" in _check(legacy, patient, key=b"new-site-secret-4567").detail
+    other = _patient({"system": MRN_SYSTEM, "value": "OTHER-9"})
+    assert (
+        check_patient_identity(
+            DicomPatient.from_dataset(ds, key=b"new-site-secret-4567"),
+            other,
+            system=MRN_SYSTEM,
+            issuer_systems={},
+            key=b"new-site-secret-4567",
+        ).detail
+        == "PatientID matches no Patient.identifier"
+    )
+
+
+def test_the_key_id_reveals_nothing_of_the_key_and_tells_keys_apart() -> None:
+    a, b = pseudonym_key_id(b"site-secret-aaaaaaaa"), pseudonym_key_id(b"site-secret-bbbbbbbb")
+    assert pseudonym_key_id(None) is None
+    assert a is not None and b is not None and a != b and len(a) == 12
+    assert "site-secret" not in a

@@ -48,6 +48,7 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "dev",
         "db",
         "check",
+        "ref",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},

@@ -240,6 +240,21 @@ def _validation_line(env: pytest.MonkeyPatch, **variables: str) -> str:
             {"MEDVLM_FAIRNESS__RULES": '[{"name": "x", "metric": "failure_rate"}]'},
             "MEDVLM_FAIRNESS__RULES (item 0): alert rule 'x' has no threshold",
         ),
+        (
+            {"MEDVLM_JOB__PSEUDONYM_KEY": "short"},
+            "MEDVLM_JOB__PSEUDONYM_KEY is shorter than 16 characters",
+        ),
+        (
+            {"MEDVLM_JOB__PSEUDONYM_KEY_FILE": "/nonexistent/pseudonym.key"},
+            "MEDVLM_JOB__PSEUDONYM_KEY_FILE unreadable: No such file or directory",
+        ),
+        (
+            {
+                "MEDVLM_JOB__PSEUDONYM_KEY": "0123456789abcdef-site",
+                "MEDVLM_JOB__PSEUDONYM_KEY_FILE": "/etc/hostname",
+            },
+            "set MEDVLM_JOB__PSEUDONYM_KEY or MEDVLM_JOB__PSEUDONYM_KEY_FILE, not both",
+        ),
     ],
 )
 def test_invalid_values_are_one_line_naming_the_variable(
@@ -300,3 +315,33 @@ def test_a_bad_date_option_is_one_line_naming_the_option(
     result = CliRunner().invoke(app, ["run", *args])
     assert result.exit_code == 2
     assert result.output.splitlines() == [line]
+
+
+def test_the_pseudonym_key_comes_from_its_file_and_is_read_again_each_time(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_text("first-site-secret-0123\n")
+    env.setenv("MEDVLM_JOB__PSEUDONYM_KEY_FILE", str(key_file))
+    job = MedvlmSettings().job
+    assert job.pseudonym_key_bytes() == b"first-site-secret-0123"
+    key_file.write_text("rotated-site-secret-4567")  # a Kubernetes Secret updated in place
+    assert job.pseudonym_key_bytes() == b"rotated-site-secret-4567"
+    assert "secret" not in repr(job) and "secret" not in job.model_dump_json()
+
+
+def test_medvlm_ref_prints_the_reference_messages_use_keyed_with_the_site_key(
+    env: pytest.MonkeyPatch,
+) -> None:
+    from connectors.ehr import identifier_ref
+
+    env.setenv("MEDVLM_EHR__ACCESSION_SYSTEM", "urn:site:accession")
+    plain = CliRunner().invoke(app, ["ref"], input="ACC-778899\n")
+    assert plain.exit_code == 0, plain.output
+    assert plain.output.splitlines()[-1] == identifier_ref("ACC-778899", "urn:site:accession")
+    env.setenv("MEDVLM_JOB__PSEUDONYM_KEY", "site-secret-0123456789")
+    keyed = CliRunner().invoke(app, ["ref", "--system", "urn:site:mrn"], input="MRN-1\n")
+    assert keyed.exit_code == 0, keyed.output
+    expected = identifier_ref("MRN-1", "urn:site:mrn", key=b"site-secret-0123456789")
+    assert keyed.output.splitlines()[-1] == expected
+    assert "MRN-1" not in keyed.output and "ACC-778899" not in plain.output  # not echoed
