@@ -538,7 +538,16 @@ class FhirEhr:
             raise EhrNotFoundError(f"ServiceRequest {ref}: no order and no patient id given")
         patient = next((p for p in patients if p.id == patient_id), None)
         if patient is None:
-            patient = self.read_patient(patient_id)
+            try:
+                patient = self.read_patient(patient_id)
+            except EhrNotFoundError as exc:
+                if order is None:
+                    raise
+                # An order whose subject is gone (deleted, never there) is not "no order": the
+                # caller's fallback to the DICOM PatientID must not draft without the order.
+                raise EhrInvalidResourceError(
+                    f"ServiceRequest/{order.id}: its subject {exc}"
+                ) from None
         subject = f"Patient/{patient_id}"
         conditions = [
             c

@@ -489,7 +489,13 @@ class NdjsonEhr:
         if patient_id is None:
             ref = self._ref(accession_number, self.accession_system)
             raise EhrNotFoundError(f"ServiceRequest {ref}: no order and no patient id given")
-        patient = self.read_patient(patient_id)
+        try:
+            patient = self.read_patient(patient_id)
+        except EhrNotFoundError as exc:
+            if order is None:
+                raise
+            # An order whose subject is gone is not "no order" (connectors/fhir.py alike).
+            raise EhrInvalidResourceError(f"ServiceRequest/{order.id}: its subject {exc}") from None
         conditions = tuple(
             self._parsed(d, Condition)
             for d in self._of_patient("Condition", patient_id)

@@ -64,6 +64,7 @@ from medvlm.errors import (
     one_line,
 )
 from medvlm.settings import JobSettings, host_timezone
+from pipeline.ehr_rules import modifier_extension_urls
 from pipeline.fhir_resources import (
     ModelIdentity,
     StudyLinks,
@@ -102,9 +103,11 @@ log = logging.getLogger("medvlm.flows")
 FLAG_NO_ORDER = "no-order-in-ehr"
 FLAG_NO_EHR_CONTEXT = "missing-ehr-context"
 FLAG_BURNED_IN = "burned-in-annotation"
+FLAG_IMAGES_LEFT_OUT = "images-left-out"
 SKIP_SIGNED = "signed-before-draft"
 SKIP_PATIENT_MISMATCH = "patient-mismatch"
 SKIP_BURNED_IN = "burned-in-annotation"
+SKIP_MODIFIER_EXTENSION = "modifier-extension"
 
 
 @dataclass
@@ -316,6 +319,8 @@ def fetch(
         context.patient if context is not None else None,
         {keyword: header_value(first, keyword) for keyword in SUBGROUP_HEADER_KEYWORDS},
     )
+    if context is not None and (refused := _not_understood(context)) is not None:
+        return refused
     order = context.service_request if context is not None else None
     # Checked again right before the write; here it saves drafting (a backfill of signed
     # studies costs no model time).
@@ -333,7 +338,7 @@ def fetch(
         site_timezone=services.site_timezone,
         pseudonym_key=services.pseudonym_key,
     )
-    images_png = load_model_images(
+    images = load_model_images(
         services.source,
         job.study_uid,
         list(reportable.instances),
@@ -342,10 +347,42 @@ def fetch(
         max_side=services.job.max_image_side,
         processes=image_processes,
     )
+    if images.unusable:
+        # Drafted from the instances that decode; the radiologist sees that some did not.
+        flags.append(FLAG_IMAGES_LEFT_OUT)
+        log.warning(
+            "%s: %d instance(s) left out as unusable (%s)",
+            job.study_ref,
+            len(images.unusable),
+            next(iter(images.unusable.values())),
+        )
     model_input = ModelInput(
-        reference=job.study_ref, images_png=tuple(images_png), context=prepared.prompt.context
+        reference=job.study_ref, images_png=tuple(images.pngs), context=prepared.prompt.context
     )
     return _Fetched(model_input, prepared.links, [*flags, *prepared.flags], prepared.prompt.sources)
+
+
+def _not_understood(context: EhrContext) -> Skip | None:
+    """A skip when a resource the draft would rest on (the Patient, the order, a Condition or a
+    signed report the prompt may show) carries a modifier extension: none is understood here,
+    and one may reverse the resource's meaning (``pipeline.ehr_rules.modifier_extension_urls``).
+    """
+    used = [
+        context.patient,
+        context.service_request,
+        *context.conditions,
+        *context.prior_reports,
+    ]
+    for resource in used:
+        if resource is None:
+            continue
+        urls = modifier_extension_urls(resource)
+        if urls:
+            return Skip(
+                f"{SKIP_MODIFIER_EXTENSION}: {resource.get_resource_type()}/{resource.id} "
+                f"carries a modifierExtension this pipeline does not understand ({urls[0][:200]})"
+            )
+    return None
 
 
 def _signed(services: Services, accession: str | None, order: str | None) -> Skip | None:

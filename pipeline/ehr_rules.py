@@ -6,7 +6,9 @@ did: one sorted reports by datetime, the other by string). What the pipeline ask
 
 - the clinical context of an order (``EhrContext``, filled by a connector);
 - whether a radiologist has already signed the order (``signed_report_of``);
-- the ids of what a write created (``created_ids``).
+- the ids of what a write created (``created_ids``);
+- whether a resource carries a modifier extension, which this project never understands
+  (``modifier_extension_urls``).
 
 Which prior reports a prompt may show is ``pipeline.context.eligible_priors``.
 """
@@ -16,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -215,3 +218,26 @@ def created_ids(locations: Iterable[str | None]) -> dict[str, list[str]]:
         if target is not None:
             ids.setdefault(target[0], []).append(target[1])
     return ids
+
+
+def _modifier_urls(data: Any) -> Iterator[str]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key == "modifierExtension" and isinstance(value, list):
+                yield from (str(e.get("url")) for e in value if isinstance(e, dict))
+            yield from _modifier_urls(value)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _modifier_urls(item)
+
+
+def modifier_extension_urls(resource: Resource) -> tuple[str, ...]:
+    """The ``url`` of every ``modifierExtension`` on the resource or any of its elements.
+
+    This project understands no modifier extension. FHIR R4 (extensibility.html#modifierExtension)
+    says one changes the meaning of the element that carries it (an order "not to be done", a
+    condition "refuted"), and that an application which does not understand it SHALL refuse to
+    process the resource or process it safely. ``fhir.resources`` parses it without a word, so it
+    is looked for here. Plain ``extension``s may be ignored, and are.
+    """
+    return tuple(_modifier_urls(resource.model_dump(by_alias=True, exclude_none=True)))

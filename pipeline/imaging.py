@@ -26,6 +26,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from medvlm.errors import ImagingError
@@ -244,17 +245,40 @@ def frame_to_image(
     return budget.fit(image) if budget is not None else image
 
 
+MAX_FRAME_PIXELS = 64_000_000
+"""Largest frame decoded (Rows x Columns): 8,000 x 8,000, above any radiograph or mammogram
+(~24 MP). A frame's working copy is float32, so one costs at most ~256 MB per sample; a larger
+one (a mis-sent whole-slide image, a corrupt header) is refused before decoding."""
+
+
+def _check_frame_size(ds: Dataset, reference: str) -> None:
+    try:
+        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        raise ImagingError(f"{reference}: Rows/Columns are not numbers") from None
+    if pixels > MAX_FRAME_PIXELS:
+        raise ImagingError(
+            f"{reference}: frame of {pixels / 1e6:.0f} megapixels is over the "
+            f"{MAX_FRAME_PIXELS / 1e6:.0f} MP limit; not decoded"
+        )
+
+
+def _undecodable(ds: Dataset, reference: str, exc: Exception) -> ImagingError:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+    return ImagingError(
+        f"{reference}: pixel data cannot be decoded (transfer syntax {syntax}): {exc}"
+    )
+
+
 def dataset_frames(ds: Dataset, *, reference: str) -> np.ndarray:
     """All frames of an instance as an array with a leading frame axis."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise ImagingError(f"{reference}: instance has no pixel data")
+    _check_frame_size(ds, reference)
     try:
         array = ds.pixel_array
     except Exception as exc:  # pydicom/pylibjpeg raise many types for undecodable data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise ImagingError(
-            f"{reference}: pixel data cannot be decoded (transfer syntax {syntax}): {exc}"
-        ) from exc
+        raise _undecodable(ds, reference, exc) from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1))
     if frames == 1:
@@ -423,46 +447,67 @@ def _pick_images(
     When the decoded instance has another frame count than its header announced (a header
     without NumberOfFrames, say), as many frames are spread evenly over the real ones.
     """
-    frames = dataset_frames(ds, reference=reference)
+    count = _frame_count(ds)
     indices = list(pick.frames)
-    if _frame_count(pick.header) != len(frames) or any(i >= len(frames) for i in indices):
-        indices = evenly_spaced(len(frames), max(1, len(indices)))
+    if _frame_count(pick.header) != count or any(i >= count for i in indices):
+        indices = evenly_spaced(count, max(1, len(indices)))
+    frames = picked_frames(ds, indices, reference)
     try:
-        return [frame_to_image(ds, frames[i], budget) for i in indices]
+        return [frame_to_image(ds, frame, budget) for frame in frames]
     except ImagingError as exc:
         raise ImagingError(f"{reference}: {exc}") from exc
 
 
-def decode_picks(
-    picks: Sequence[Pick],
-    instances_by_sop_uid: Mapping[str, Dataset],
-    *,
-    reference: str,
-    budget: PixelBudget | None = None,
-) -> list[Image.Image]:
-    """Model images for ``picks`` (``choose_images``) from their retrieved full instances."""
-    budget = budget or PixelBudget()
-    images: list[Image.Image] = []
-    for pick in picks:
-        ds = instances_by_sop_uid.get(pick.sop_instance_uid)
-        if ds is None:
-            raise ImagingError(f"{reference}: a chosen instance was not retrieved")
-        images += _pick_images(pick, ds, reference=reference, budget=budget)
-    if not images:
-        raise ImagingError(f"{reference}: no usable image in the study")
-    return images
+def picked_frames(ds: Dataset, indices: Sequence[int], reference: str) -> list[np.ndarray]:
+    """Frames ``indices`` of ``ds``, decoding only those (a 500-frame cine of which the model
+    sees 4 never sits decoded whole in memory), as ``pixel_array`` would give them."""
+    count = _frame_count(ds)
+    if count == 1 or len(set(indices)) >= count:
+        frames = dataset_frames(ds, reference=reference)
+        return [frames[i] for i in indices]
+    if "PixelData" not in ds:
+        raise ImagingError(f"{reference}: instance has no pixel data")
+    _check_frame_size(ds, reference)
+    try:
+        return [pixel_array(ds, index=i) for i in indices]
+    except Exception as exc:  # pydicom/pylibjpeg raise many types for undecodable data
+        raise _undecodable(ds, reference, exc) from exc
+
+
+@dataclass(frozen=True)
+class EncodedPicks:
+    """PNGs of the picks that decoded (in pick order, one per frame shown) and why the others
+    did not: SOP Instance UID → reason (naming the study, never patient data)."""
+
+    pngs: list[bytes]
+    failed: dict[str, str]
 
 
 def encode_study_pngs(
     instances: Sequence[Dataset], picks: Sequence[Pick], reference: str, max_side: int
-) -> list[bytes]:
-    """PNG bytes of the picked frames: decode, fit to ``max_side``, encode.
+) -> EncodedPicks:
+    """PNG bytes of the picked frames: decode, fit to ``max_side``, encode. An instance that
+    does not decode (or was not retrieved) is left out with its reason, so that the caller can
+    choose another one in its place.
 
     Top-level and over picklable arguments, so that a caller may run it in a process pool.
     """
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in instances}
-    images = decode_picks(picks, by_uid, reference=reference, budget=PixelBudget(max_side))
-    return [image_to_png(image) for image in images]
+    budget = PixelBudget(max_side)
+    pngs: list[bytes] = []
+    failed: dict[str, str] = {}
+    for pick in picks:
+        ds = by_uid.get(pick.sop_instance_uid)
+        if ds is None:
+            failed[pick.sop_instance_uid] = f"{reference}: a chosen instance was not retrieved"
+            continue
+        try:
+            images = _pick_images(pick, ds, reference=reference, budget=budget)
+        except ImagingError as exc:
+            failed[pick.sop_instance_uid] = str(exc)
+            continue
+        pngs += [image_to_png(image) for image in images]
+    return EncodedPicks(pngs, failed)
 
 
 def study_images(

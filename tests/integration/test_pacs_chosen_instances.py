@@ -154,7 +154,7 @@ def test_dicomweb_fetches_metadata_then_only_the_chosen_instances(
     adapter.paths.clear()
     pngs = load_model_images(
         src, study_uid, headers, reference="s", max_images=MAX_IMAGES, max_side=1024
-    )
+    ).pngs
     assert [p.rsplit("/", 1)[-1] for p in adapter.paths] == chosen
     assert all("/instances/" in p and "/frames" not in p for p in adapter.paths)
     assert pngs == _whole_study_pngs(src, study_uid)
@@ -210,7 +210,7 @@ def test_dimse_finds_headers_then_retrieves_only_the_chosen_instances(
         monkeypatch.setattr(src.client, operation, spy)
         pngs = load_model_images(
             src, study_uid, headers, reference="s", max_images=MAX_IMAGES, max_side=1024
-        )
+        ).pngs
         monkeypatch.undo()
         # one IMAGE-level operation per series, each moving exactly its chosen instances
         assert [level for level, _, _ in asked] == ["IMAGE", "IMAGE"]

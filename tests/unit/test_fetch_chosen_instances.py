@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from connectors.dicom_folder import DicomFolderSource
 from flows.study_images import load_model_images
 from medvlm.dev.synthetic_dicom import make_study
-from medvlm.errors import PacsNotFoundError
+from medvlm.errors import ImagingError, PacsNotFoundError
 from pipeline.imaging import (
     PixelBudget,
     choose_images,
@@ -90,7 +90,7 @@ def test_only_the_chosen_slices_are_read_and_the_images_are_those_of_the_whole_s
     try:
         pngs = load_model_images(
             src, study_uid, headers, reference="s", max_images=4, max_side=1024
-        )
+        ).pngs
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -128,3 +128,59 @@ def test_retrieve_instances_keeps_the_order_given_and_names_the_study_on_a_missi
     with pytest.raises(PacsNotFoundError, match=study_reference(study_uid)) as caught:
         src.retrieve_instances(study_uid, [headers[0], ghost])
     assert "SYN-" not in str(caught.value)  # no patient identifier in the message
+
+
+def _truncate(path: Path) -> None:
+    """Cut a file inside its Pixel Data, as an interrupted transfer leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4000])
+
+
+def test_a_broken_chosen_instance_is_replaced_by_another_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two of the four chosen slices are truncated on disk (both the read and the decode can
+    fail): the study is still drafted, from four slices that decode, and the two are named
+    (by SOP Instance UID) with a reason naming the study, never the patient."""
+    study = make_study("CT", instances_per_series=20, rows=64, columns=64, seed=11)
+    paths = {}
+    for i, ds in enumerate(study):
+        paths[str(ds.SOPInstanceUID)] = path = tmp_path / f"f{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+    study_uid = str(study[0].StudyInstanceUID)
+    src = DicomFolderSource(tmp_path)
+    headers = src.instance_headers(study_uid)
+    series = {str(study[0].SeriesInstanceUID): headers}
+    first_choice = [p.sop_instance_uid for p in choose_images(series, reference="s", max_images=4)]
+    broken = first_choice[1:3]
+    for uid in broken:
+        _truncate(paths[uid])
+
+    reads = _FullReads(monkeypatch)
+    images = load_model_images(
+        src, study_uid, headers, reference=study_reference(study_uid), max_images=4, max_side=64
+    )
+    assert len(images.pngs) == 4
+    assert set(images.unusable) == set(broken)
+    assert all(reason.startswith(study_reference(study_uid)) for reason in images.unusable.values())
+    assert not any("SYN-" in reason for reason in images.unusable.values())
+    assert not set(broken) & set(reads.sop_uids[-4:])  # the last choice avoided them
+
+
+def test_a_study_whose_every_instance_is_broken_fails_naming_it(tmp_path: Path) -> None:
+    study = make_study("CT", instances_per_series=3, rows=64, columns=64, seed=12)
+    for i, ds in enumerate(study):
+        ds.save_as(tmp_path / f"f{i}.dcm", enforce_file_format=True)
+        _truncate(tmp_path / f"f{i}.dcm")
+    study_uid = str(study[0].StudyInstanceUID)
+    src = DicomFolderSource(tmp_path)
+    ref = study_reference(study_uid)
+    with pytest.raises(ImagingError, match=rf"^{ref}: .*\(and 2 more unusable instance\(s\)\)$"):
+        load_model_images(
+            src,
+            study_uid,
+            src.instance_headers(study_uid),
+            reference=ref,
+            max_images=4,
+            max_side=64,
+        )

@@ -25,7 +25,6 @@ from pipeline.imaging import (
     Pick,
     PixelBudget,
     choose_images,
-    decode_picks,
     encode_study_pngs,
     image_to_png,
     instance_to_images,
@@ -161,9 +160,10 @@ def test_study_images_is_unchanged_and_choosing_from_headers_decodes_the_same(
     headers = {uid: [_sample(n, header=True) for n in files] for uid, files in names.items()}
     assert not any("PixelData" in h for hs in headers.values() for h in hs)
     picks = choose_images(headers, reference="s", max_images=max_images)
-    by_uid = {str(ds.SOPInstanceUID): ds for instances in full.values() for ds in instances}
-    decoded = decode_picks(picks, by_uid, reference="s", budget=budget)
-    assert [image.tobytes() for image in decoded] == [image.tobytes() for image in legacy]
+    instances = [ds for instances in full.values() for ds in instances]
+    encoded = encode_study_pngs(instances, picks, "s", budget.max_side)
+    assert encoded.failed == {}
+    assert encoded.pngs == [image_to_png(image) for image in legacy]
 
 
 def test_a_synthetic_ct_study_picks_from_headers_as_from_full_instances() -> None:
@@ -173,16 +173,17 @@ def test_a_synthetic_ct_study_picks_from_headers_as_from_full_instances() -> Non
         by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     legacy = _legacy_study_images(by_series, reference="s", max_images=5)
     picks = choose_images(by_series, reference="s", max_images=5)
-    pngs = encode_study_pngs(study, picks, "s", 1024)
-    assert pngs == [image_to_png(image) for image in legacy]
+    encoded = encode_study_pngs(study, picks, "s", 1024)
+    assert encoded.pngs == [image_to_png(image) for image in legacy]
 
 
-def test_decoding_a_pick_that_was_not_retrieved_is_an_error_naming_the_study() -> None:
+def test_a_pick_that_was_not_retrieved_is_left_out_with_a_reason_naming_the_study() -> None:
     [pick] = choose_images(
         {"cr": [_sample(CHEST_RADIOGRAPH, header=True)]}, reference="s", max_images=1
     )
-    with pytest.raises(ImagingError, match="study-r: a chosen instance was not retrieved"):
-        decode_picks([pick], {}, reference="study-r")
+    encoded = encode_study_pngs([], [pick], "study-r", 256)
+    assert encoded.pngs == []
+    assert encoded.failed == {pick.sop_instance_uid: "study-r: a chosen instance was not retrieved"}
 
 
 def test_a_header_without_number_of_frames_still_shows_frames_of_the_real_instance() -> None:
@@ -191,10 +192,10 @@ def test_a_header_without_number_of_frames_still_shows_frames_of_the_real_instan
     [pick] = choose_images({"mr": [header]}, reference="s", max_images=4)
     assert pick.frames == (0,)
     full = _sample("emri_small.dcm")
-    [image] = decode_picks([pick], {str(full.SOPInstanceUID): full}, reference="s")
+    [png] = encode_study_pngs([full], [pick], "s", 1024).pngs
     # like study_images always did: as many frames as chosen, spread over the real ones (middle)
     [expected] = instance_to_images(full, reference="s", max_frames=1)
-    assert image.tobytes() == expected.tobytes()
+    assert png == image_to_png(expected)
 
 
 def test_encode_study_pngs_and_its_arguments_pickle_for_a_process_pool() -> None:
@@ -204,7 +205,7 @@ def test_encode_study_pngs_and_its_arguments_pickle_for_a_process_pool() -> None
     )
     args = pickle.loads(pickle.dumps(([full], picks, "s", 512)))
     assert pickle.loads(pickle.dumps(encode_study_pngs)) is encode_study_pngs
-    [png] = encode_study_pngs(*args)
+    [png] = encode_study_pngs(*args).pngs
     with Image.open(io.BytesIO(png)) as image:
         assert image.format == "PNG" and max(image.size) == 512
         # lossless: the PNG holds exactly the decoded, fitted image

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -185,3 +188,76 @@ def test_the_float32_linear_window_gives_pydicoms_pixels() -> None:
     sigmoid = _mono("MONOCHROME2", np.arange(256, dtype=np.uint16).reshape(16, 16))
     sigmoid.WindowCenter, sigmoid.WindowWidth, sigmoid.VOILUTFunction = 128, 64, "SIGMOID"
     assert linear_window(sigmoid) is None  # pydicom computes the other functions
+
+
+def _multi_frame_corpus() -> list[str]:
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    names = []
+    with warnings.catch_warnings():
+        # Files pydicom would download (not here: offline), and the corpus' invalid values.
+        warnings.simplefilter("ignore")
+        for path in sorted(get_testdata_files("*.dcm")):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                if int(header.get("NumberOfFrames", 1) or 1) > 2:
+                    names.append(path)
+            except Exception:
+                continue
+    return names
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_only_the_picked_frames_are_decoded_and_they_are_those_of_the_whole_array() -> None:
+    """Every multi-frame file of pydicom's corpus (native, RLE, JPEG, JPEG-LS, JPEG 2000;
+    grey, RGB, YBR, palette): frames decoded one by one equal the same frames of the whole
+    pixel array (same colour conversion)."""
+    from pipeline.imaging import picked_frames
+
+    compared = []
+    for path in _multi_frame_corpus():
+        ds = pydicom.dcmread(path)
+        try:
+            whole = ds.pixel_array
+        except Exception:
+            continue  # pydicom cannot decode it here (no plugin): nothing to compare with
+        count = int(ds.NumberOfFrames)
+        indices = [0, count // 2, count - 1]
+        for index, frame in zip(indices, picked_frames(ds, indices, "study-x"), strict=True):
+            assert np.array_equal(frame, whole[index]), (Path(path).name, index)
+        compared.append(Path(path).name)
+    assert len(compared) >= 10, compared
+
+
+def test_a_frame_over_the_size_limit_is_refused_before_anything_is_decoded() -> None:
+    from pipeline.imaging import MAX_FRAME_PIXELS, picked_frames
+
+    ds = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    ds.Rows, ds.Columns = 20_000, 20_000  # a header that promises 400 MP a frame
+    assert MAX_FRAME_PIXELS < 400_000_000
+    with pytest.raises(ImagingError, match=r"^study-x: frame of 400 megapixels is over the"):
+        picked_frames(ds, [0, 5], "study-x")
+
+
+def test_a_long_cine_is_not_decoded_whole_for_the_frames_the_model_sees() -> None:
+    import tracemalloc
+
+    from pipeline.imaging import picked_frames
+
+    frames, rows, cols = 120, 256, 256
+    cine = np.random.default_rng(3).integers(0, 255, (frames, rows, cols, 3), dtype=np.uint8)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(cine, "RGB", 8)
+    tracemalloc.start()
+    try:
+        picked = picked_frames(ds, [0, 40, 80, 119], "study-x")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(np.array_equal(p, cine[i]) for p, i in zip(picked, [0, 40, 80, 119], strict=True))
+    whole = cine.nbytes  # 23.6 MB
+    assert peak < whole // 5, (peak, whole)
