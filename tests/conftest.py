@@ -47,6 +47,18 @@ SERVER_FIXTURES = frozenset(
 )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--load-model",
+        choices=("stand-in", "tiny"),
+        default="stand-in",
+        help=(
+            "the model of tests/integration/test_load.py: a loopback stand-in (CI: 2,000 tiny-"
+            "model drafts take ~50 min on 2 cores) or the session's tiny model on Ray Serve"
+        ),
+    )
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Fail a ``unit`` test that needs a server before any of its fixtures start one."""

@@ -10,6 +10,7 @@ Provenance that lists every resource the prompt used.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.fhir_resources import written_types
 from pipeline.ledger import JobState
 from serving.clients import HandleDrafter
 from tests.integration.test_write_safety import Site, WatchingDrafter, open_site
+from tests.reliability_figures import Figures, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -204,6 +206,24 @@ def test_auto_reads_what_the_server_offers_from_its_capability_statement(site: S
 QUICK_EHR = {"retry_budget_s": 2.0, "retry_initial_backoff_s": 0.2, "probe_interval_s": 0.5}
 
 
+def _record_ehr_outage(site: Site, scenario: str, faults: str, started: float) -> None:
+    per_order = _drafts_per_order(site)
+    drafted_once = sum(n == 1 for n in per_order.values())
+    record(
+        Figures(
+            scenario=scenario,
+            faults=faults,
+            studies=len(per_order),
+            drafted_once=drafted_once,
+            lost=len(per_order) - drafted_once - sum(n > 1 for n in per_order.values()),
+            duplicated=sum(n > 1 for n in per_order.values()),
+            seconds=round(time.monotonic() - started, 1),
+            extra={"refused_in_outage": site.proxy.refused_in_outage},
+        )
+    )
+
+
+@pytest.mark.reliability
 def test_an_ehr_outage_mid_run_is_waited_out_and_costs_no_attempt(
     site: Site, drafter: WatchingDrafter
 ) -> None:
@@ -211,6 +231,7 @@ def test_an_ehr_outage_mid_run_is_waited_out_and_costs_no_attempt(
         site.add()
     site.run(drafter, dry_run=True)
     site.proxy.outage(6.0)  # from the first write on: every request answers 503 for 6 s
+    started = time.monotonic()
     summary = site.run(drafter, ehr_settings=QUICK_EHR, outage_wait_s=60)
     assert site.proxy.refused_in_outage > 0
     assert summary.counts["written"] == 4 and not summary.failures
@@ -218,8 +239,12 @@ def test_an_ehr_outage_mid_run_is_waited_out_and_costs_no_attempt(
     assert set(_drafts_per_order(site).values()) == {1}
     # The breaker held the calls: a few probes per second of outage, not a storm of retries.
     assert site.proxy.refused_in_outage < 60
+    _record_ehr_outage(
+        site, "ehr-outage-6s", "the EHR answers 503 for 6 s from the first write (proxy)", started
+    )
 
 
+@pytest.mark.reliability
 def test_an_ehr_outage_longer_than_the_wait_leaves_the_studies_pending_for_the_next_run(
     site: Site, drafter: WatchingDrafter
 ) -> None:
@@ -227,6 +252,7 @@ def test_an_ehr_outage_longer_than_the_wait_leaves_the_studies_pending_for_the_n
         site.add()
     site.run(drafter, dry_run=True)
     site.proxy.outage(3600.0)
+    started = time.monotonic()
     first = site.run(drafter, ehr_settings=QUICK_EHR, outage_wait_s=2)
     assert first.tally is not None and first.tally.outage is not None
     assert (
@@ -238,3 +264,9 @@ def test_an_ehr_outage_longer_than_the_wait_leaves_the_studies_pending_for_the_n
     second = site.run(drafter, ehr_settings=QUICK_EHR)
     assert second.counts["written"] == 3 and not second.failures
     assert set(_drafts_per_order(site).values()) == {1}
+    _record_ehr_outage(
+        site,
+        "ehr-outage-past-wait",
+        "the EHR answers 503 past the run's outage wait (run ends early, exit 4), then run again",
+        started,
+    )

@@ -29,8 +29,9 @@ from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
 from medvlm.settings import EhrSettings, MedvlmSettings
 from pipeline.ledger import JobState
 from tests.integration.folder_site import build_folder_site
+from tests.reliability_figures import Figures, record
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 STUDIES = 200
 KILLS = 5
@@ -85,6 +86,7 @@ def test_five_sigkills_of_a_200_study_batch_leave_every_study_drafted_once(
     rng = random.Random(seed)
     ledger = LedgerStore(open_engine(ledger_url))
     progress: list[dict[str, int]] = []
+    started = time.monotonic()
     for _ in range(KILLS):
         with subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -98,10 +100,12 @@ def test_five_sigkills_of_a_200_study_batch_leave_every_study_drafted_once(
         progress.append({s.value: n for s, n in ledger.counts(version).items() if n})
     print("ledger after each kill:", progress)
     final = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.monotonic() - started
     assert final.returncode == 0, (final.stdout + final.stderr)[-4000:]
 
     jobs = ledger.jobs(version)
     assert len(jobs) == STUDIES and {job.state for job in jobs} == {JobState.WRITTEN}
+    drafted_once = 0
     with httpx.Client(base_url=fhir_base_url, timeout=60, trust_env=False) as http:
         for job in jobs:
             order = job.links["service_request"]
@@ -121,3 +125,15 @@ def test_five_sigkills_of_a_200_study_batch_leave_every_study_drafted_once(
             assert len(ours) == 1, f"{job.study_ref}: {len(ours)} drafts on {order}"
             # Ledger and EHR agree on which report is the draft.
             assert job.fhir_ids["DiagnosticReport"] == [ours[0]["id"]], job.study_ref
+            drafted_once += 1
+    record(
+        Figures(
+            scenario="kill-resume",
+            faults=f"SIGKILL of `medvlm run` at {KILLS} random moments, each run again",
+            studies=STUDIES,
+            drafted_once=drafted_once,
+            lost=STUDIES - drafted_once,
+            seconds=round(seconds, 1),
+            extra={"seed": seed, "ledger_after_each_kill": progress},
+        )
+    )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,10 @@ import pytest
 from medvlm.errors import LedgerUnavailableError
 from pipeline.ledger import JobState
 from tests.flow_doubles import ScriptedDrafter
+from tests.reliability_figures import Figures, record
 from tests.unit.test_flow_states import RecordingLedger, World
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 
 @pytest.fixture
@@ -56,6 +59,7 @@ def _fill(disk: Path) -> Path:
 def test_a_full_ledger_disk_stops_the_run_cleanly_and_the_next_run_finishes(
     tmp_path: Path, small_disk: Path
 ) -> None:
+    started = time.monotonic()
     world = World(tmp_path / "site")
     world.ledger = RecordingLedger(f"sqlite:///{small_disk / 'ledger.db'}")
     for _ in range(6):
@@ -72,3 +76,17 @@ def test_a_full_ledger_disk_stops_the_run_cleanly_and_the_next_run_finishes(
     summary = world.run(ScriptedDrafter())
     assert summary.counts["written"] == 6 and not summary.failures
     assert len(world.drafts()) == 6 and len(world.drafts("Provenance")) == 6
+    per_order = Counter(ref["reference"] for d in world.drafts() for ref in d["basedOn"])
+    drafted_once = sum(n == 1 for n in per_order.values())
+    record(
+        Figures(
+            scenario="ledger-disk-full",
+            faults="the SQLite ledger's 4 MiB tmpfs filled to the last byte before the writes",
+            studies=len(world.cases),
+            drafted_once=drafted_once,
+            lost=len(world.cases) - len(per_order),
+            duplicated=sum(n > 1 for n in per_order.values()),
+            seconds=round(time.monotonic() - started, 1),
+            extra={"counted": "drafts in the NDJSON EHR (scripted model)"},
+        )
+    )

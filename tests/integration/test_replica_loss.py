@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,9 @@ from medvlm.dev.demo import sample_model_input
 from pipeline.prompts import ModelInput
 from pipeline.report import DraftResult
 from serving.clients import HandleDrafter
+from tests.reliability_figures import Figures, record
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 REPLICA_TITLE = "ServeReplica:medvlm:MedVLMServer"
 
@@ -82,3 +84,17 @@ def test_drafts_under_way_when_the_replica_dies_are_answered_by_its_replacement(
     assert all(r.finish_reason == "stop" for r in results)
     assert _replica_pids() - before  # answered by a new replica
     print(f"{kill.__name__}: 3 drafts answered {time.monotonic() - started:.0f} s after the loss")
+    answered = Counter(r.reference for r in results)
+    how = {_kill_actor: "`ray.kill` of its actor", _kill_process: "SIGKILL of its process"}[kill]
+    record(
+        Figures(
+            scenario=f"replica-loss-{kill.__name__.removeprefix('_kill_')}",
+            faults=f"the Serve replica lost under 3 drafts: {how}",
+            studies=len(inputs),
+            drafted_once=sum(n == 1 for n in answered.values()),
+            lost=len(inputs) - len(answered),
+            duplicated=sum(n > 1 for n in answered.values()),
+            seconds=round(time.monotonic() - started, 1),
+            extra={"counted": "drafts answered (no EHR in this test)"},
+        )
+    )

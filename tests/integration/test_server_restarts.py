@@ -24,8 +24,9 @@ from serving.clients import HandleDrafter
 from tests.integration.conftest_servers import running_dev_servers
 from tests.integration.test_fhir_write_back import _drafts_per_order, site_jobs
 from tests.integration.test_write_safety import Site, WatchingDrafter, open_site
+from tests.reliability_figures import Figures, record
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 QUICK = {"retry_budget_s": 2.0, "retry_initial_backoff_s": 0.2, "probe_interval_s": 0.5}
 STUDIES = 8
@@ -86,6 +87,7 @@ def test_a_server_restarted_mid_batch_is_waited_for_and_every_study_is_written_o
     for _ in range(STUDIES):
         site.add()
     restarter = Restarter(HandleDrafter(serve_handle), own_servers, server)
+    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="connectors.circuit"):
         summary = site.run(
             restarter,
@@ -96,6 +98,7 @@ def test_a_server_restarted_mid_batch_is_waited_for_and_every_study_is_written_o
             outage_wait_s=120,
         )
     restarter.join()
+    seconds = time.monotonic() - started
     assert summary.counts["written"] == STUDIES and not summary.failures, summary
     assert all(job.attempts == 0 for job in site_jobs(site))
     assert set(_drafts_per_order(site).values()) == {1} and len(_drafts_per_order(site)) == STUDIES
@@ -109,3 +112,17 @@ def test_a_server_restarted_mid_batch_is_waited_for_and_every_study_is_written_o
         if r.getMessage().startswith(f"{service} ") and "answers again" in r.getMessage()
     ]
     assert len(down) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
+    per_order = _drafts_per_order(site)
+    drafted_once = sum(n == 1 for n in per_order.values())
+    name = {"orthanc": "Orthanc", "fhir": "the FHIR server"}[server]
+    record(
+        Figures(
+            scenario=f"{server}-restart",
+            faults=f"{name} stopped at the batch's first draft, started again {DOWN_S:.0f} s later",
+            studies=STUDIES,
+            drafted_once=drafted_once,
+            lost=STUDIES - drafted_once - sum(n > 1 for n in per_order.values()),
+            duplicated=sum(n > 1 for n in per_order.values()),
+            seconds=round(seconds, 1),
+        )
+    )
