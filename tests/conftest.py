@@ -124,6 +124,21 @@ def tiny_model_dir() -> Path:
     return build_tiny_checkpoint(cache / "tiny-qwen2_vl", architecture="qwen2_vl", seed=0)
 
 
+def processes_of_run(run_id: str) -> list[str]:
+    """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id`` (a run's family: its
+    Ray, the Serve replica, the replica's vLLM engine core), as ``pid name`` lines."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
+                found.append(f"{process.pid} {process.info['name']}")
+        except psutil.Error:  # exited meanwhile, or not ours to inspect
+            continue
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +58,41 @@ def folder_site_env(root: Path) -> dict[str, str]:
         "MEDVLM_EHR__FOLDER": str(root / "ehr"),
         "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
         "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+    }
+
+
+def http_run_env(
+    root: Path,
+    *,
+    fhir_base_url: str,
+    model_url: str,
+    api_key: str,
+    version: str,
+    identifier_system: str,
+    ledger_url: str,
+) -> dict[str, str]:
+    """The environment of a `medvlm run` as an operator starts it over the site's PACS folder
+    (``root/dicom``), the session's real FHIR server and a model service over HTTP, with the
+    session's Prefect server, its own home, ledger, model version and identifier system."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "MEDVLM_HOME": str(root / "home"),
+        "MEDVLM_PACS__KIND": "folder",
+        "MEDVLM_PACS__FOLDER": str(root / "dicom"),
+        "MEDVLM_EHR__KIND": "fhir",
+        "MEDVLM_EHR__BASE_URL": fhir_base_url,
+        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
+        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+        "MEDVLM_JOB__MODEL_ENDPOINT": "http",
+        "MEDVLM_JOB__MODEL_URL": model_url,
+        "MEDVLM_SERVING__API_KEY": api_key,
+        "MEDVLM_MODEL__VERSION": version,
+        "MEDVLM_JOB__IDENTIFIER_SYSTEM": identifier_system,
+        "MEDVLM_JOB__LEDGER_URL": ledger_url,
+        "COLUMNS": "200",
     }
 
 

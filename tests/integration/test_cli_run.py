@@ -14,28 +14,14 @@ import sys
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, processes_of_run
 from tests.integration.folder_site import build_folder_site, folder_site_env
 
 pytestmark = pytest.mark.integration
 
 DAY = dt.date(2026, 11, 3)
-
-
-def _processes_of(run_id: str) -> list[str]:
-    """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id`` (a run's family: its
-    Ray, the Serve replica, the replica's vLLM engine core), as ``pid name`` lines."""
-    found = []
-    for process in psutil.process_iter(["name"]):
-        try:
-            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
-                found.append(f"{process.pid} {process.info['name']}")
-        except psutil.Error:  # exited meanwhile, or not ours to inspect
-            continue
-    return found
 
 
 def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
@@ -65,7 +51,7 @@ def test_medvlm_run_drafts_with_a_model_it_starts_on_demand_and_none_when_idle(
     assert first.returncode == 0, output[-4000:]
     # Everything the run started ends with it: Ray, and the vLLM engine core the Serve replica
     # spawned (it outlived Ray's shutdown once, orphaned, holding ~1 GiB).
-    assert _processes_of(run_id) == [], output[-4000:]
+    assert processes_of_run(run_id) == [], output[-4000:]
     assert "Started a local Ray instance" in output
     assert "2 studies in" in output  # the run's rate line
     assert "for flow 'draft-reports'" in output  # a Prefect flow run

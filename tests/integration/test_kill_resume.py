@@ -10,7 +10,6 @@ printed): discovery, claims, fetches, drafts and writes are all hit across the r
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import signal
 import subprocess
@@ -25,10 +24,10 @@ import pytest
 
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
-from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM
 from medvlm.settings import EhrSettings, MedvlmSettings
 from pipeline.ledger import JobState
-from tests.integration.folder_site import build_folder_site
+from tests.integration.folder_site import build_folder_site, http_run_env
 from tests.reliability_figures import Figures, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
@@ -45,7 +44,6 @@ def test_five_sigkills_of_a_200_study_batch_leave_every_study_drafted_once(
     settings: MedvlmSettings,
     prefect_api: None,
 ) -> None:
-    from prefect.settings import PREFECT_API_URL
 
     prefix = uuid.uuid4().hex[:6].upper()
     ehr_settings = EhrSettings.model_validate(
@@ -61,23 +59,16 @@ def test_five_sigkills_of_a_200_study_batch_leave_every_study_drafted_once(
     system = f"urn:medvlm-test:{prefix}"
     ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "MEDVLM_HOME": str(tmp_path / "home"),
-        "MEDVLM_PACS__KIND": "folder",
-        "MEDVLM_PACS__FOLDER": str(tmp_path / "dicom"),
-        "MEDVLM_EHR__KIND": "fhir",
-        "MEDVLM_EHR__BASE_URL": fhir_base_url,
-        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
-        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
-        "MEDVLM_JOB__MODEL_ENDPOINT": "http",
-        "MEDVLM_JOB__MODEL_URL": serve_url,
-        "MEDVLM_SERVING__API_KEY": settings.serving.api_key.get_secret_value(),
-        "MEDVLM_MODEL__VERSION": version,
-        "MEDVLM_JOB__IDENTIFIER_SYSTEM": system,
-        "MEDVLM_JOB__LEDGER_URL": ledger_url,
+        **http_run_env(
+            tmp_path,
+            fhir_base_url=fhir_base_url,
+            model_url=serve_url,
+            api_key=settings.serving.api_key.get_secret_value(),
+            version=version,
+            identifier_system=system,
+            ledger_url=ledger_url,
+        ),
         "MEDVLM_JOB__PAGE_SIZE": "16",
-        "COLUMNS": "200",
     }
     medvlm = str(Path(sys.executable).parent / "medvlm")
     args = [medvlm, "run", "--since", DAY.isoformat(), "--until", DAY.isoformat()]

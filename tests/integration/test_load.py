@@ -43,11 +43,11 @@ import pytest
 
 from connectors.fhir import FhirEhr, build_http_client
 from connectors.ledger_store import LedgerStore, open_engine
-from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
+from medvlm.dev.sample_cohort import ACCESSION_SYSTEM
 from medvlm.settings import EhrSettings, MedvlmSettings
 from pipeline.ledger import JobState
 from pipeline.report import DraftReport, DraftResult
-from tests.integration.folder_site import build_folder_site
+from tests.integration.folder_site import build_folder_site, http_run_env
 from tests.reliability_figures import Figures, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
@@ -261,7 +261,6 @@ def _one_batch(
     settings: MedvlmSettings,
 ) -> tuple[RunResult, Figures]:
     """Build a site of ``studies`` studies, draft it with one `medvlm run`, count the outcome."""
-    from prefect.settings import PREFECT_API_URL
 
     prefix = f"L{uuid.uuid4().hex[:5].upper()}"  # accession numbers: 16 characters at most
     ehr_settings = EhrSettings.model_validate(
@@ -276,24 +275,15 @@ def _one_batch(
     version = f"load{studies}-{prefix}"
     system = f"urn:medvlm-test:load{studies}-{prefix}"
     ledger_url = f"sqlite:///{root / 'ledger.db'}"
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "MEDVLM_HOME": str(root / "home"),
-        "MEDVLM_PACS__KIND": "folder",
-        "MEDVLM_PACS__FOLDER": str(root / "dicom"),
-        "MEDVLM_EHR__KIND": "fhir",
-        "MEDVLM_EHR__BASE_URL": fhir_base_url,
-        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
-        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
-        "MEDVLM_JOB__MODEL_ENDPOINT": "http",
-        "MEDVLM_JOB__MODEL_URL": model_url,
-        "MEDVLM_SERVING__API_KEY": settings.serving.api_key.get_secret_value(),
-        "MEDVLM_MODEL__VERSION": version,
-        "MEDVLM_JOB__IDENTIFIER_SYSTEM": system,
-        "MEDVLM_JOB__LEDGER_URL": ledger_url,
-        "COLUMNS": "200",
-    }
+    env = http_run_env(
+        root,
+        fhir_base_url=fhir_base_url,
+        model_url=model_url,
+        api_key=settings.serving.api_key.get_secret_value(),
+        version=version,
+        identifier_system=system,
+        ledger_url=ledger_url,
+    )
     medvlm = str(Path(sys.executable).parent / "medvlm")
     args = [medvlm, "run", "--since", DAY.isoformat(), "--until", DAY.isoformat()]
     result = _run_sampled(args, env, root / "run.log")

@@ -60,14 +60,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from connectors.ehr import identifier_ref
 from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM
 from medvlm.dev.servers import OrthancInfo
 from medvlm.settings import EhrSettings, PacsSettings
-from tests.conftest import free_port
+from tests.conftest import free_port, processes_of_run
 from tests.integration.folder_site import folder_site_env
 from tests.integration.phi_scanner import Hit, Phi, Scanner, report
 from tests.integration.phi_site import (
@@ -92,18 +91,6 @@ def run_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _processes_of(run_id: str) -> list[str]:
-    """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id``."""
-    found = []
-    for process in psutil.process_iter(["name"]):
-        try:
-            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
-                found.append(f"{process.pid} {process.info['name']}")
-        except psutil.Error:
-            continue
-    return found
 
 
 # Refuses every registration of a study (a fault injected into the ledger).
@@ -293,7 +280,7 @@ def test_a_run_with_failures_leaves_no_patient_identifier_behind(
     )
     assert fairness.returncode in (0, 3), scanner.mask(outputs["medvlm fairness"][-6000:])
     assert "HTML report:" in outputs["medvlm fairness"]  # exit code 3: an alert fired
-    assert _processes_of(run_id) == []  # nothing left running that could still write
+    assert processes_of_run(run_id) == []  # nothing left running that could still write
 
     # Every path was taken.
     jobs = {key_of[row["study_uid"]]: row for row in _ledger_rows(home / "ledger.db")}

@@ -17,28 +17,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from medvlm.dev.servers import DevServers, OrthancInfo
-from tests.conftest import free_port
+from tests.conftest import free_port, processes_of_run
 
 pytestmark = pytest.mark.integration
 
 MEDVLM = str(Path(sys.executable).parent / "medvlm")
 WRONG_PASSWORD = "not-the-orthanc-password"
-
-
-def _processes_of(run_id: str) -> list[str]:
-    """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id``, as ``pid name``."""
-    found = []
-    for process in psutil.process_iter(["name"]):
-        try:
-            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
-                found.append(f"{process.pid} {process.info['name']}")
-        except psutil.Error:
-            continue
-    return found
 
 
 def _site_env(tmp_path: Path, orthanc: OrthancInfo, fhir_base_url: str) -> dict[str, str]:
@@ -174,7 +161,7 @@ def test_medvlm_run_stops_within_seconds_naming_the_service_and_starts_nothing(
     # (~1.5 s idle, 20 s once beside other suites): the checks answer at once (refused, 401,
     # 404), and all of them together.
     assert elapsed - startup_s < 8, f"{elapsed:.1f} s, {startup_s:.1f} s of it start-up"
-    assert _processes_of(run_id) == []  # no Ray, no Serve replica, no engine
+    assert processes_of_run(run_id) == []  # no Ray, no Serve replica, no engine
     assert "Ray" not in output and "flow" not in output
     assert WRONG_PASSWORD not in output
     assert orthanc.password.get_secret_value() not in output
