@@ -27,10 +27,10 @@ import pytest
 from medvlm.dev.servers import OrthancInfo
 from pipeline.ledger import JobState
 from serving.clients import HandleDrafter
-from tests.conftest import free_port
+from tests.conftest import free_port, processes_of_run
 from tests.integration.loopback import DicomWebProxy, Fault, Passed
 from tests.integration.test_fhir_write_back import _drafts_per_order, site_jobs
-from tests.integration.test_preflight import _medvlm_run, _processes_of, _site_env
+from tests.integration.test_preflight import _medvlm_run, _site_env
 from tests.integration.test_write_safety import Site, WatchingDrafter, open_site
 from tests.reliability_figures import Figures, record
 
@@ -281,7 +281,7 @@ def test_a_pacs_down_at_discovery_ends_medvlm_run_with_one_line_and_exit_code_4(
     ], output[-4000:]
     # It waited for the PACS (two waits of 2 s), probing, then gave up: no storm of searches.
     assert elapsed >= 4 and proxy.refused_in_outage < 40, (elapsed, proxy.refused_in_outage)
-    assert _processes_of(run_id) == []  # no model started for a run that found nothing
+    assert processes_of_run(run_id) == []  # no model started for a run that found nothing
     assert not (tmp_path / "home" / "models").exists()
     record(
         Figures(
