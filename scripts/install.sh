@@ -33,6 +33,27 @@ done
 step() { printf '\n== %s\n' "$*"; }
 started=$(date +%s)
 
+# The CPU profile's virtualenv is ~7.5 GiB and pip unpacks ~3 GiB of wheels in TMPDIR on the
+# way: say so up front instead of failing half-way with pip's "[Errno 28] No space left".
+need_free() {  # need_free DIR GIB WHAT
+  local dir="$1" gib="$2" avail
+  avail=$(df -Pk "$dir" | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$avail" -lt "$gib" ]; then
+    echo "not enough free disk for $3: $avail GiB free on the file system of $dir, $gib GiB needed" >&2
+    echo "(free some space, or set VENV / TMPDIR to a larger file system)" >&2
+    exit 3
+  fi
+}
+if [ ! -x "$venv/bin/python" ]; then
+  parent="$venv"; while [ ! -d "$parent" ]; do parent="$(dirname "$parent")"; done
+  if [ "$(stat -c %d "$parent")" = "$(stat -c %d "${TMPDIR:-/tmp}")" ]; then
+    need_free "$parent" 13 "the virtualenv $venv and pip's temporary files"
+  else
+    need_free "$parent" 10 "the virtualenv $venv"
+    need_free "${TMPDIR:-/tmp}" 3 "pip's temporary files (TMPDIR)"
+  fi
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   step "creating virtualenv $venv"
   "$python" -m venv "$venv"
