@@ -57,6 +57,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             "model drafts take ~50 min on 2 cores) or the session's tiny model on Ray Serve"
         ),
     )
+    parser.addoption(
+        "--load-sizes",
+        default="200,800",
+        metavar="SMALL,LARGE",
+        help=(
+            "the two batch sizes of tests/integration/test_load.py (default 200,800, which CI "
+            "runs; scripts/reliability.sh runs 500,2000 for the published figures)"
+        ),
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
