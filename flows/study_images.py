@@ -100,7 +100,8 @@ def load_model_images(
                 if processes is None
                 else processes.submit(encode_study_pngs, *args).result()
             )
-            unusable.update(encoded.failed)
+            for uid, why in encoded.failed.items():  # a retrieval's reason stands
+                unusable.setdefault(uid, why)
         if len(unusable) == broken_before:
             break  # every pick decoded: this choice stands
     if not encoded.pngs:

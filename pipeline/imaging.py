@@ -462,11 +462,10 @@ def picked_frames(ds: Dataset, indices: Sequence[int], reference: str) -> list[n
     """Frames ``indices`` of ``ds``, decoding only those (a 500-frame cine of which the model
     sees 4 never sits decoded whole in memory), as ``pixel_array`` would give them."""
     count = _frame_count(ds)
-    if count == 1 or len(set(indices)) >= count:
+    # Float pixel data (parametric maps) is never compressed: decoded whole, as pixel_array does.
+    if count == 1 or len(set(indices)) >= count or "PixelData" not in ds:
         frames = dataset_frames(ds, reference=reference)
         return [frames[i] for i in indices]
-    if "PixelData" not in ds:
-        raise ImagingError(f"{reference}: instance has no pixel data")
     _check_frame_size(ds, reference)
     try:
         return [pixel_array(ds, index=i) for i in indices]

@@ -164,6 +164,8 @@ def test_a_broken_chosen_instance_is_replaced_by_another_and_reported(
     assert set(images.unusable) == set(broken)
     assert all(reason.startswith(study_reference(study_uid)) for reason in images.unusable.values())
     assert not any("SYN-" in reason for reason in images.unusable.values())
+    # Each says why it failed (the read or the decode), not only that it is missing.
+    assert not any("not retrieved" in reason for reason in images.unusable.values())
     assert not set(broken) & set(reads.sop_uids[-4:])  # the last choice avoided them
 
 

@@ -231,6 +231,23 @@ def test_only_the_picked_frames_are_decoded_and_they_are_those_of_the_whole_arra
     assert len(compared) >= 10, compared
 
 
+def test_picked_frames_of_multi_frame_float_pixel_data_are_those_of_the_whole_array() -> None:
+    """Float Pixel Data (parametric maps) has no per-frame decoder: decoded whole instead."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pipeline.imaging import picked_frames
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 4, 5, 3, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated = "MONOCHROME2", 32
+    frames = np.arange(60, dtype="<f4").reshape(3, 4, 5) / 7
+    ds.FloatPixelData = frames.tobytes()
+    (frame,) = picked_frames(ds, [1], "study-x")
+    assert np.array_equal(frame, frames[1])
+
+
 def test_a_frame_over_the_size_limit_is_refused_before_anything_is_decoded() -> None:
     from pipeline.imaging import MAX_FRAME_PIXELS, picked_frames
 
