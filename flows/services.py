@@ -106,8 +106,12 @@ def _stop_local() -> None:
     shutdown_ray()
 
 
-def _open_ehr_and_ledger(settings: MedvlmSettings, stack: ExitStack) -> tuple[Ehr, LedgerStore]:
-    """The EHR (one pooled HTTP client, closed by ``stack``) and the ledger, as every job uses."""
+def _open_ehr_and_ledger(
+    settings: MedvlmSettings, stack: ExitStack, pseudonym_key: bytes | None
+) -> tuple[Ehr, LedgerStore]:
+    """The EHR (one pooled HTTP client, closed by ``stack``) and the ledger, as every job uses.
+    ``pseudonym_key``: ``job.pseudonym_key_bytes()``, read once by the caller, so that one run
+    never keys with two versions of a rotated key file."""
     client = None
     if settings.ehr.kind == "fhir":
         from connectors.fhir import build_http_client
@@ -115,7 +119,7 @@ def _open_ehr_and_ledger(settings: MedvlmSettings, stack: ExitStack) -> tuple[Eh
         client = build_http_client(settings.ehr)
         stack.callback(client.close)
     assert settings.job.ledger_url is not None
-    ehr = build_ehr(settings.ehr, client, pseudonym_key=settings.job.pseudonym_key_bytes())
+    ehr = build_ehr(settings.ehr, client, pseudonym_key=pseudonym_key)
     return ehr, LedgerStore(open_engine(settings.job.ledger_url))
 
 
@@ -163,7 +167,8 @@ def open_services(
             )
         source = build_image_source(settings.pacs)
         stack.callback(source.close)
-        ehr, ledger = _open_ehr_and_ledger(settings, stack)
+        pseudonym_key = job.pseudonym_key_bytes()
+        ehr, ledger = _open_ehr_and_ledger(settings, stack, pseudonym_key)
         yield Services(
             source=source,
             ehr=ehr,
@@ -176,7 +181,7 @@ def open_services(
             patient_identifier_issuers=settings.ehr.patient_identifier_issuers,
             accession_system=settings.ehr.accession_system,
             site_timezone=settings.pacs.site_timezone,
-            pseudonym_key=job.pseudonym_key_bytes(),
+            pseudonym_key=pseudonym_key,
             source_name=source_name(settings),
             ehr_name=ehr_name(settings),
             model_capacity=capacity,
@@ -197,7 +202,7 @@ def open_fairness_services(
     from flows.fairness import FairnessServices
 
     with ExitStack() as stack:
-        ehr, ledger = _open_ehr_and_ledger(settings, stack)
+        ehr, ledger = _open_ehr_and_ledger(settings, stack, settings.job.pseudonym_key_bytes())
         yield FairnessServices(
             ledger=ledger,
             ehr=ehr,
