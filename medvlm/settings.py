@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Final, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ByteSize, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -754,8 +762,18 @@ class JobSettings(BaseModel):
 
     ledger_url: str | None = Field(
         default=None,
-        description="SQLAlchemy URL of the job ledger (PostgreSQL in production). "
-        "Unset: SQLite at HOME/ledger.db.",
+        description="SQLAlchemy URL of the job ledger (PostgreSQL in production), best without "
+        "its password (job.ledger_password_file). Unset: SQLite at HOME/ledger.db.",
+    )
+    ledger_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the ledger's database user, set into job.ledger_url escaped "
+        "(so '@', ':', '/', '%' need no care). Prefer ledger_password_file.",
+    )
+    ledger_password_file: Path | None = Field(
+        default=None,
+        description="File holding the ledger's database password (a Kubernetes Secret mounted "
+        "as a file), read at start-up.",
     )
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Failed attempts before a study is dead-lettered."
@@ -972,6 +990,50 @@ class JobSettings(BaseModel):
         if self.pseudonym_key is not None and self.pseudonym_key_file is not None:
             raise ValueError("set job.pseudonym_key or job.pseudonym_key_file, not both")
         self._read_pseudonym_key()
+        return self
+
+    @field_serializer("ledger_url", when_used="json")
+    def _ledger_url_without_password(self, url: str | None) -> str | None:
+        """As JSON (``medvlm settings``) the ledger's URL shows ``***`` for its password."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            return None if url is None else make_url(url).render_as_string(hide_password=True)
+        except ArgumentError:  # not a URL: the pre-flight says so
+            return url
+
+    @model_validator(mode="after")
+    def _ledger_password_into_url(self) -> JobSettings:
+        """``ledger_password[_file]`` set into ``ledger_url`` by SQLAlchemy's URL, which
+        escapes it: a password pasted into a URL by hand breaks on ``@ / : %``."""
+        if self.ledger_password is not None and self.ledger_password_file is not None:
+            raise ValueError("set job.ledger_password or job.ledger_password_file, not both")
+        if self.ledger_password is not None:
+            password = self.ledger_password.get_secret_value()
+        elif self.ledger_password_file is not None:
+            try:
+                text = Path(self.ledger_password_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(f"job.ledger_password_file unreadable: {why}") from None
+            password = text.rstrip("\r\n")  # a Secret file may end with a newline
+        else:
+            return self
+        if not self.ledger_url:
+            raise ValueError("job.ledger_password needs job.ledger_url (the database server)")
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(self.ledger_url)
+        except ArgumentError:
+            raise ValueError("job.ledger_url is not an SQLAlchemy database URL") from None
+        if url.password is not None and url.password != password:
+            raise ValueError(
+                "job.ledger_url holds a password and job.ledger_password is set: give it once"
+            )
+        self.ledger_url = url.set(password=password).render_as_string(hide_password=False)
         return self
 
     def _read_pseudonym_key(self) -> bytes | None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -97,10 +97,12 @@ def dev_servers(
 
 @dataclass(frozen=True)
 class PostgresServer:
-    """A throwaway PostgreSQL cluster: superuser ``medvlm``, trust auth, loopback only."""
+    """A throwaway PostgreSQL cluster, loopback only: superuser ``medvlm`` with trust auth;
+    role ``password_role``, once a test creates it, only with its password (SCRAM)."""
 
     host: str
     port: int
+    password_role: ClassVar[str] = "medvlm_pw"
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://medvlm@{self.host}:{self.port}/{database}"
@@ -157,6 +159,13 @@ def postgres() -> Iterator[PostgresServer]:
             check=True,
             capture_output=True,
             timeout=120,
+        )
+        # One role must give its password (SCRAM over TCP, as a hospital's database asks);
+        # every other role is trusted. First matching line wins.
+        hba = data / "pg_hba.conf"
+        hba.write_text(
+            f"host all {PostgresServer.password_role} 127.0.0.1/32 scram-sha-256\n"
+            + hba.read_text()
         )
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "

@@ -386,3 +386,58 @@ def test_a_postgresql_ledger_from_before_migrations_is_adopted_with_its_rows(
         None,
     )
     assert claimed.id == job.id and claimed.version == 1
+
+
+def test_the_ledger_password_comes_from_a_file_escaped_and_a_wrong_one_is_one_line(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A database role that must give its password (SCRAM), a password with every character a
+    URL reserves, from a file as a mounted Kubernetes Secret gives it (newline included): the
+    ledger migrates and works; the URL was never pasted by hand. A wrong password fails the
+    pre-flight in one line naming the ledger, never the password."""
+    import psycopg
+    from psycopg import sql
+
+    from flows.preflight import check_ledger
+    from medvlm.settings import JobSettings
+
+    password = "p@ss:w/rd%2F#?&=+ ü"
+    role, database = PostgresServer.password_role, f"pw_{os.getpid()}_{time.time_ns()}"
+    with psycopg.connect(
+        host=postgres.host, port=postgres.port, user="medvlm", dbname="postgres", autocommit=True
+    ) as admin:
+        admin.execute(
+            sql.SQL(
+                "DO $$ BEGIN CREATE ROLE {} LOGIN; EXCEPTION WHEN duplicate_object THEN "
+                "NULL; END $$"
+            ).format(sql.Identifier(role))
+        )
+        admin.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(database), sql.Identifier(role)
+            )
+        )
+    url = f"postgresql+psycopg://{role}@{postgres.host}:{postgres.port}/{database}"
+    secret = tmp_path / "ledger-password"
+    secret.write_text(password + "\n", encoding="utf-8")
+
+    job = JobSettings(ledger_url=url, ledger_password_file=secret)
+    assert job.ledger_url is not None and make_url(job.ledger_url).password == password
+    _upgrade(job.ledger_url)
+    with _ledger(job.ledger_url) as store:
+        uid = "1.2.826.0.1.3680043.8.498.99"
+        store.register([NewStudy(uid, study_reference(uid), "ACC-PW")], VERSION)
+        assert [j.study_uid for j in store.jobs(VERSION)] == [uid]
+    assert check_ledger(job.ledger_url, 10).ok
+
+    wrong = JobSettings(ledger_url=url, ledger_password="not-" + password)
+    assert wrong.ledger_url is not None
+    result = check_ledger(wrong.ledger_url, 10)
+    assert not result.ok
+    line = f"{result.where}: {result.detail}"
+    assert result.detail == "credentials refused", line
+    assert f"{postgres.host}:{postgres.port}/{database}" in result.where
+    assert "p@ss" not in line and "p%40ss" not in line and "\n" not in line.strip()
