@@ -164,7 +164,9 @@ class DraftWriter:
             if len(refs) == len(draft.entries):
                 return created_ids(refs.values())
             if self.strategy is WriteStrategy.TRANSACTION and not refs:
-                response = self.ehr.transaction(as_transaction(draft), retry=False)
+                response = self.ehr.transaction(
+                    as_transaction(draft), retry=False, about=f"{draft.main_type} {draft.draft_id}"
+                )
                 return created_ids(
                     entry.response.location for entry in response.entry or [] if entry.response
                 )

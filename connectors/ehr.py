@@ -128,11 +128,14 @@ class Ehr(Protocol):
         """
         ...
 
-    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
+    def transaction(
+        self, bundle: Bundle, *, retry: bool = True, about: str | None = None
+    ) -> Bundle:
         """Apply a ``transaction`` Bundle atomically; return the ``transaction-response``.
 
         ``retry=False``: sent once; a lost answer raises ``EhrUnavailableError`` (the caller
-        finds out what was applied before sending again).
+        finds out what was applied before sending again). ``about``: what the Bundle carries
+        (e.g. ``DiagnosticReport draft-…``), named by its errors.
         """
         ...
 

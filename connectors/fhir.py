@@ -634,11 +634,17 @@ class FhirEhr:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
+    def transaction(
+        self, bundle: Bundle, *, retry: bool = True, about: str | None = None
+    ) -> Bundle:
         if bundle.type != "transaction":
             raise ValueError("transaction() needs Bundle.type = transaction")
         n = len(bundle.entry or [])
-        ref = f"transaction Bundle ({n} entries)"
+        ref = (
+            f"{about} (transaction of {n} entries)"
+            if about
+            else f"transaction Bundle ({n} entries)"
+        )
         body = json.loads(bundle.model_dump_json(by_alias=True, exclude_none=True))
         response = self._request("POST", self.base_url, ref=ref, body=body, retry=retry)
         answer = parse_resource(self._json(response, ref), Bundle, where=" (transaction-response)")

@@ -626,7 +626,9 @@ class NdjsonEhr:
                 self._append(rtype, work.added)
         return f"{rtype}/{data['id']}"
 
-    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
+    def transaction(
+        self, bundle: Bundle, *, retry: bool = True, about: str | None = None
+    ) -> Bundle:
         """POST entries (with ``ifNoneExist`` = ``identifier=…`` or ``_tag=…``) and PUT
         ``Type/id`` entries.
 

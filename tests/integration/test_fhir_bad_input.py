@@ -376,8 +376,10 @@ def _check_outcomes(site: BadInputSite, drafter: WatchingDrafter, run: int) -> N
     assert "HTTP 422 (rejected)" in (refused.reason or "")
     # The server's issue is kept, with the value it echoed from our request (the order's
     # reference) redacted, as every value we sent is (connectors/fhir.py).
+    # It names the draft it refused (its identifier is a hash: no accession number).
     assert refused.reason == (
-        "transaction Bundle (3 entries): HTTP 422 (rejected) [error/business-rule: [redacted] "
+        f"DiagnosticReport {refused.draft_id} "
+        "(transaction of 3 entries): HTTP 422 (rejected) [error/business-rule: [redacted] "
         "is on hold: drafts are not accepted (injected)]"
     )
     assert modifier.reason == (

@@ -88,7 +88,9 @@ class LosingEhr:
         self._maybe_lose(f"create {resource['resourceType']}")
         return ref
 
-    def transaction(self, bundle: Bundle, *, retry: bool = True) -> Bundle:
+    def transaction(
+        self, bundle: Bundle, *, retry: bool = True, about: str | None = None
+    ) -> Bundle:
         answer = self.inner.transaction(bundle)
         self._maybe_lose("transaction")
         return answer

@@ -307,6 +307,11 @@ def test_retry_after_over_the_cap_names_a_search_by_identifier_hash_and_a_write_
     ehr, _ = fhir(_busy_then_ok(503, "3600"))
     with pytest.raises(EhrUnavailableError, match=r"^transaction Bundle \(0 entries\): HTTP 503"):
         ehr.transaction(Bundle(type="transaction"))
+    ehr, _ = fhir(_busy_then_ok(503, "3600"))
+    with pytest.raises(
+        EhrUnavailableError, match=r"^DiagnosticReport draft-1f \(transaction of 0 entries\): "
+    ):
+        ehr.transaction(Bundle(type="transaction"), about="DiagnosticReport draft-1f")
 
 
 def test_without_retry_after_the_backoff_applies(
