@@ -59,12 +59,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addoption(
         "--load-sizes",
-        default="200,800",
+        default="500,2000",
         metavar="SMALL,LARGE",
-        help=(
-            "the two batch sizes of tests/integration/test_load.py (default 200,800, which CI "
-            "runs; scripts/reliability.sh runs 500,2000 for the published figures)"
-        ),
+        help="the two batch sizes of tests/integration/test_load.py (default 500,2000)",
     )
 
 

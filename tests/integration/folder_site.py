@@ -21,14 +21,19 @@ from connectors.ndjson import NdjsonEhr
 from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
 from medvlm.dev.synthetic_dicom import make_study
 
+#: Patients per EHR transaction when a site is built: one Bundle per patient made the
+#: 2,500 of the load test cost minutes of round trips on the FHIR server.
+PATIENTS_PER_TRANSACTION = 50
+
 
 def build_folder_site(
     root: Path, count: int, day: dt.date, *, prefix: str = "SITE", ehr: Ehr | None = None
 ) -> None:
     """``count`` one-image CR studies dated ``day`` in ``root/dicom`` and, in ``root/ehr`` (or
     ``ehr``), a patient, an order (by accession number), a condition and a signed prior report
-    for each."""
+    for each (``PATIENTS_PER_TRANSACTION`` patients to a transaction)."""
     ehr = ehr or NdjsonEhr(root / "ehr", accession_system=ACCESSION_SYSTEM)
+    entries: list[dict[str, object]] = []
     for i in range(count):
         mrn, accession = f"SYN-{prefix}-{i:04d}", f"ACC-{prefix}-{i:03d}"
         (ds,) = make_study("CR", seed=100 + i, accession=accession, patient_id=mrn, study_date=day)
@@ -46,7 +51,10 @@ def build_folder_site(
             sex="female",
             birth_date="1970-01-01",
         )
-        ehr.transaction(Bundle.model_validate(bundle))
+        entries += bundle["entry"]
+        if (i + 1) % PATIENTS_PER_TRANSACTION == 0 or i + 1 == count:
+            ehr.transaction(Bundle.model_validate({**bundle, "entry": entries}))
+            entries = []
 
 
 def folder_site_env(root: Path) -> dict[str, str]:

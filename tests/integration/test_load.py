@@ -1,7 +1,6 @@
-"""`medvlm run` over a small and then a four times larger batch, each in one run (200 and 800
-studies in CI; ``--load-sizes 500,2000`` in scripts/reliability.sh, whose figures the README
-publishes): every study drafted exactly once, peak memory that does not grow with the batch, no
-growth in open files or threads.
+"""`medvlm run` over 500 and then 2,000 studies (``--load-sizes``), each in one run: every
+study drafted exactly once, peak memory that does not grow with the batch, no growth in open
+files or threads.
 
 As an operator runs it (the approach of tests/integration/test_kill_resume.py): `medvlm run` in
 its own process, settings from the environment, a folder PACS, the session's real FHIR server as
