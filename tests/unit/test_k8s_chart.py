@@ -5,7 +5,9 @@ strict) and the RayService against the KubeRay v1.7.0 CRD schema (``jsonschema``
 fields rejected as the API server's pruning would silently drop them). The remaining tests pin
 what neither schema can say: GPU requests equal limits, a head node with zero GPUs, image tags
 matching ``rayVersion``, secrets only through ``secretKeyRef``, hardened containers, a default-deny
-NetworkPolicy and nothing exposed outside the cluster.
+NetworkPolicy and nothing exposed outside the cluster, PodDisruptionBudgets that select exactly
+their pods, a Prefect worker whose rendered environment loads into ``MedvlmSettings``, and a
+``values.schema.json`` that matches ``values.yaml`` key for key and refuses a misspelled key.
 
 helm comes from scripts/install-k8s-tools.sh (run here if missing); the tests skip only when it
 cannot be installed.
@@ -31,10 +33,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "k8s" / "medvlm"
 CI_VALUES = CHART / "ci" / "values-cpu.yaml"
 KUBERAY_CRD = ROOT.parent / "shared" / "k8s-crds" / "kuberay-v1.7.0" / "ray.io_rayservices.yaml"
+VALUES_SCHEMA = CHART / "values.schema.json"
 KUBERNETES_VERSION = "1.30.0"
-PROFILES = {"default": [], "ci-cpu": ["-f", str(CI_VALUES)]}
+# The values without a default (values.yaml leaves model.version empty on purpose).
+MODEL_VERSION = "med-r1-2025.06"
+REQUIRED = ["--set", f"model.version={MODEL_VERSION}"]
+PROFILES = {"default": REQUIRED, "ci-cpu": ["-f", str(CI_VALUES)]}
 # Every optional Secret reference set, so that each secret branch of the templates renders.
 ALL_SECRETS = [
+    *REQUIRED,
     "--set", "serve.apiKeySecret.name=serve-api",
     "--set", "prefectWorker.apiAuthSecret.name=prefect-auth",
     "--set", "pacs.auth=basic", "--set", "pacs.username=medvlm",
@@ -44,6 +51,7 @@ ALL_SECRETS = [
     "--set", "ehr.auth=smart", "--set", "ehr.smartPrivateKeySecret.name=smart-key",
     "--set", "model.weights.source=hub", "--set", "model.weights.hubId=org/model",
     "--set", "model.weights.hubTokenSecret.name=hub-token",
+    "--set", "pseudonymKey.existingSecret=pseudonym",
 ]  # fmt: skip
 SECRET_ENV = re.compile(r"PASSWORD|TOKEN|API_KEY|AUTH_STRING|SECRET|LEDGER_URL")
 
@@ -74,8 +82,13 @@ def _helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
 
 
+def template(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``helm template`` of the chart with ``args`` only: callers add ``REQUIRED`` or a profile."""
+    return _helm(helm, "template", "medvlm", str(CHART), "--namespace", "medvlm", *args)
+
+
 def render(helm: str, *args: str) -> list[dict[str, Any]]:
-    done = _helm(helm, "template", "medvlm", str(CHART), "--namespace", "medvlm", *args)
+    done = template(helm, *args)
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
@@ -128,15 +141,18 @@ def test_chart_passes_strict_lint(helm: str, profile: str) -> None:
 
 
 def test_image_tag_not_matching_ray_version_fails_to_render(helm: str) -> None:
-    done = _helm(helm, "template", "medvlm", str(CHART), "--set", "ray.image.tag=2.59.0-py311-gpu")
+    done = template(helm, *REQUIRED, "--set", "ray.image.tag=2.59.0-py311-gpu")
     assert done.returncode != 0
     assert "must be ray.version" in done.stderr
 
 
 def test_replica_asking_more_gpus_than_a_worker_has_fails_to_render(helm: str) -> None:
-    done = _helm(helm, "template", "medvlm", str(CHART), "--set", "serve.numGpusPerReplica=2")
+    done = template(helm, *REQUIRED, "--set", "model.tensorParallelSize=2")
     assert done.returncode != 0
-    assert "exceeds the GPUs of one worker pod" in done.stderr
+    assert (
+        "model.tensorParallelSize (2) GPUs per replica exceeds the GPUs of one worker pod, "
+        "ray.gpuWorkers.gpus (1)"
+    ) in done.stderr
 
 
 # -- schemas -------------------------------------------------------------------------------------
@@ -147,9 +163,14 @@ def test_rendered_objects_validate_against_kubernetes_schemas(
 ) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     objects = [d for d in rendered + rendered_with_secrets if d["kind"] != "RayService"]
-    assert {"Deployment", "StatefulSet", "Service", "NetworkPolicy", "ServiceAccount"} <= {
-        d["kind"] for d in objects
-    }
+    assert {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "NetworkPolicy",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+    } <= {d["kind"] for d in objects}
     for doc in objects:
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -174,13 +195,20 @@ def _strict(schema: Any) -> Any:
 
 
 @pytest.fixture(scope="session")
-def rayservice_validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
+def rayservice_crd_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the KubeRay v1.7.0 RayService CRD, version v1."""
     if not KUBERAY_CRD.is_file():
         pytest.skip(f"KubeRay CRD schema not found at {KUBERAY_CRD}")
     crd = yaml.safe_load(KUBERAY_CRD.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
+    schema: dict[str, Any] = v1["schema"]["openAPIV3Schema"]
+    return schema
+
+
+@pytest.fixture(scope="session")
+def rayservice_validator(rayservice_crd_schema: dict[str, Any]) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    return jsonschema.Draft7Validator(_strict(rayservice_crd_schema))
 
 
 def test_rayservice_validates_against_kuberay_crd_schema(
@@ -318,8 +346,10 @@ def test_no_secret_values_and_secret_env_only_through_secret_key_ref(
                     assert set(env["valueFrom"]) == {"secretKeyRef"}, f"{name}: {env['name']}"
                     secret_env_seen.add(env["name"])
                 if env["name"] == "MEDVLM_JOB__LEDGER_URL" and "value" in env:
-                    # Internal database: only the password variable is interpolated, by reference.
-                    assert re.fullmatch(r"[^:]+://[^:]+:\$\(LEDGER_DB_PASSWORD\)@.+", env["value"])
+                    # Internal database: no password in the URL (MEDVLM_JOB__LEDGER_PASSWORD
+                    # carries it, and the app sets it in escaped).
+                    assert re.fullmatch(r"[^:]+://[^:@]+@[^:]+:5432/.+", env["value"]), env
+                    assert "$(" not in env["value"]
             for source in container.get("envFrom", []):
                 pytest.fail(f"{name}: envFrom {source} bypasses secretKeyRef")
     assert {
@@ -330,13 +360,14 @@ def test_no_secret_values_and_secret_env_only_through_secret_key_ref(
         "MEDVLM_EHR__TOKEN",
         "HF_TOKEN",
         "POSTGRES_PASSWORD",
-        "LEDGER_DB_PASSWORD",
+        "MEDVLM_JOB__LEDGER_PASSWORD",
     } <= secret_env_seen
 
 
 def test_external_database_url_comes_from_a_secret(helm: str) -> None:
     docs = render(
         helm,
+        *REQUIRED,
         "--set", "database.internal.enabled=false",
         "--set", "database.external.urlSecret.name=ledger-db",
         "--set", "database.external.cidrs={10.30.0.5/32}",
@@ -508,6 +539,7 @@ def test_every_medvlm_variable_names_a_settings_field(
 # -- replicas: fixed, autoscaled, spread ---------------------------------------------------------
 
 AUTOSCALING = [
+    *REQUIRED,
     "--set", "serve.autoscaling.enabled=true",
     "--set", "serve.autoscaling.minReplicas=1",
     "--set", "serve.autoscaling.maxReplicas=3",
@@ -547,7 +579,7 @@ def test_serve_config_is_what_the_replicas_settings_build(
     from medvlm.settings import MedvlmSettings
     from serving.app import deployment_options
 
-    docs = render(helm, *(AUTOSCALING if autoscaled else []))
+    docs = render(helm, *(AUTOSCALING if autoscaled else REQUIRED))
     deployment = _serve_deployment(docs)
     deployment.pop("name")
     (_, head, _), *_ = containers([rayservice(docs)])
@@ -645,10 +677,7 @@ def test_inconsistent_autoscaling_values_fail_to_render(
     helm: str, values: list[str], message: str
 ) -> None:
     egress = [] if not values else AUTOSCALING[-4:]
-    done = _helm(
-        helm, "template", "medvlm", str(CHART), "--set", "serve.autoscaling.enabled=true",
-        *egress, *values,
-    )  # fmt: skip
+    done = template(helm, *REQUIRED, "--set", "serve.autoscaling.enabled=true", *egress, *values)
     assert done.returncode != 0
     assert message in done.stderr
 
@@ -662,3 +691,480 @@ def test_the_prefect_worker_tells_prefect_yamls_pull_step_where_the_code_is(
     ((_, worker, _),) = [c for c in containers(rendered) if "prefect-worker" in c[0]]
     env = {e["name"]: e.get("value") for e in worker["env"]}
     assert env["MEDVLM_CODE_DIR"] == "/opt/medvlm-pipeline"
+
+
+# -- the model version: required, one value for the Ray pods and the worker ----------------------
+
+
+def test_empty_model_version_fails_template_and_lint_naming_the_value(helm: str) -> None:
+    done = template(helm)
+    assert done.returncode != 0
+    assert "/model/version" in done.stderr  # values.schema.json: minLength 1
+    # Without the schema (--skip-schema-validation), the templates' `required` says why.
+    done = template(helm, "--skip-schema-validation")
+    assert done.returncode != 0
+    assert "model.version is required" in done.stderr
+    assert "MEDVLM_MODEL__VERSION" in done.stderr
+    # Helm 4's lint only logs `required` and `fail`; the schema makes it fail.
+    done = _helm(helm, "lint", "--strict", str(CHART))
+    assert done.returncode != 0
+    assert "/model/version" in done.stdout + done.stderr
+
+
+def _env(container: dict[str, Any]) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_model_version_reaches_the_ray_pods_and_the_worker(helm: str, profile: str) -> None:
+    expected = {
+        "default": MODEL_VERSION,
+        "ci-cpu": yaml.safe_load(CI_VALUES.read_text())["model"]["version"],
+    }[profile]
+    assert expected
+    seen = set()
+    for name, container, _ in containers(render(helm, *PROFILES[profile])):
+        if "postgresql" in name:
+            continue
+        assert _env(container)["MEDVLM_MODEL__VERSION"] == expected, name
+        seen.add(container["name"])
+    assert seen == {"ray-head", "ray-worker", "prefect-worker"}
+
+
+def _worker(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Prefect worker's container and pod spec."""
+    ((_, container, pod),) = [c for c in containers(docs) if "prefect-worker" in c[0]]
+    return container, pod
+
+
+def _worker_settings_env(
+    container: dict[str, Any], pod: dict[str, Any], files: Path
+) -> dict[str, str]:
+    """The MEDVLM_* variables the worker's container gets, as the kubelet would set them: a
+    secretKeyRef becomes a fake value, $(VAR) references are expanded, and a path into a mounted
+    Secret is moved under ``files``, where the file the Secret's items name is written (fake)."""
+    env: dict[str, str] = {}
+    for entry in container["env"]:
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = f"fake-{ref['name']}-{ref['key']}"
+        else:
+            env[entry["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env[m.group(1)], str(entry["value"])
+            )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name, value in env.items():
+        for mount in container.get("volumeMounts", []):
+            secret = volumes[mount["name"]].get("secret")
+            if secret is None or not value.startswith(mount["mountPath"] + "/"):
+                continue
+            relative = value.removeprefix(mount["mountPath"] + "/")
+            assert mount["readOnly"] is True, mount
+            assert relative in [item["path"] for item in secret["items"]], (name, secret)
+            path = files / mount["name"] / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"fake {secret['secretName']} {relative} of a site\n")
+            env[name] = str(path)
+    return {k: v for k, v in env.items() if k.startswith("MEDVLM_")}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_worker_environment_loads_into_settings_with_a_remote_model_identity(
+    helm: str, profile: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker's rendered env, as the pod gets it, loads through ``MedvlmSettings()``'s own
+    environment loading, and the model identity of an ``http`` endpoint (which needs the model
+    version) and the pseudonym key (read from the mounted Secret file) resolve from it."""
+    from flows.services import model_identity
+    from medvlm.settings import MedvlmSettings
+
+    docs = render(helm, *PROFILES[profile], "--set", "pseudonymKey.existingSecret=site-key")
+    container, pod = _worker(docs)
+    env = _worker_settings_env(container, pod, tmp_path)
+    env["MEDVLM_JOB__LEDGER_PASSWORD"] = "p@ss:w/rd%"  # what a generated Secret may hold
+    for name in list(os.environ):
+        if name.startswith("MEDVLM_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = MedvlmSettings()
+    identity, local_source = model_identity(settings)
+    assert settings.job.model_endpoint == "http" and local_source is None
+    assert identity.version == env["MEDVLM_MODEL__VERSION"]
+    assert identity.name == settings.model.served_name
+    key_file = Path(env["MEDVLM_JOB__PSEUDONYM_KEY_FILE"])
+    assert key_file.is_relative_to(tmp_path)
+    assert settings.job.pseudonym_key_bytes() == key_file.read_text().strip().encode()
+    # The ledger's password is set into its URL by the app, escaped.
+    from sqlalchemy.engine import make_url
+
+    assert settings.job.ledger_url is not None
+    ledger = make_url(settings.job.ledger_url)
+    assert ledger.password == "p@ss:w/rd%"
+    assert ledger._replace(password=None) == make_url(env["MEDVLM_JOB__LEDGER_URL"])
+
+
+# -- the pseudonym key ---------------------------------------------------------------------------
+
+
+def test_pseudonym_key_secret_is_mounted_read_only_into_the_worker_only(helm: str) -> None:
+    docs = render(
+        helm, *REQUIRED,
+        "--set", "pseudonymKey.existingSecret=site-key", "--set", "pseudonymKey.key=hmac",
+    )  # fmt: skip
+    container, pod = _worker(docs)
+    assert _env(container)["MEDVLM_JOB__PSEUDONYM_KEY_FILE"] == "/etc/medvlm/pseudonym/hmac"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/medvlm/pseudonym"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {
+        "secretName": "site-key",
+        "defaultMode": 0o440,  # the pod's fsGroup reads it; nobody writes it
+        "items": [{"key": "hmac", "path": "hmac"}],
+    }
+    # The Ray pods never HMAC patient identifiers: no key there.
+    for name, spec in pod_specs([rayservice(docs)]):
+        assert "site-key" not in yaml.safe_dump(spec), name
+        assert "PSEUDONYM" not in yaml.safe_dump(spec), name
+    # Unset: no variable, no volume (the settings fall back to plain SHA-256).
+    container, pod = _worker(render(helm, *REQUIRED))
+    assert "MEDVLM_JOB__PSEUDONYM_KEY_FILE" not in _env(container)
+    assert "pseudonym" not in yaml.safe_dump(pod)
+
+
+# -- GPUs per replica and the GPUs of the worker group -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "gpus"),
+    [
+        (["--set", "model.tensorParallelSize=2", "--set", "ray.gpuWorkers.gpus=2"], 2),
+        (["--set", "model.tensorParallelSize=4", "--set", "ray.gpuWorkers.gpus=8"], 4),
+        (["-f", str(CI_VALUES), "--set", "model.tensorParallelSize=2"], 0),  # a CPU group
+    ],
+)
+def test_replica_gpus_are_the_tensor_parallel_size(
+    helm: str, values: list[str], gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medvlm.settings import MedvlmSettings
+    from serving.app import deployment_options
+
+    docs = render(helm, *REQUIRED, *values)
+    deployment = _serve_deployment(docs)
+    assert deployment["ray_actor_options"]["num_gpus"] == gpus
+    for _, container, _ in containers([rayservice(docs)]):
+        assert _env(container)["MEDVLM_SERVING__NUM_GPUS"] == str(gpus)
+    # What cluster_app builds from that env asks the same.
+    (_, head, _), *_ = containers([rayservice(docs)])
+    for name, value in _serving_env(head).items():
+        monkeypatch.setenv(name, value)
+    assert deployment_options(MedvlmSettings().serving)["ray_actor_options"]["num_gpus"] == gpus
+
+
+GPU_GROUP_TOO_SMALL = [
+    (
+        ["--set", "serve.numReplicas=2"],
+        "serve.numReplicas (2) replicas x model.tensorParallelSize (1) need 2 GPUs, more than "
+        "the GPU worker group has: ray.gpuWorkers.replicas (1) pods x ray.gpuWorkers.gpus (1) "
+        "= 1 GPUs",
+    ),
+    (
+        [
+            "--set", "serve.numReplicas=2", "--set", "model.tensorParallelSize=2",
+            "--set", "ray.gpuWorkers.gpus=2",
+        ],
+        "need 4 GPUs, more than the GPU worker group has: ray.gpuWorkers.replicas (1) pods x "
+        "ray.gpuWorkers.gpus (2) = 2 GPUs",
+    ),
+    (
+        [*AUTOSCALING, "--set", "serve.autoscaling.maxReplicas=4"],
+        "serve.autoscaling.maxReplicas (4) replicas x model.tensorParallelSize (1) need 4 GPUs, "
+        "more than the GPU worker group has: ray.gpuWorkers.maxReplicas (3) pods",
+    ),
+    (  # enough GPUs in all, but a pod of 3 GPUs holds one replica of 2
+        [
+            "--set", "serve.numReplicas=3", "--set", "model.tensorParallelSize=2",
+            "--set", "ray.gpuWorkers.gpus=3", "--set", "ray.gpuWorkers.replicas=2",
+            "--set", "ray.gpuWorkers.maxReplicas=2",
+        ],
+        "serve.numReplicas (3) replicas do not fit in the GPU worker group: one pod holds 1 "
+        "replicas",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "message"), GPU_GROUP_TOO_SMALL)
+def test_replicas_needing_more_gpus_than_the_worker_group_has_fail_to_render(
+    helm: str, values: list[str], message: str
+) -> None:
+    done = template(helm, *REQUIRED, *values)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["--set", "serve.numReplicas=2", "--set", "ray.gpuWorkers.replicas=2",
+         "--set", "ray.gpuWorkers.maxReplicas=2"],
+        ["--set", "serve.numReplicas=2", "--set", "model.tensorParallelSize=2",
+         "--set", "ray.gpuWorkers.gpus=4"],
+        # Autoscaling counts the group's maxReplicas, not the pods it starts with.
+        [*AUTOSCALING, "--set", "ray.gpuWorkers.replicas=1"],
+        # A CPU group asks no GPUs: only CPUs bound its replicas.
+        ["-f", str(CI_VALUES), "--set", "serve.numReplicas=4"],
+    ],
+)  # fmt: skip
+def test_replicas_that_fit_the_worker_group_render(helm: str, values: list[str]) -> None:
+    docs = render(helm, *REQUIRED, *values)
+    assert _serve_deployment(docs)["ray_actor_options"]["num_gpus"] in {0, 1, 2}
+
+
+# -- RayService upgrades -------------------------------------------------------------------------
+
+
+def test_upgrade_strategy_defaults_to_none_and_validates_against_the_crd(
+    helm: str,
+    rendered: list[dict[str, Any]],
+    rayservice_crd_schema: dict[str, Any],
+    rayservice_validator: Any,
+) -> None:
+    field = rayservice_crd_schema["properties"]["spec"]["properties"]["upgradeStrategy"]
+    assert field["properties"]["type"]["type"] == "string"
+    # A fixed GPU cluster: no second cluster during an upgrade (both profiles).
+    assert rayservice(rendered)["spec"]["upgradeStrategy"] == {"type": "None"}
+    rs = rayservice(render(helm, *REQUIRED, "--set", "ray.upgradeStrategy.type=NewCluster"))
+    assert rs["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    assert list(rayservice_validator.iter_errors(rs)) == []
+    # The strict CRD check would catch a misspelled field under upgradeStrategy.
+    rs["spec"]["upgradeStrategy"]["typ"] = "None"
+    assert any("typ" in e.message for e in rayservice_validator.iter_errors(rs))
+
+
+@pytest.mark.parametrize("kind", ["NewClusterWithIncrementalUpgrade", "Recreate", "none"])
+def test_unsupported_upgrade_strategy_fails_to_render(helm: str, kind: str) -> None:
+    done = template(helm, *REQUIRED, "--set", f"ray.upgradeStrategy.type={kind}")
+    assert done.returncode != 0
+    assert "/ray/upgradeStrategy/type" in done.stderr
+    done = template(
+        helm, *REQUIRED, "--skip-schema-validation", "--set", f"ray.upgradeStrategy.type={kind}"
+    )
+    assert done.returncode != 0
+    assert "ray.upgradeStrategy.type must be None or NewCluster" in done.stderr
+
+
+# -- PodDisruptionBudgets ------------------------------------------------------------------------
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, str]]]:
+    """Every pod template's name and labels."""
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
+            yield name, doc["spec"]["template"]["metadata"]["labels"]
+        elif doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            yield f"{name}/head", cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for group in cluster["workerGroupSpecs"]:
+                yield f"{name}/{group['groupName']}", group["template"]["metadata"]["labels"]
+
+
+def test_disruption_budgets_select_exactly_their_pods(rendered: list[dict[str, Any]]) -> None:
+    pods = dict(pod_templates(rendered))
+    group = rayservice(rendered)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    expected = {
+        "medvlm-prefect-worker": ["Deployment/medvlm-prefect-worker"],
+        f"medvlm-ray-{group}-workers": [f"RayService/medvlm/{group}"],  # not the head
+    }
+    budgets = {b["metadata"]["name"]: b["spec"] for b in of_kind(rendered, "PodDisruptionBudget")}
+    assert set(budgets) == set(expected)
+    for name, spec in budgets.items():
+        selector = spec["selector"]["matchLabels"]
+        assert set(spec["selector"]) == {"matchLabels"}
+        selected = [pod for pod, labels in pods.items() if selector.items() <= labels.items()]
+        assert selected == expected[name], name
+        # The selector labels are a subset of the pod template labels.
+        for pod in expected[name]:
+            assert selector.items() <= pods[pod].items()
+        assert spec.get("maxUnavailable") == 1 and "minAvailable" not in spec, name
+
+
+def test_disruption_budget_values(helm: str) -> None:
+    budgets = {
+        b["metadata"]["name"]: b["spec"]
+        for b in of_kind(
+            render(
+                helm, *REQUIRED,
+                "--set", "prefectWorker.replicas=3",
+                "--set", "prefectWorker.podDisruptionBudget.minAvailable=2",
+                "--set", "prefectWorker.podDisruptionBudget.maxUnavailable=",
+                "--set", "ray.gpuWorkers.podDisruptionBudget.maxUnavailable=50%",
+            ),
+            "PodDisruptionBudget",
+        )
+    }  # fmt: skip
+    assert budgets["medvlm-prefect-worker"]["minAvailable"] == 2
+    assert "maxUnavailable" not in budgets["medvlm-prefect-worker"]
+    assert budgets["medvlm-ray-gpu-workers"]["maxUnavailable"] == "50%"
+    docs = render(
+        helm, *REQUIRED,
+        "--set", "prefectWorker.podDisruptionBudget.enabled=false",
+        "--set", "ray.gpuWorkers.podDisruptionBudget.enabled=false",
+    )  # fmt: skip
+    assert of_kind(docs, "PodDisruptionBudget") == []
+    docs = render(helm, *REQUIRED, "--set", "prefectWorker.enabled=false")
+    assert [b["metadata"]["name"] for b in of_kind(docs, "PodDisruptionBudget")] == [
+        "medvlm-ray-gpu-workers"
+    ]
+    done = template(helm, *REQUIRED, "--set", "prefectWorker.podDisruptionBudget.minAvailable=1")
+    assert done.returncode != 0
+    assert "prefectWorker.podDisruptionBudget: set minAvailable or maxUnavailable, not both" in (
+        done.stderr
+    )
+
+
+# -- NOTES.txt -----------------------------------------------------------------------------------
+
+
+def notes(helm: str, *args: str) -> str:
+    """The release notes ``helm install`` prints (client-side dry run: no cluster)."""
+    done = _helm(
+        helm, "install", "medvlm", str(CHART), "--namespace", "medvlm", "--dry-run=client", *args
+    )
+    assert done.returncode == 0, done.stderr
+    assert "NOTES:" in done.stdout
+    return done.stdout.split("NOTES:", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        PROFILES["default"],
+        PROFILES["ci-cpu"],
+        ALL_SECRETS,
+        AUTOSCALING,
+        [*REQUIRED, "--set", "prefectWorker.enabled=false",
+         "--set", "database.internal.enabled=false",
+         "--set", "ray.upgradeStrategy.type=NewCluster"],
+    ],
+    ids=["default", "ci-cpu", "all-secrets", "autoscaling", "no-worker"],
+)  # fmt: skip
+def test_notes_render_what_was_installed_and_the_next_steps(helm: str, values: list[str]) -> None:
+    text = notes(helm, *values)
+    docs = render(helm, *values)
+    rs = rayservice(docs)
+    # KubeRay's stable head Service of a RayService is `<name>-head-svc`.
+    assert f"port-forward svc/{rs['metadata']['name']}-head-svc 8265:8265" in text
+    assert f"get rayservice {rs['metadata']['name']}" in text
+    assert "helm test" in text  # says there are no test hooks: what to check instead
+    version = _env(next(c for _, c, _ in containers([rs])))["MEDVLM_MODEL__VERSION"]
+    assert f'version "{version}"' in text
+    if of_kind(docs, "Deployment"):
+        assert "https://ehr.hospital.internal/fhir/R4" in text  # where the drafts go
+        assert "preliminary" in text
+    else:
+        assert "Prefect worker" not in text
+    pseudonym_set = "pseudonymKey.existingSecret=pseudonym" in values
+    assert ("pseudonymKey.existingSecret is not set" in text) is not pseudonym_set
+    upgrade = rs["spec"]["upgradeStrategy"]["type"]
+    assert ("delete raycluster" in text) is (upgrade == "None")
+
+
+# -- values.schema.json --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def values_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = yaml.safe_load(VALUES_SCHEMA.read_text())  # JSON is YAML
+    return schema
+
+
+def _key_paths(values: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in values.items():
+        yield (*prefix, key)
+        if isinstance(value, dict):
+            yield from _key_paths(value, (*prefix, key))
+
+
+def _declared(schema: dict[str, Any], path: tuple[str, ...]) -> str:
+    """How the schema takes the key ``path``: "declared" (named in `properties` at every level),
+    "free" (inside a declared free-form mapping, e.g. labels or resources' entries) or
+    "refused"."""
+    node = schema
+    for key in path:
+        if key in node.get("properties", {}):
+            node = node["properties"][key]
+            continue
+        extra = node.get("additionalProperties", "properties" not in node)
+        return "refused" if extra is False else "free"
+    return "declared"
+
+
+def _schema_paths(
+    schema: dict[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    for key, sub in schema.get("properties", {}).items():
+        yield (*prefix, key)
+        yield from _schema_paths(sub, (*prefix, key))
+
+
+def _objects(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if "properties" in schema:
+        yield path or "(top level)", schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _objects(sub, f"{path}.{key}".lstrip("."))
+
+
+def test_values_schema_declares_every_key_of_values_yaml(values_schema: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    validator = jsonschema.Draft7Validator(values_schema)
+    # The one value without a default: the schema refuses it empty.
+    assert [(list(e.absolute_path), e.validator) for e in validator.iter_errors(values)] == [
+        (["model", "version"], "minLength")
+    ]
+    values["model"]["version"] = MODEL_VERSION
+    assert [e.message for e in validator.iter_errors(values)] == []
+    paths = list(_key_paths(values))
+    assert len(paths) > 150
+    undeclared = [".".join(p) for p in paths if _declared(values_schema, p) == "refused"]
+    assert undeclared == []
+    # Every key the schema names is one values.yaml has (a schema that drifted from the values).
+    stale = [".".join(p) for p in _schema_paths(values_schema) if p not in set(paths)]
+    assert stale == []
+    # The walk can fail: a misspelled key is refused, a label under commonLabels is free.
+    assert _declared(values_schema, ("prefectWorkr", "replicas")) == "refused"
+    assert _declared(values_schema, ("serve", "autoscaling", "maxReplica")) == "refused"
+    assert _declared(values_schema, ("commonLabels", "team")) == "free"
+
+
+def test_values_schema_closes_every_section(values_schema: dict[str, Any]) -> None:
+    assert values_schema["additionalProperties"] is False
+    open_sections = [
+        path
+        for path, node in _objects(values_schema)
+        if node.get("additionalProperties") is not False
+    ]
+    assert open_sections == []
+    for section in ("ray", "serve", "model", "prefectWorker", "pseudonymKey", "networkPolicy"):
+        assert values_schema["properties"][section]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("setting", "refused"),
+    [
+        ("prefectWorkr.replicas=5", "additional properties 'prefectWorkr' not allowed"),
+        ("prefectWorker.replica=5", "additional properties 'replica' not allowed"),
+        ("ray.gpuWorkers.gpu=2", "additional properties 'gpu' not allowed"),
+        ("serve.numGpusPerReplica=2", "additional properties 'numGpusPerReplica' not allowed"),
+        ("pseudonymKey.existingSecrets=x", "additional properties 'existingSecrets' not allowed"),
+        ("prefectWorker.podDisruptionBudget.maxUnavailable=-1", "/maxUnavailable"),
+        ("model.weights.source=s3", "/model/weights/source"),
+    ],
+)
+def test_values_schema_refuses_a_misspelled_or_invalid_value(
+    helm: str, setting: str, refused: str
+) -> None:
+    done = template(helm, *REQUIRED, "--set", setting)
+    assert done.returncode != 0
+    assert refused in done.stderr

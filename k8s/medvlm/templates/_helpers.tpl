@@ -74,6 +74,27 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ .secret.key | quote }}
 {{- end }}
 
+{{/* The model version every draft and ledger row records (MEDVLM_MODEL__VERSION): required, and
+     the one value both the Ray pods and the Prefect worker get. */}}
+{{- define "medvlm.modelVersion" -}}
+{{- required "model.version is required: the version label recorded with every draft and ledger row (MEDVLM_MODEL__VERSION), given to the Ray pods and the Prefect worker, e.g. --set model.version=med-r1-2025.06; without it the worker refuses every run" .Values.model.version | toString }}
+{{- end }}
+
+{{/* GPUs one replica asks Ray for (`num_gpus`, MEDVLM_SERVING__NUM_GPUS): vLLM shards the model
+     over model.tensorParallelSize GPUs, so as many on a GPU group; 0 on a CPU group. */}}
+{{- define "medvlm.gpusPerReplica" -}}
+{{- if gt (int .Values.ray.gpuWorkers.gpus) 0 }}
+{{- int .Values.model.tensorParallelSize }}
+{{- else }}
+{{- 0 }}
+{{- end }}
+{{- end }}
+
+{{/* A PodDisruptionBudget's bound: "" (unset) or a number or percentage. */}}
+{{- define "medvlm.pdbBound" -}}
+{{- if and (not (kindIs "invalid" .)) (ne (toString .) "") }}{{ . }}{{ end }}
+{{- end }}
+
 {{/* Render-time checks of values the schema of a Kubernetes object cannot express. */}}
 {{- define "medvlm.validate" -}}
 {{- $ray := .Values.ray }}
@@ -81,10 +102,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (or (eq $tag $ray.version) (hasPrefix (printf "%s-" $ray.version) $tag)) }}
 {{- fail (printf "ray.image.tag %q must be ray.version %q or start with %q" $tag $ray.version (printf "%s-" $ray.version)) }}
 {{- end }}
-{{- if gt (float64 .Values.serve.numGpusPerReplica) (float64 $ray.gpuWorkers.gpus) }}
-{{- fail (printf "serve.numGpusPerReplica (%v) exceeds the GPUs of one worker pod, ray.gpuWorkers.gpus (%v)" .Values.serve.numGpusPerReplica $ray.gpuWorkers.gpus) }}
+{{- $gpr := int (include "medvlm.gpusPerReplica" .) }}
+{{- $podGpus := int $ray.gpuWorkers.gpus }}
+{{- if gt $gpr $podGpus }}
+{{- fail (printf "model.tensorParallelSize (%d) GPUs per replica exceeds the GPUs of one worker pod, ray.gpuWorkers.gpus (%d): a replica's tensor-parallel GPUs must be in one pod" $gpr $podGpus) }}
 {{- end }}
 {{- $a := .Values.serve.autoscaling }}
+{{- if not (has (toString $ray.upgradeStrategy.type) (list "None" "NewCluster")) }}
+{{- fail (printf "ray.upgradeStrategy.type must be None or NewCluster, not %q" (toString $ray.upgradeStrategy.type)) }}
+{{- end }}
+{{- range $key, $pdb := dict "prefectWorker" .Values.prefectWorker.podDisruptionBudget "ray.gpuWorkers" $ray.gpuWorkers.podDisruptionBudget }}
+{{- if $pdb.enabled }}
+{{- $min := include "medvlm.pdbBound" $pdb.minAvailable }}
+{{- $max := include "medvlm.pdbBound" $pdb.maxUnavailable }}
+{{- if and $min $max }}
+{{- fail (printf "%s.podDisruptionBudget: set minAvailable or maxUnavailable, not both" $key) }}
+{{- end }}
+{{- if not (or $min $max) }}
+{{- fail (printf "%s.podDisruptionBudget.enabled: set minAvailable or maxUnavailable" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if $a.enabled }}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
 {{- fail (printf "serve.autoscaling.minReplicas (%v) exceeds serve.autoscaling.maxReplicas (%v)" $a.minReplicas $a.maxReplicas) }}
@@ -94,6 +132,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.kubernetesApiEgress) }}
 {{- fail "serve.autoscaling.enabled runs KubeRay's autoscaler in the head pod, which calls the Kubernetes API: set networkPolicy.kubernetesApiEgress" }}
+{{- end }}
+{{- end }}
+{{- if gt $gpr 0 }}
+{{- /* Every replica must fit in the group: the fixed replicas in its pods, or with autoscaling
+       serve.autoscaling.maxReplicas in ray.gpuWorkers.maxReplicas pods. */}}
+{{- $replicas := ternary (int $a.maxReplicas) (int .Values.serve.numReplicas) (eq $a.enabled true) }}
+{{- $replicasKey := ternary "serve.autoscaling.maxReplicas" "serve.numReplicas" (eq $a.enabled true) }}
+{{- $pods := ternary (int $ray.gpuWorkers.maxReplicas) (int $ray.gpuWorkers.replicas) (eq $a.enabled true) }}
+{{- $podsKey := ternary "ray.gpuWorkers.maxReplicas" "ray.gpuWorkers.replicas" (eq $a.enabled true) }}
+{{- if gt (mul $replicas $gpr) (mul $pods $podGpus) }}
+{{- fail (printf "%s (%d) replicas x model.tensorParallelSize (%d) need %d GPUs, more than the GPU worker group has: %s (%d) pods x ray.gpuWorkers.gpus (%d) = %d GPUs" $replicasKey $replicas $gpr (mul $replicas $gpr) $podsKey $pods $podGpus (mul $pods $podGpus)) }}
+{{- end }}
+{{- $perPod := div $podGpus $gpr }}
+{{- $perNode := int .Values.serve.maxReplicasPerNode }}
+{{- if and (gt $perNode 0) (lt $perNode $perPod) }}
+{{- $perPod = $perNode }}
+{{- end }}
+{{- if gt $replicas (mul $pods $perPod) }}
+{{- fail (printf "%s (%d) replicas do not fit in the GPU worker group: one pod holds %d replicas of model.tensorParallelSize (%d) GPUs (ray.gpuWorkers.gpus %d, serve.maxReplicasPerNode %d), so %s (%d) pods hold %d" $replicasKey $replicas $perPod $gpr $podGpus $perNode $podsKey $pods (mul $pods $perPod)) }}
 {{- end }}
 {{- end }}
 {{- if not (has .Values.model.weights.source (list "pvc" "hostPath" "hub")) }}
@@ -162,10 +219,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: MEDVLM_MODEL__SERVED_NAME
   value: {{ .Values.model.servedName | quote }}
-{{- with .Values.model.version }}
 - name: MEDVLM_MODEL__VERSION
-  value: {{ . | quote }}
-{{- end }}
+  value: {{ include "medvlm.modelVersion" . | quote }}
 - name: MEDVLM_MODEL__MAX_MODEL_LEN
   value: {{ .Values.model.maxModelLen | quote }}
 - name: MEDVLM_MODEL__TENSOR_PARALLEL_SIZE
@@ -180,7 +235,7 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.serve.appName | quote }}
 {{ include "medvlm.replicasEnv" . }}
 - name: MEDVLM_SERVING__NUM_GPUS
-  value: {{ .Values.serve.numGpusPerReplica | quote }}
+  value: {{ include "medvlm.gpusPerReplica" . | quote }}
 - name: MEDVLM_SERVING__NUM_CPUS
   value: {{ .Values.serve.numCpusPerReplica | quote }}
 - name: MEDVLM_SERVING__MAX_ONGOING_REQUESTS
