@@ -16,10 +16,17 @@ cannot be installed.
 from __future__ import annotations
 
 import ast
+import copy
+import hashlib
+import http.server
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,32 @@ ALL_SECRETS = [
     "--set", "pseudonymKey.existingSecret=pseudonym",
 ]  # fmt: skip
 SECRET_ENV = re.compile(r"PASSWORD|TOKEN|API_KEY|AUTH_STRING|SECRET|LEDGER_URL")
+# Every optional feature at once: hooks, classes, GCS fault tolerance, metrics, C-MOVE.
+ALL_OPTIONS = [
+    *REQUIRED,
+    "--set", "ray.head.runtimeClassName=kata",
+    "--set", "ray.head.priorityClassName=medvlm-critical",
+    "--set", "ray.gpuWorkers.runtimeClassName=nvidia",
+    "--set", "ray.gpuWorkers.priorityClassName=medvlm-gpu",
+    "--set", "prefectWorker.runtimeClassName=gvisor",
+    "--set", "prefectWorker.priorityClassName=medvlm-worker",
+    "--set", "ray.gcsFaultTolerance.enabled=true",
+    "--set", "ray.gcsFaultTolerance.redisAddress=redis.redis.svc.cluster.local:6379",
+    "--set", "ray.gcsFaultTolerance.redisPasswordSecret.name=ray-redis",
+    "--set", "networkPolicy.redisEgress[0].namespaceSelector.kubernetes\\.io/metadata\\.name=redis",
+    "--set", "networkPolicy.redisEgress[0].ports={6379}",
+    "--set", "metrics.prometheusNamespaceSelector.kubernetes\\.io/metadata\\.name=monitoring",
+    "--set", "metrics.prometheusPodSelector.app\\.kubernetes\\.io/name=prometheus",
+    "--set", "pacs.kind=dimse", "--set", "pacs.dimseHost=pacs.hospital.internal",
+    "--set", "pacs.dimseRetrieve=move",
+    "--set", "pacs.storageScpService.type=NodePort",
+    "--set", "pacs.storageScpService.nodePort=30104",
+    "--set", "networkPolicy.pacsScpIngress={10.20.0.10/32}",
+    "--set", "model.weights.provision.enabled=true",
+    "--set", "model.weights.provision.volume.persistentVolumeClaim.claimName=staging",
+    "--set", "model.weights.provision.sourcePath=exports/med-r1",
+    "--set", "model.weights.provision.manifestFile=SHA256SUMS",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +146,14 @@ def rayservice(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every pod template: Deployments, StatefulSets, and the RayService's head and workers."""
+    """Every pod spec: Deployments, StatefulSets, (hook) Jobs, (test) Pods, and the RayService's
+    head and workers."""
     for doc in docs:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] in {"Deployment", "StatefulSet"}:
+        if doc["kind"] in {"Deployment", "StatefulSet", "Job"}:
             yield name, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "Pod":
+            yield name, doc["spec"]
         elif doc["kind"] == "RayService":
             cluster = doc["spec"]["rayClusterConfig"]
             yield f"{name}/head", cluster["headGroupSpec"]["template"]["spec"]
@@ -170,6 +206,8 @@ def test_rendered_objects_validate_against_kubernetes_schemas(
         "NetworkPolicy",
         "ServiceAccount",
         "PodDisruptionBudget",
+        "Job",
+        "Pod",
     } <= {d["kind"] for d in objects}
     for doc in objects:
         try:
@@ -397,7 +435,14 @@ def test_every_container_is_bounded_and_unprivileged(rendered: list[dict[str, An
         assert ctx["capabilities"]["drop"] == ["ALL"] and "add" not in ctx["capabilities"], name
         assert ctx["readOnlyRootFilesystem"] is True, name
         assert pod["automountServiceAccountToken"] is False, name
-    assert seen == 4  # ray head, ray worker, prefect worker, postgresql
+        if name.startswith(("Job/", "Pod/")):
+            # Hooks and test pods: non-root like the worker, scratch space only under /tmp.
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]], name
+    # ray head, ray worker, prefect worker, postgresql, the setup hook Job, the helm test pod
+    assert seen == 6
 
 
 def test_namespace_is_default_deny_and_no_policy_allows_everything(
@@ -503,7 +548,9 @@ def test_every_value_is_documented_in_values_and_readme() -> None:
 
 
 def test_every_medvlm_variable_names_a_settings_field(
-    rendered: list[dict[str, Any]], rendered_with_secrets: list[dict[str, Any]]
+    rendered: list[dict[str, Any]],
+    rendered_with_secrets: list[dict[str, Any]],
+    rendered_with_options: list[dict[str, Any]],
 ) -> None:
     from pydantic import BaseModel
 
@@ -511,13 +558,14 @@ def test_every_medvlm_variable_names_a_settings_field(
 
     names = {
         env["name"]
-        for docs in (rendered, rendered_with_secrets)
+        for docs in (rendered, rendered_with_secrets, rendered_with_options)
         for _, container, _ in containers(docs)
         for env in container.get("env", [])
         if env["name"].startswith("MEDVLM_")
         and env["name"] != "MEDVLM_CODE_DIR"  # read by prefect.yaml's pull step, not settings
     }
     assert "MEDVLM_JOB__LEDGER_URL" in names and "MEDVLM_MODEL__SOURCE" in names
+    assert "MEDVLM_PACS__SCP_PORT" in names
     unknown = []
     for name in sorted(names):
         model: type[BaseModel] = MedvlmSettings
@@ -724,7 +772,7 @@ def test_model_version_reaches_the_ray_pods_and_the_worker(helm: str, profile: s
     assert expected
     seen = set()
     for name, container, _ in containers(render(helm, *PROFILES[profile])):
-        if "postgresql" in name:
+        if "postgresql" in name or name.startswith(("Job/", "Pod/")):
             continue
         assert _env(container)["MEDVLM_MODEL__VERSION"] == expected, name
         seen.add(container["name"])
@@ -957,11 +1005,13 @@ def test_unsupported_upgrade_strategy_fails_to_render(helm: str, kind: str) -> N
 
 
 def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, str]]]:
-    """Every pod template's name and labels."""
+    """Every pod template's (or test pod's) name and labels."""
     for doc in docs:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] in {"Deployment", "StatefulSet"}:
+        if doc["kind"] in {"Deployment", "StatefulSet", "Job"}:
             yield name, doc["spec"]["template"]["metadata"]["labels"]
+        elif doc["kind"] == "Pod":
+            yield name, doc["metadata"]["labels"]
         elif doc["kind"] == "RayService":
             cluster = doc["spec"]["rayClusterConfig"]
             yield f"{name}/head", cluster["headGroupSpec"]["template"]["metadata"]["labels"]
@@ -1046,8 +1096,9 @@ def notes(helm: str, *args: str) -> str:
         [*REQUIRED, "--set", "prefectWorker.enabled=false",
          "--set", "database.internal.enabled=false",
          "--set", "ray.upgradeStrategy.type=NewCluster"],
+        ALL_OPTIONS,
     ],
-    ids=["default", "ci-cpu", "all-secrets", "autoscaling", "no-worker"],
+    ids=["default", "ci-cpu", "all-secrets", "autoscaling", "no-worker", "all-options"],
 )  # fmt: skip
 def test_notes_render_what_was_installed_and_the_next_steps(helm: str, values: list[str]) -> None:
     text = notes(helm, *values)
@@ -1056,7 +1107,9 @@ def test_notes_render_what_was_installed_and_the_next_steps(helm: str, values: l
     # KubeRay's stable head Service of a RayService is `<name>-head-svc`.
     assert f"port-forward svc/{rs['metadata']['name']}-head-svc 8265:8265" in text
     assert f"get rayservice {rs['metadata']['name']}" in text
-    assert "helm test" in text  # says there are no test hooks: what to check instead
+    tested = bool(of_kind(docs, "Pod"))
+    assert ("helm test medvlm -n medvlm --logs" in text) is tested
+    assert "helm test" in text  # without the test pod: what to check instead
     version = _env(next(c for _, c, _ in containers([rs])))["MEDVLM_MODEL__VERSION"]
     assert f'version "{version}"' in text
     if of_kind(docs, "Deployment"):
@@ -1068,6 +1121,11 @@ def test_notes_render_what_was_installed_and_the_next_steps(helm: str, values: l
     assert ("pseudonymKey.existingSecret is not set" in text) is not pseudonym_set
     upgrade = rs["spec"]["upgradeStrategy"]["type"]
     assert ("delete raycluster" in text) is (upgrade == "None")
+    kinds = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
+    assert ("Setup hook Job medvlm-setup" in text) is ("Job/medvlm-setup" in kinds)
+    assert ("Service medvlm-dicom-scp (NodePort" in text) is ("Service/medvlm-dicom-scp" in kinds)
+    provision = "Job/medvlm-weights-provision" in kinds
+    assert ("verified every file's sha256" in text) is provision
 
 
 # -- values.schema.json --------------------------------------------------------------------------
@@ -1160,6 +1218,11 @@ def test_values_schema_closes_every_section(values_schema: dict[str, Any]) -> No
         ("pseudonymKey.existingSecrets=x", "additional properties 'existingSecrets' not allowed"),
         ("prefectWorker.podDisruptionBudget.maxUnavailable=-1", "/maxUnavailable"),
         ("model.weights.source=s3", "/model/weights/source"),
+        ("model.weights.provision.source=s3", "/model/weights/provision/source"),
+        ("pacs.dimseRetrieve=moov", "/pacs/dimseRetrieve"),
+        ("pacs.storageScpService.type=ExternalName", "/pacs/storageScpService/type"),
+        ("metrics.prometheusPodSelectors.app=x", "'prometheusPodSelectors' not allowed"),
+        ("setupJob.enable=false", "additional properties 'enable' not allowed"),
     ],
 )
 def test_values_schema_refuses_a_misspelled_or_invalid_value(
@@ -1168,3 +1231,825 @@ def test_values_schema_refuses_a_misspelled_or_invalid_value(
     done = template(helm, *REQUIRED, "--set", setting)
     assert done.returncode != 0
     assert refused in done.stderr
+
+
+# -- every optional feature at once ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rendered_with_options(helm: str) -> list[dict[str, Any]]:
+    return render(helm, *ALL_OPTIONS)
+
+
+def test_every_optional_feature_validates_against_kubernetes_and_kuberay_schemas(
+    rendered_with_options: list[dict[str, Any]], rayservice_validator: Any
+) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = rendered_with_options
+    names = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
+    assert {
+        "Job/medvlm-setup",
+        "Job/medvlm-weights-provision",
+        "Pod/medvlm-test",
+        "Service/medvlm-dicom-scp",
+        "NetworkPolicy/medvlm-ray-gcs-redis",
+    } <= names
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            errors = [e.message for e in rayservice_validator.iter_errors(doc)]
+            assert errors == []
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+def test_every_container_of_the_optional_features_is_bounded_and_unprivileged(
+    rendered_with_options: list[dict[str, Any]],
+) -> None:
+    seen = set()
+    for name, container, pod in containers(rendered_with_options):
+        seen.add(name)
+        for section in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][section]), name
+        ctx = container["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}, name
+        assert pod["automountServiceAccountToken"] is False, name
+    assert "Job/medvlm-weights-provision/provision" in seen
+
+
+# -- the setup hook Job: ledger migration, then the Prefect deployments --------------------------
+
+
+def _setup_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (job,) = [j for j in of_kind(docs, "Job") if j["metadata"]["name"] == "medvlm-setup"]
+    return job
+
+
+def _ledger_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in container["env"] if e["name"].startswith("MEDVLM_JOB__LEDGER")]
+
+
+def test_setup_job_is_a_post_install_hook_that_migrates_the_ledger_then_deploys(
+    rendered: list[dict[str, Any]],
+) -> None:
+    from typer.testing import CliRunner
+
+    from medvlm.cli import app
+
+    job = _setup_job(rendered)
+    assert job["metadata"]["annotations"] == {
+        "helm.sh/hook": "post-install,post-upgrade",
+        "helm.sh/hook-weight": "0",
+        "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+    }
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    script = container["command"][-1]
+    migrate = script.index("until medvlm db upgrade; do")
+    deploy = script.index('prefect --no-prompt deploy --all --prefect-file "$deploy_file"')
+    assert migrate < script.index('cd "$MEDVLM_CODE_DIR"') < deploy
+    # The command the Job runs is the CLI's: `medvlm db upgrade` exists.
+    done = CliRunner().invoke(app, ["db", "upgrade", "--help"])
+    assert done.exit_code == 0 and "Migrate the ledger" in done.output
+    # Same image and Prefect API as the worker, which runs the deployments' flows.
+    worker, _ = _worker(rendered)
+    assert container["image"] == worker["image"]
+    env = _env(container)
+    assert env["PREFECT_API_URL"] == _env(worker)["PREFECT_API_URL"]
+    assert env["MEDVLM_CODE_DIR"] == _env(worker)["MEDVLM_CODE_DIR"]
+    assert env["WORK_POOL_NAME"] == worker["args"][worker["args"].index("--pool") + 1]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ALL_SECRETS,
+        [
+            *REQUIRED,
+            "--set", "database.internal.enabled=false",
+            "--set", "database.external.urlSecret.name=ledger-db",
+            "--set", "database.external.cidrs={10.30.0.5/32}",
+        ],
+    ],
+    ids=["internal-db", "external-db"],
+)  # fmt: skip
+def test_setup_job_and_helm_test_get_the_workers_ledger_env(helm: str, values: list[str]) -> None:
+    docs = render(helm, *values)
+    worker, _ = _worker(docs)
+    ledger = _ledger_env(worker)
+    assert ledger
+    (setup,) = _setup_job(docs)["spec"]["template"]["spec"]["containers"]
+    ((test_pod,),) = [p["spec"]["containers"] for p in of_kind(docs, "Pod")]
+    for container in (setup, test_pod):
+        assert _ledger_env(container) == ledger
+    auth = [e for e in worker["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+    assert [e for e in setup["env"] if e["name"] == "PREFECT_API_AUTH_STRING"] == auth
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _run_setup_script(
+    job: dict[str, Any], tmp_path: Path, *, migration_failures: int
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The setup Job's shell script, run here with stand-ins for `medvlm`, `prefect` and `sleep`
+    that log their calls (and prefect.yaml's deploy file), in a copy of the code directory."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["sh", "-c"]
+    bin_dir, code_dir = tmp_path / "bin", tmp_path / "code"
+    bin_dir.mkdir()
+    code_dir.mkdir()
+    shutil.copy(ROOT / "prefect.yaml", code_dir / "prefect.yaml")
+    log = tmp_path / "calls.log"
+    _stub(
+        bin_dir, "medvlm",
+        f'echo "medvlm $*" >> {log}\n'
+        f'n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n'
+        f'[ "$n" -ge {migration_failures} ]\n',
+    )  # fmt: skip
+    _stub(
+        bin_dir, "prefect",
+        f'echo "prefect $* (in $PWD)" >> {log}\n'
+        '[ "$2" = inspect ] && exit 1\n'  # the work pool does not exist yet
+        f'if [ "$2" = deploy ]; then cp "$5" {tmp_path}/deployed.yaml; fi\n',
+    )  # fmt: skip
+    _stub(bin_dir, "sleep", f'echo "sleep $*" >> {log}\n')
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {e["name"]: str(e["value"]) for e in container["env"] if "value" in e}
+    env.update(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        MEDVLM_CODE_DIR=str(code_dir),
+        TMPDIR=str(tmp_path),
+        HOME=str(tmp_path),
+    )
+    done = subprocess.run(
+        ["sh", "-c", container["command"][2]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    calls = log.read_text().splitlines() if log.exists() else []
+    return done, calls
+
+
+def test_setup_script_migrates_with_retries_then_registers_prefect_yaml_in_the_pool(
+    helm: str, tmp_path: Path
+) -> None:
+    docs = render(helm, *REQUIRED, "--set", "prefectWorker.pool=radiology")
+    done, calls = _run_setup_script(_setup_job(docs), tmp_path, migration_failures=2)
+    assert done.returncode == 0, done.stderr
+    code = tmp_path / "code"
+    assert calls == [
+        "medvlm db upgrade",
+        "sleep 10",
+        "medvlm db upgrade",
+        "sleep 10",
+        "medvlm db upgrade",
+        f"prefect work-pool inspect radiology (in {tmp_path})",
+        f"prefect work-pool create radiology --type process (in {tmp_path})",
+        f"prefect --no-prompt deploy --all --prefect-file {tmp_path}/prefect-deploy.yaml"
+        f" (in {code})",
+    ]
+    # The deployments registered are prefect.yaml's, each in the release's work pool.
+    original = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployed = yaml.safe_load((tmp_path / "deployed.yaml").read_text())
+    assert [d["work_pool"]["name"] for d in deployed["deployments"]] == ["radiology"] * len(
+        original["deployments"]
+    )
+    for deployment in original["deployments"]:
+        deployment["work_pool"]["name"] = "radiology"
+    assert deployed == original
+
+
+def test_setup_script_fails_without_deploying_when_the_migration_keeps_failing(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    done, calls = _run_setup_script(_setup_job(rendered), tmp_path, migration_failures=1000)
+    assert done.returncode != 0
+    assert calls.count("medvlm db upgrade") == 30
+    assert not [c for c in calls if c.startswith("prefect")]
+    assert "the ledger migration failed 30 times" in done.stderr
+
+
+def test_setup_job_toggles(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, *REQUIRED, "--set", "setupJob.registerDeployments=false")
+    done, calls = _run_setup_script(_setup_job(docs), tmp_path, migration_failures=0)
+    assert done.returncode == 0, done.stderr
+    assert calls == ["medvlm db upgrade"]
+    policy = _policies(docs)["setup"]
+    assert [p["port"] for r in policy["egress"] for p in r["ports"]] == [5432]  # no Prefect API
+    for values in (["--set", "setupJob.enabled=false"], ["--set", "prefectWorker.enabled=false"]):
+        docs = render(helm, *REQUIRED, *values)
+        assert "Job/medvlm-setup" not in [f"{d['kind']}/{d['metadata']['name']}" for d in docs]
+        assert "setup" not in _policies(docs)
+        assert "component: setup" not in yaml.safe_dump(docs)
+
+
+# -- NetworkPolicy reachability ------------------------------------------------------------------
+
+
+def _policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        p["metadata"]["name"].removeprefix("medvlm-"): p["spec"]
+        for p in of_kind(docs, "NetworkPolicy")
+    }
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def _peer_matches(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A peer of the release's namespace (podSelector only) that selects a pod with ``labels``."""
+    return set(peer) == {"podSelector"} and _selects(peer["podSelector"], labels)
+
+
+def allowed(docs: list[dict[str, Any]], source: str, target: str, port: int) -> bool:
+    """Whether the policies let pod ``source`` open TCP ``port`` on pod ``target`` (both pod
+    template names of ``pod_templates``): an egress rule of a policy selecting the source and
+    an ingress rule of a policy selecting the target must both allow it."""
+    pods = dict(pod_templates(docs))
+    src, dst = pods[source], pods[target]
+
+    def allows(direction: str, selected: dict[str, str], peer_labels: dict[str, str]) -> bool:
+        key = "to" if direction == "egress" else "from"
+        return any(
+            any(_peer_matches(peer, peer_labels) for peer in rule[key])
+            and {"protocol": "TCP", "port": port} in rule["ports"]
+            for policy in of_kind(docs, "NetworkPolicy")
+            if _selects(policy["spec"]["podSelector"], selected)
+            for rule in policy["spec"].get(direction) or []
+        )
+
+    return allows("egress", src, dst) and allows("ingress", dst, src)
+
+
+def test_network_policies_let_the_helm_test_and_setup_pods_reach_only_their_services(
+    rendered: list[dict[str, Any]],
+) -> None:
+    group = rayservice(rendered)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    serve, db = f"RayService/medvlm/{group}", "StatefulSet/medvlm-postgresql"
+    worker, setup, test = (
+        "Deployment/medvlm-prefect-worker",
+        "Job/medvlm-setup",
+        "Pod/medvlm-test",
+    )
+    # The checker sees what it should: the worker's own flows, and nothing the Ray pods lack.
+    assert allowed(rendered, worker, serve, 8000) and allowed(rendered, worker, db, 5432)
+    assert not allowed(rendered, serve, db, 5432)
+    assert allowed(rendered, test, serve, 8000)
+    assert allowed(rendered, test, db, 5432)
+    assert allowed(rendered, setup, db, 5432)
+    assert not allowed(rendered, setup, serve, 8000)
+    assert not allowed(rendered, test, "RayService/medvlm/head", 8265)
+    policies = _policies(rendered)
+    # The test pod calls nothing else; the setup Job adds the Prefect API (from values).
+    assert sorted(p["port"] for r in policies["test"]["egress"] for p in r["ports"]) == [
+        5432,
+        8000,
+    ]
+    assert sorted(p["port"] for r in policies["setup"]["egress"] for p in r["ports"]) == [
+        4200,
+        5432,
+    ]
+    for name in ("test", "setup"):
+        assert "ingress" not in policies[name]  # nothing calls them
+    # DNS: the instance-wide policy selects them too.
+    pods = dict(pod_templates(rendered))
+    for pod in (test, setup):
+        assert _selects(policies["dns-egress"]["podSelector"], pods[pod])
+
+
+# -- helm test -----------------------------------------------------------------------------------
+
+
+def _test_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (pod,) = of_kind(docs, "Pod")
+    return pod
+
+
+def test_helm_test_pod_checks_serve_and_the_ledger_where_the_worker_reaches_them(
+    rendered_with_secrets: list[dict[str, Any]], helm: str
+) -> None:
+    pod = _test_pod(rendered_with_secrets)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (container,) = pod["spec"]["containers"]
+    worker, _ = _worker(rendered_with_secrets)
+    model_env = {
+        "MEDVLM_JOB__MODEL_ENDPOINT",
+        "MEDVLM_JOB__MODEL_URL",
+        "MEDVLM_MODEL__SERVED_NAME",
+        "MEDVLM_SERVING__API_KEY",
+    }
+    assert [e for e in container["env"] if e["name"] in model_env] == [
+        e for e in worker["env"] if e["name"] in model_env
+    ]
+    assert _env(container)["MEDVLM_JOB__MODEL_URL"] == "http://medvlm-serve-svc:8000"
+    assert container["image"] == worker["image"]
+    for values in (["--set", "tests.enabled=false"], ["--set", "prefectWorker.enabled=false"]):
+        docs = render(helm, *REQUIRED, *values)
+        assert of_kind(docs, "Pod") == [] and "test" not in _policies(docs)
+
+
+class _ModelService:
+    """A stand-in for Serve's ``GET /v1/models`` on loopback."""
+
+    def __init__(self, served: str, api_key: str | None) -> None:
+        outer = self
+        self.requests: list[tuple[str, str | None]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                outer.requests.append((self.path, auth))
+                if api_key is not None and auth != f"Bearer {api_key}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if self.path != "/v1/models":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = json.dumps({"object": "list", "data": [{"id": served}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _run_helm_test(
+    pod: dict[str, Any], tmp_path: Path, model_url: str, ledger_url: str
+) -> subprocess.CompletedProcess[str]:
+    """The test pod's script, run here with the pod's env: secrets faked as in the kubelet,
+    the Serve URL and the ledger replaced by local ones."""
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:2] == ["python", "-c"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    for entry in container["env"]:
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = f"fake-{ref['name']}-{ref['key']}"
+        else:
+            env[entry["name"]] = str(entry["value"])
+    env.pop("MEDVLM_JOB__LEDGER_PASSWORD")
+    env.update(
+        HOME=str(tmp_path),
+        MEDVLM_HOME=str(tmp_path / "medvlm"),
+        MEDVLM_JOB__MODEL_URL=model_url,
+        MEDVLM_JOB__LEDGER_URL=ledger_url,
+        CHECK_TIMEOUT_S="5",
+    )
+    return subprocess.run(
+        [sys.executable, "-c", container["command"][2]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_helm_test_script_passes_only_when_the_model_is_served_and_the_ledger_answers(
+    rendered_with_secrets: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    pod = _test_pod(rendered_with_secrets)
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    api_key = "fake-serve-api-api-key"  # what _run_helm_test makes of the secretKeyRef
+    good = _ModelService("medvlm-draft", api_key)
+    other = _ModelService("another-model", api_key)
+    try:
+        done = _run_helm_test(pod, tmp_path, good.url, ledger)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"model service {good.url}/v1/models: serves 'medvlm-draft'" in done.stdout
+        assert "ledger (sqlite)" in done.stdout and "answered" in done.stdout
+        assert good.requests == [("/v1/models", f"Bearer {api_key}")]
+        # Another model served, the route prefix wrong, or the ledger down: the test fails.
+        done = _run_helm_test(pod, tmp_path, other.url, ledger)
+        assert done.returncode == 1 and "not 'medvlm-draft'" in done.stdout
+        done = _run_helm_test(pod, tmp_path, good.url + "/wrong-prefix", ledger)
+        assert done.returncode == 1 and "HTTPError" in done.stdout
+        with socket.socket() as closed:  # a port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            down = f"postgresql+psycopg://medvlm@127.0.0.1:{closed.getsockname()[1]}/medvlm"
+            done = _run_helm_test(pod, tmp_path, good.url, down)
+        assert done.returncode == 1, done.stdout
+        assert "serves 'medvlm-draft'" in done.stdout
+        assert "ledger (postgresql)" in done.stdout and "connection refused" in done.stdout
+    finally:
+        good.close()
+        other.close()
+
+
+# -- runtimeClassName and priorityClassName ------------------------------------------------------
+
+
+def test_runtime_and_priority_classes_reach_their_pods_only_when_set(
+    rendered: list[dict[str, Any]], rendered_with_options: list[dict[str, Any]]
+) -> None:
+    for name, spec in pod_specs(rendered):
+        assert "runtimeClassName" not in spec and "priorityClassName" not in spec, name
+    specs = dict(pod_specs(rendered_with_options))
+    expected = {
+        "RayService/medvlm/head": ("kata", "medvlm-critical"),
+        "RayService/medvlm/gpu": ("nvidia", "medvlm-gpu"),
+        "Deployment/medvlm-prefect-worker": ("gvisor", "medvlm-worker"),
+    }
+    for name, spec in specs.items():
+        classes = (spec.get("runtimeClassName"), spec.get("priorityClassName"))
+        assert classes == expected.get(name, (None, None)), name
+
+
+# -- GCS fault tolerance -------------------------------------------------------------------------
+
+
+def test_gcs_fault_tolerance_is_rendered_only_when_enabled_and_fits_the_crd(
+    rendered: list[dict[str, Any]],
+    rendered_with_options: list[dict[str, Any]],
+    rayservice_crd_schema: dict[str, Any],
+    rayservice_validator: Any,
+) -> None:
+    cluster = rayservice(rendered)["spec"]["rayClusterConfig"]
+    assert "gcsFaultToleranceOptions" not in cluster
+    assert "ray-gcs-redis" not in _policies(rendered)
+    crd = rayservice_crd_schema["properties"]["spec"]["properties"]["rayClusterConfig"]
+    assert {"redisAddress", "redisPassword"} <= set(
+        crd["properties"]["gcsFaultToleranceOptions"]["properties"]
+    )
+    rs = copy.deepcopy(rayservice(rendered_with_options))
+    assert rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "redis.redis.svc.cluster.local:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "ray-redis", "key": "password"}}},
+    }
+    assert list(rayservice_validator.iter_errors(rs)) == []
+    rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAdress"] = "x:6379"
+    assert any("redisAdress" in e.message for e in rayservice_validator.iter_errors(rs))
+    # The head (and KubeRay's Redis cleanup Job, made from its template) may reach Redis.
+    policy = _policies(rendered_with_options)["ray-gcs-redis"]
+    assert policy["podSelector"]["matchLabels"]["medvlm.io/ray-node"] == "head"
+    assert policy["egress"] == [
+        {
+            "to": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "redis"}}}
+            ],
+            "ports": [{"protocol": "TCP", "port": 6379}],
+        }
+    ]
+
+
+def test_gcs_fault_tolerance_without_a_password_or_address(helm: str) -> None:
+    gcs = [
+        "--set", "ray.gcsFaultTolerance.enabled=true",
+        "--set", "networkPolicy.redisEgress[0].cidr=10.40.0.5/32",
+        "--set", "networkPolicy.redisEgress[0].ports={6379}",
+    ]  # fmt: skip
+    options = rayservice(
+        render(helm, *REQUIRED, *gcs, "--set", "ray.gcsFaultTolerance.redisAddress=10.40.0.5:6379")
+    )["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options == {"redisAddress": "10.40.0.5:6379"}
+    done = template(helm, *REQUIRED, *gcs)
+    assert done.returncode != 0 and "needs ray.gcsFaultTolerance.redisAddress" in done.stderr
+    done = template(
+        helm, *REQUIRED,
+        "--set", "ray.gcsFaultTolerance.enabled=true",
+        "--set", "ray.gcsFaultTolerance.redisAddress=10.40.0.5:6379",
+    )  # fmt: skip
+    assert done.returncode != 0 and "set networkPolicy.redisEgress" in done.stderr
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def _metrics_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        rule
+        for rule in _policies(docs)["ray"]["ingress"]
+        if any(p["port"] not in (8000, 8265) for p in rule.get("ports", []))
+    ]
+
+
+def test_ray_pods_export_metrics_on_the_port_the_policy_opens_to_prometheus_only(
+    helm: str, rendered: list[dict[str, Any]], rendered_with_options: list[dict[str, Any]]
+) -> None:
+    for docs, port in ((rendered, 8080), (rendered_with_options, 8080)):
+        cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            assert group["rayStartParams"]["metrics-export-port"] == str(port)
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"name": "metrics", "containerPort": port} in container["ports"]
+    assert _metrics_rules(rendered) == []  # off by default: no one may scrape
+    (rule,) = _metrics_rules(rendered_with_options)
+    assert rule == {
+        "from": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": 8080}],
+    }
+    # A pod selector alone: Prometheus in the release's namespace; another port everywhere.
+    docs = render(
+        helm, *REQUIRED,
+        "--set", "metrics.prometheusPodSelector.app=prometheus",
+        "--set", "metrics.rayPort=9090",
+        "--set-string", "ray.head.rayStartParams.metrics-export-port=7000",
+    )  # fmt: skip
+    (rule,) = _metrics_rules(docs)
+    assert rule == {
+        "from": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}],
+        "ports": [{"protocol": "TCP", "port": 9090}],
+    }
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == "9090"
+    # The Prefect worker exports no metrics (see the README): no port beyond its health check.
+    worker, _ = _worker(docs)
+    assert [p["name"] for p in worker["ports"]] == ["health"]
+    assert "PREFECT_CLIENT_METRICS_ENABLED" not in _env(worker)
+
+
+# -- the DICOM storage SCP (C-MOVE) --------------------------------------------------------------
+
+
+def test_no_storage_scp_without_c_move(helm: str, rendered: list[dict[str, Any]]) -> None:
+    for docs in (
+        rendered,
+        render(
+            helm, *REQUIRED, "--set", "pacs.kind=dimse", "--set", "pacs.dimseHost=pacs.h",
+            "--set", "networkPolicy.pacsScpIngress={10.20.0.10/32}",
+        ),
+    ):  # fmt: skip
+        worker, _ = _worker(docs)
+        assert [s["metadata"]["name"] for s in of_kind(docs, "Service")] == ["medvlm-postgresql"]
+        assert "ingress" not in _policies(docs)["prefect-worker"]
+        assert not [n for n in _env(worker) if "SCP" in n] and "--limit" not in worker["args"]
+    assert _env(worker)["MEDVLM_PACS__DIMSE_RETRIEVE"] == "get"
+
+
+def test_c_move_opens_the_storage_scp_behind_a_service_to_the_pacs_only(
+    rendered_with_options: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from medvlm.settings import MedvlmSettings
+
+    docs = rendered_with_options
+    worker, pod = _worker(docs)
+    (port,) = [p for p in worker["ports"] if p["name"] == "dicom-scp"]
+    assert port == {"name": "dicom-scp", "containerPort": 4343, "protocol": "TCP"}
+    # One flow run at a time: each run's process listens on that port.
+    assert worker["args"][worker["args"].index("--limit") + 1] == "1"
+    (service,) = [
+        s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "medvlm-dicom-scp"
+    ]
+    spec = service["spec"]
+    assert spec["type"] == "NodePort" and spec["externalTrafficPolicy"] == "Local"
+    assert spec["ports"] == [
+        {"name": "dicom-scp", "port": 4343, "targetPort": "dicom-scp", "protocol": "TCP",
+         "nodePort": 30104}
+    ]  # fmt: skip
+    selected = [
+        n for n, labels in pod_templates(docs) if spec["selector"].items() <= labels.items()
+    ]
+    assert selected == ["Deployment/medvlm-prefect-worker"]
+    # The PACS's CIDR, and nothing else, may open the SCP port.
+    assert _policies(docs)["prefect-worker"]["ingress"] == [
+        {"from": [{"ipBlock": {"cidr": "10.20.0.10/32"}}],
+         "ports": [{"protocol": "TCP", "port": 4343}]}
+    ]  # fmt: skip
+    # The settings the flow runs load: C-MOVE to our SCP, listening on the pod's addresses.
+    env = _worker_settings_env(worker, pod, tmp_path)
+    for name in list(os.environ):
+        if name.startswith("MEDVLM_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MEDVLM_JOB__LEDGER_PASSWORD", "x")
+    pacs = MedvlmSettings().pacs
+    assert (pacs.kind, pacs.dimse_retrieve) == ("dimse", "move")
+    assert (pacs.scp_aet, pacs.scp_host, pacs.scp_port) == ("MEDVLM_SCP", "0.0.0.0", 4343)
+
+
+def test_storage_scp_service_types(helm: str) -> None:
+    move = [
+        *REQUIRED, "--set", "pacs.kind=dimse", "--set", "pacs.dimseHost=pacs.h",
+        "--set", "pacs.dimseRetrieve=move",
+        "--set", "networkPolicy.pacsScpIngress={10.20.0.10/32,10.20.0.11/32}",
+    ]  # fmt: skip
+
+    def scp_service(*values: str) -> dict[str, Any]:
+        docs = render(helm, *move, *values)
+        (service,) = [s for s in of_kind(docs, "Service") if "dicom-scp" in s["metadata"]["name"]]
+        return dict(service["spec"])
+
+    spec = scp_service()
+    assert spec["type"] == "ClusterIP" and "externalTrafficPolicy" not in spec
+    assert "nodePort" not in spec["ports"][0]
+    spec = scp_service(
+        "--set", "pacs.storageScpService.type=LoadBalancer",
+        "--set", "pacs.storageScpService.port=104",
+    )  # fmt: skip
+    assert spec["loadBalancerSourceRanges"] == ["10.20.0.10/32", "10.20.0.11/32"]
+    assert spec["externalTrafficPolicy"] == "Local" and spec["ports"][0]["port"] == 104
+    assert "nodePort" not in spec["ports"][0]  # 0: Kubernetes picks one
+    done = template(helm, *move, "--set", "prefectWorker.replicas=2")
+    assert done.returncode != 0 and "set prefectWorker.replicas to 1" in done.stderr
+    done = template(helm, *move[:-2])
+    assert done.returncode != 0 and "set networkPolicy.pacsScpIngress" in done.stderr
+
+
+# -- model weights provisioning ------------------------------------------------------------------
+
+
+def _provision_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (job,) = [j for j in of_kind(docs, "Job") if j["metadata"]["name"].endswith("provision")]
+    return job
+
+
+def test_weights_provisioning_job_copies_into_what_the_ray_pods_read(
+    rendered: list[dict[str, Any]], rendered_with_options: list[dict[str, Any]]
+) -> None:
+    assert not [j for j in of_kind(rendered, "Job") if "provision" in j["metadata"]["name"]]
+    job = _provision_job(rendered_with_options)
+    assert job["metadata"]["annotations"] == {
+        "helm.sh/hook": "pre-install,pre-upgrade",
+        "helm.sh/hook-weight": "-10",
+        "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+    }
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["checkpoint-source"]["persistentVolumeClaim"] == {"claimName": "staging"}
+    assert mounts["checkpoint-source"] == {
+        "name": "checkpoint-source", "mountPath": "/source", "readOnly": True
+    }  # fmt: skip
+    assert volumes["model-weights"]["persistentVolumeClaim"] == {"claimName": "medvlm-models"}
+    assert mounts["model-weights"].get("readOnly", False) is False
+    env = _env(container)
+    assert env["WEIGHTS_SOURCE"] == "/source/exports/med-r1"
+    # The directory it fills is the one the Ray workers load, from the same claim.
+    (group,) = rayservice(rendered_with_options)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (ray_container,) = group["template"]["spec"]["containers"]
+    assert env["WEIGHTS_TARGET"] == _env(ray_container)["MEDVLM_MODEL__SOURCE"]
+    assert str(env["WEIGHTS_TARGET"]).startswith(mounts["model-weights"]["mountPath"] + "/")
+    ray_volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    assert ray_volumes["model-weights"]["persistentVolumeClaim"]["claimName"] == "medvlm-models"
+    assert env["WEIGHTS_MANIFEST_FILE"] == "SHA256SUMS" and env["WEIGHTS_MANIFEST"] == "{}"
+    script = container["command"][-1]
+    assert "sha256" in script and "mismatch" in script
+
+
+def _run_provision(
+    job: dict[str, Any], tmp_path: Path, manifest: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The provisioning Job's script, run here: /source and the weights mount moved under
+    ``tmp_path``."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    weights_mount = next(
+        m["mountPath"] for m in container["volumeMounts"] if m["name"] == "model-weights"
+    )
+    run_env = {
+        "PATH": os.environ["PATH"],
+        "WEIGHTS_SOURCE": str(env["WEIGHTS_SOURCE"]).replace("/source", str(tmp_path / "src"), 1),
+        "WEIGHTS_TARGET": str(env["WEIGHTS_TARGET"]).replace(
+            weights_mount, str(tmp_path / "pvc"), 1
+        ),
+        "WEIGHTS_MANIFEST": (
+            json.dumps(manifest) if manifest is not None else str(env["WEIGHTS_MANIFEST"])
+        ),
+        "WEIGHTS_MANIFEST_FILE": str(env["WEIGHTS_MANIFEST_FILE"]),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", container["command"][-1]],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checkpoint(root: Path) -> dict[str, bytes]:
+    files = {
+        "config.json": b'{"architectures": ["Qwen2VLForConditionalGeneration"]}',
+        "model-00001-of-00002.safetensors": os.urandom(3 << 20),
+        "sub/tokenizer.json": b'{"version": "1.0"}',
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_weights_provisioning_copies_verifies_and_refuses_a_mismatch(
+    helm: str, tmp_path: Path
+) -> None:
+    docs = render(
+        helm, *REQUIRED,
+        "--set", "model.weights.provision.enabled=true",
+        "--set", "model.weights.provision.volume.nfs.server=nas.hospital.internal",
+        "--set", "model.weights.provision.volume.nfs.path=/export/models",
+        "--set", "model.weights.provision.manifest.placeholder=" + "0" * 64,
+    )  # fmt: skip
+    job = _provision_job(docs)
+    source, target = tmp_path / "src", tmp_path / "pvc" / "med-r1"
+    source.mkdir()
+    files = _checkpoint(source)
+    (source / "unlisted.bin").write_bytes(b"not in the manifest")
+    manifest = {name: _sha256(data) for name, data in files.items()}
+
+    done = _run_provision(job, tmp_path, manifest)
+    assert done.returncode == 0, done.stderr
+    assert "3 files copied and verified" in done.stdout
+    assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*")
+            if p.is_file()} == files  # fmt: skip
+    assert sorted(p.name for p in target.parent.iterdir()) == ["med-r1"]  # no .partial/.old
+    # Again: the files match already; nothing is copied.
+    done = _run_provision(job, tmp_path, manifest)
+    assert done.returncode == 0 and "nothing copied" in done.stdout
+    # A source file that does not match the manifest: fails, the good checkpoint stays.
+    (source / "sub" / "tokenizer.json").write_bytes(b"tampered")
+    done = _run_provision(job, tmp_path, {**manifest, "config.json": "0" * 64})
+    assert done.returncode == 1
+    assert "config.json: sha256 mismatch" in done.stderr
+    assert "sub/tokenizer.json: sha256 mismatch" in done.stderr
+    assert (target / "sub" / "tokenizer.json").read_bytes() == files["sub/tokenizer.json"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["med-r1"]
+    # A file the manifest lists but the source lacks; a path out of the checkpoint.
+    done = _run_provision(job, tmp_path, {**manifest, "missing.bin": "0" * 64})
+    assert done.returncode == 1 and "missing.bin: not in the source" in done.stderr
+    done = _run_provision(job, tmp_path, {"../escape": "0" * 64})
+    assert done.returncode == 1 and "not a relative path inside the checkpoint" in done.stderr
+
+
+def test_weights_provisioning_reads_a_sha256sum_manifest_from_the_source(
+    rendered_with_options: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    job = _provision_job(rendered_with_options)
+    source = tmp_path / "src" / "exports" / "med-r1"
+    source.mkdir(parents=True)
+    files = _checkpoint(source)
+    lines = [f"{_sha256(data)}  {name}" for name, data in files.items()]
+    (source / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    done = _run_provision(job, tmp_path)
+    assert done.returncode == 0, done.stderr
+    target = tmp_path / "pvc" / "med-r1"
+    assert (target / "model-00001-of-00002.safetensors").read_bytes() == files[
+        "model-00001-of-00002.safetensors"
+    ]
+    (source / "SHA256SUMS").write_text(lines[0] + "\nnot a manifest line\n")
+    done = _run_provision(job, tmp_path)
+    assert done.returncode == 1 and "SHA256SUMS line 2" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "model.weights.source=hostPath"], "it needs model.weights.source pvc"),
+        (["--set", "model.weights.subPath="], "needs model.weights.subPath"),
+        (["--set", "model.weights.provision.volume=null"], "provision.volume must name"),
+        (["--set", "model.weights.provision.manifestFile="], "set exactly one of manifest"),
+        (
+            ["--set", "model.weights.provision.manifest.config\\.json=" + "a" * 64],
+            "set exactly one of manifest",
+        ),
+    ],
+)
+def test_inconsistent_weights_provisioning_fails_to_render(
+    helm: str, values: list[str], message: str
+) -> None:
+    provision = [
+        "--set", "model.weights.provision.enabled=true",
+        "--set", "model.weights.provision.volume.persistentVolumeClaim.claimName=staging",
+        "--set", "model.weights.provision.manifestFile=SHA256SUMS",
+    ]  # fmt: skip
+    done = template(helm, *REQUIRED, *provision, *values)
+    assert done.returncode != 0
+    assert message in done.stderr

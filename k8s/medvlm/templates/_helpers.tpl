@@ -74,6 +74,119 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ .secret.key | quote }}
 {{- end }}
 
+{{/* imagePullSecrets of a pod spec (nothing when none is set). */}}
+{{- define "medvlm.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* runtimeClassName and priorityClassName of a pod spec, each only when set:
+     (dict "runtimeClassName" x "priorityClassName" y) */}}
+{{- define "medvlm.podClasses" -}}
+{{- with .runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The job ledger's env (PostgreSQL): one definition for the Prefect worker, the setup hook
+     Job and the helm test pod. The password is set into the URL by the app (SQLAlchemy escapes
+     it): never pasted into the URL here. */}}
+{{- define "medvlm.ledgerEnv" -}}
+{{- if .Values.database.internal.enabled -}}
+{{ include "medvlm.secretEnv" (dict "name" "MEDVLM_JOB__LEDGER_PASSWORD" "secret" .Values.database.internal.passwordSecret) }}
+- name: MEDVLM_JOB__LEDGER_URL
+  value: {{ printf "%s://%s@%s:5432/%s" .Values.database.internal.urlScheme .Values.database.internal.user (include "medvlm.postgresqlName" .) .Values.database.internal.database | quote }}
+{{- else -}}
+{{ include "medvlm.secretEnv" (dict "name" "MEDVLM_JOB__LEDGER_URL" "secret" .Values.database.external.urlSecret) }}
+{{- end }}
+{{- end }}
+
+{{/* The Prefect API the worker and the setup Job talk to. */}}
+{{- define "medvlm.prefectApiEnv" -}}
+{{- $pw := .Values.prefectWorker -}}
+- name: PREFECT_API_URL
+  value: {{ $pw.apiUrl | quote }}
+{{- if $pw.apiAuthSecret.name }}
+{{ include "medvlm.secretEnv" (dict "name" "PREFECT_API_AUTH_STRING" "secret" $pw.apiAuthSecret) }}
+{{- end }}
+- name: PREFECT_HOME
+  value: /tmp/prefect
+{{- end }}
+
+{{/* The model service as its callers see it (the Prefect worker, the helm test pod): KubeRay's
+     Serve Service of the RayService, cluster-internal. */}}
+{{- define "medvlm.modelServiceEnv" -}}
+- name: MEDVLM_JOB__MODEL_ENDPOINT
+  value: "http"
+- name: MEDVLM_JOB__MODEL_URL
+  value: {{ printf "http://%s:%v%s" (include "medvlm.serveServiceName" .) .Values.serve.port (trimSuffix "/" .Values.serve.routePrefix) | quote }}
+- name: MEDVLM_MODEL__SERVED_NAME
+  value: {{ .Values.model.servedName | quote }}
+{{- if .Values.serve.apiKeySecret.name }}
+{{ include "medvlm.secretEnv" (dict "name" "MEDVLM_SERVING__API_KEY" "secret" .Values.serve.apiKeySecret) }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules to the job ledger's database. */}}
+{{- define "medvlm.ledgerEgress" -}}
+{{- if .Values.database.internal.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "medvlm.componentSelector" (dict "root" . "component" "postgresql") | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: 5432
+{{- else }}
+{{- range .Values.database.external.cidrs }}
+- to:
+    - ipBlock:
+        cidr: {{ . }}
+  ports:
+    - protocol: TCP
+      port: {{ $.Values.database.external.port }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules from a values list of `{cidr, ports}` or
+     `{namespaceSelector, podSelector, ports}`. */}}
+{{- define "medvlm.egressRules" -}}
+{{- range . }}
+- to:
+    {{- if .cidr }}
+    - ipBlock:
+        cidr: {{ .cidr }}
+    {{- else }}
+    - namespaceSelector:
+        matchLabels:
+          {{- toYaml .namespaceSelector | nindent 10 }}
+      {{- with .podSelector }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+    {{- end }}
+  ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the worker receives C-MOVE sub-operations: its storage SCP listens for C-STORE. */}}
+{{- define "medvlm.storageScp" -}}
+{{- if and .Values.prefectWorker.enabled (eq .Values.pacs.kind "dimse") (eq .Values.pacs.dimseRetrieve "move") }}true{{ end }}
+{{- end }}
+
 {{/* The model version every draft and ledger row records (MEDVLM_MODEL__VERSION): required, and
      the one value both the Ray pods and the Prefect worker get. */}}
 {{- define "medvlm.modelVersion" -}}
@@ -164,6 +277,38 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if and (not .Values.database.internal.enabled) .Values.prefectWorker.enabled (not .Values.database.external.urlSecret.name) }}
 {{- fail "database.internal.enabled is false: set database.external.urlSecret.name" }}
+{{- end }}
+{{- $gcs := $ray.gcsFaultTolerance }}
+{{- if $gcs.enabled }}
+{{- if not $gcs.redisAddress }}
+{{- fail "ray.gcsFaultTolerance.enabled needs ray.gcsFaultTolerance.redisAddress (host:port of the external Redis)" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.redisEgress) }}
+{{- fail "ray.gcsFaultTolerance.enabled: the Ray head writes the GCS state to Redis, set networkPolicy.redisEgress" }}
+{{- end }}
+{{- end }}
+{{- if include "medvlm.storageScp" . }}
+{{- if gt (int .Values.prefectWorker.replicas) 1 }}
+{{- fail (printf "pacs.dimseRetrieve move: the PACS sends each C-MOVE's instances to one address (the storage SCP Service), which would spread them over the %d worker pods, not only to the one that asked; set prefectWorker.replicas to 1" (int .Values.prefectWorker.replicas)) }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.pacsScpIngress) }}
+{{- fail "pacs.dimseRetrieve move: the PACS opens C-STORE associations to the worker's storage SCP, set networkPolicy.pacsScpIngress (the PACS CIDRs)" }}
+{{- end }}
+{{- end }}
+{{- $prov := .Values.model.weights.provision }}
+{{- if $prov.enabled }}
+{{- if ne .Values.model.weights.source "pvc" }}
+{{- fail (printf "model.weights.provision copies the checkpoint into the weights PVC: it needs model.weights.source pvc, not %q" .Values.model.weights.source) }}
+{{- end }}
+{{- if not (trimAll "/" (toString .Values.model.weights.subPath)) }}
+{{- fail "model.weights.provision needs model.weights.subPath: the checkpoint directory it fills (never the volume's root)" }}
+{{- end }}
+{{- if not $prov.volume }}
+{{- fail "model.weights.provision.volume must name the volume holding the checkpoint to copy (e.g. persistentVolumeClaim: {claimName: ...})" }}
+{{- end }}
+{{- if eq (empty $prov.manifest) (empty $prov.manifestFile) }}
+{{- fail "model.weights.provision: set exactly one of manifest (path: sha256) and manifestFile (a sha256sum file in the source)" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
