@@ -132,14 +132,15 @@ def tiny_model_dir() -> Path:
 
 def processes_of_run(run_id: str) -> list[str]:
     """Processes still alive that inherited ``MEDVLM_TEST_RUN_ID=run_id`` (a run's family: its
-    Ray, the Serve replica, the replica's vLLM engine core), as ``pid name`` lines."""
+    Ray, the Serve replica, the replica's vLLM engine core), as ``pid command line`` lines (the
+    titles Ray and vLLM give their processes, e.g. ``VLLM::EngineCore``; cut at 100)."""
     import psutil
 
     found = []
-    for process in psutil.process_iter(["name"]):
+    for process in psutil.process_iter():
         try:
             if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
-                found.append(f"{process.pid} {process.info['name']}")
+                found.append(f"{process.pid} {' '.join(process.cmdline())[:100]}")
         except psutil.Error:  # exited meanwhile, or not ours to inspect
             continue
     return found

@@ -77,19 +77,9 @@ def test_the_server_of_a_killed_run_is_found_and_stopped_and_a_live_ones_is_not(
                 run.kill()
 
 
-# The replica's vLLM engine core (its process title "VLLM::EngineCore", or in the replica's
-# process): the run is killed once it answers, with the whole family then running.
+# The replica's vLLM engine core (its process title "VLLM::EngineCore"): the run is killed once
+# it is up, with the whole family then running.
 ENGINE_CORE = "EngineCore"
-
-
-def _titles_of_run(run_id: str) -> list[str]:
-    """``pid command line`` of the run's family (the process titles Ray and vLLM set)."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.environ().get("MEDVLM_TEST_RUN_ID") == run_id:
-                found.append(f"{process.pid} {' '.join(process.cmdline())[:100]}")
-    return found
 
 
 def _kill_all(lines: list[str]) -> None:
@@ -129,14 +119,16 @@ def test_the_ray_and_vllm_of_a_run_killed_with_sigkill_are_gone(
         with log.open("w") as out, subprocess.Popen(args, env=env, stdout=out, stderr=out) as run:
             deadline = time.monotonic() + 600
             seen: set[str] = set()
-            while not any(ENGINE_CORE in p for p in _titles_of_run(run_id)):
-                seen.update(_titles_of_run(run_id))
+            while True:
+                family = processes_of_run(run_id)
+                if any(ENGINE_CORE in line for line in family):
+                    break
+                seen.update(family)
                 assert run.poll() is None, "the run ended first; its family was:\n" + "\n".join(
                     sorted(seen)
                 )
                 assert time.monotonic() < deadline, "the model did not start in 600 s"
                 time.sleep(0.5)
-            family = _titles_of_run(run_id)
             run.send_signal(signal.SIGKILL)  # the run's own process only, as kill -9 does
             run.wait(timeout=30)
         print("the run's family when it was killed:", *family, sep="\n  ")
