@@ -1289,7 +1289,7 @@ def _setup_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ledger_env(container: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in container["env"] if e["name"].startswith("MEDVLM_JOB__LEDGER")]
+    return [e for e in container["env"] if e["name"].startswith("MEDVLM_JOB__LEDGER_")]
 
 
 def test_setup_job_is_a_post_install_hook_that_migrates_the_ledger_then_deploys(
