@@ -11,8 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 
@@ -20,6 +26,7 @@ from connectors.ehr import Ehr
 from connectors.ndjson import NdjsonEhr
 from medvlm.dev.sample_cohort import ACCESSION_SYSTEM, MRN_SYSTEM, ehr_bundle
 from medvlm.dev.synthetic_dicom import make_study
+from pipeline.report import DraftReport, DraftResult
 
 #: Patients per EHR transaction when a site is built: one Bundle per patient made the
 #: 2,500 of the load test cost minutes of round trips on the FHIR server.
@@ -120,3 +127,74 @@ def orders(root: Path) -> set[str]:
     """``ServiceRequest/<id>`` of every order in the site's EHR."""
     lines = (root / "ehr" / "ServiceRequest.ndjson").read_text().splitlines()
     return {f"ServiceRequest/{json.loads(line)['id']}" for line in lines}
+
+
+STAND_IN_REPORT = DraftReport.model_validate(
+    {
+        "rationale": "Stand-in model of the tests.",
+        "findings": [
+            {
+                "name": "pleural_effusion",
+                "presence": "absent",
+                "laterality": "not_applicable",
+                "location": "pleura",
+                "severity": "not_applicable",
+                "detail": "No effusion.",
+            }
+        ],
+        "impression": "No acute abnormality.",
+        "critical": False,
+        "recommendation": "none",
+    }
+)
+
+
+class _StandInModel(BaseHTTPRequestHandler):
+    """``POST /v1/reports``: ``STAND_IN_REPORT`` for the study the request names, after
+    ``latency_s``."""
+
+    latency_s = 0.0
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as Serve's proxy answers
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        reference = str(json.loads(body)["reference"])
+        time.sleep(self.latency_s)
+        answer = DraftResult(
+            reference=reference,
+            report=STAND_IN_REPORT,
+            raw_text=STAND_IN_REPORT.model_dump_json(),
+            model="stand-in",
+            finish_reason="stop",
+            prompt_tokens=len(body) // 4,
+            completion_tokens=64,
+            latency_s=self.latency_s,
+        )
+        payload = answer.model_dump_json().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # thousands of requests: no line each
+
+
+@contextmanager
+def stand_in_model(latency_s: float) -> Iterator[str]:
+    """A loopback stand-in of the model service (``/v1/reports``) that answers every study with
+    ``STAND_IN_REPORT`` after ``latency_s``: its base URL, for the block's duration. For tests
+    that measure or check the run's own process, not the model."""
+    handler = type("StandInModel", (_StandInModel,), {"latency_s": latency_s})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="stand-in-model", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
