@@ -9,6 +9,8 @@
 #      which keeps Orthanc (no bind-address option in 1.10) on loopback.
 #   4. PostgreSQL 15 from Debian (postgresql-15), WITHOUT starting its service: the tests of
 #      several workers on one ledger start a throwaway cluster of their own (initdb, pg_ctl).
+#   5. buildah and debootstrap (Debian; no service), with which scripts/build-images.sh builds
+#      the container images (tests/integration/test_images.py builds and checks the flows image).
 #
 # The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/dev/servers.py).
 #
@@ -169,6 +171,24 @@ install_postgresql() {
 }
 
 # --------------------------------------------------------------------------------------------
+IMAGE_TOOL_PKGS=(buildah debootstrap)
+install_image_tools() {
+    local missing=() pkg
+    for pkg in "${IMAGE_TOOL_PKGS[@]}"; do
+        pkg_installed "$pkg" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        step "image tools: already installed (buildah $(dpkg-query -W -f='${Version}' buildah))"
+        return 0
+    fi
+    step "image tools: installing ${missing[*]}"
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: buildah comes from Debian packages"
+    apt_update_if_needed "${missing[@]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    info "installed buildah $(dpkg-query -W -f='${Version}' buildah)"
+}
+
+# --------------------------------------------------------------------------------------------
 find_python() {
     local cand
     if [ -n "${MEDVLM_FHIR_PYTHON:-}" ]; then echo "$MEDVLM_FHIR_PYTHON"; return 0; fi
@@ -250,5 +270,6 @@ fi
 install_orthanc
 install_fhir_server
 install_postgresql
+install_image_tools
 build_shim
 step "done: start the servers with 'medvlm dev up'"

@@ -20,6 +20,15 @@ fi
 bash "$here/scripts/install-servers.sh"
 bash "$here/scripts/install-k8s-tools.sh"   # helm + kubectl for the chart tests (needs the registry)
 
+# The flows image that tests/integration/test_images.py checks, built here on the host network:
+# the namespace below has only loopback, and the first build needs the Debian mirror
+# (debootstrap) and the package index (pip). ~5 minutes the first time on 2 cores, seconds later
+# (the base tarball and buildah's layers are cached; the test's own build is then a cache hit).
+# Only as root with buildah, as the test runs; not for a run of the unit tier alone.
+if [ "$(id -u)" = 0 ] && command -v buildah >/dev/null 2>&1 && [[ " $* " != *" -m unit "* ]]; then
+  bash "$here/scripts/build-images.sh" --flows-tag integration-test
+fi
+
 # vLLM leaves its IPC sockets in VLLM_RPC_BASE_PATH (default /tmp, ~150 files an hour of
 # tests): give them a folder of this run's own, removed when it ends.
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/medvlm-tests.XXXXXX")"

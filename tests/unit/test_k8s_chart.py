@@ -326,6 +326,44 @@ def test_ray_image_tags_match_ray_version(rendered: list[dict[str, Any]]) -> Non
         assert tag == version or tag.startswith(f"{version}-"), image
 
 
+IMAGES_TXT = ROOT / "k8s" / "images.txt"
+
+
+def _listed_images() -> set[str]:
+    lines = (line.split("#", 1)[0].strip() for line in IMAGES_TXT.read_text().splitlines())
+    return {line for line in lines if line}
+
+
+def test_images_txt_lists_exactly_the_images_the_chart_renders(helm: str) -> None:
+    """k8s/images.txt is what an air-gapped site mirrors: every image of every pod the chart
+    renders (defaults, the CPU-test values, every option and secret branch) is in it, and
+    nothing in it is stale (each line is rendered by one of those)."""
+    rendered_images: set[str] = set()
+    for args in (*PROFILES.values(), ALL_OPTIONS, ALL_SECRETS):
+        rendered_images |= {c["image"] for _, c, _ in containers(render(helm, *args))}
+    listed = _listed_images()
+    assert rendered_images - listed == set(), "rendered but not in k8s/images.txt"
+    assert listed - rendered_images == set(), "in k8s/images.txt but rendered by no values"
+
+
+def test_images_txt_names_the_flows_and_serving_images_of_the_containerfiles() -> None:
+    """Each image the project builds (images/*/Containerfile) is listed, at the project's
+    version, and the GPU serving image's tag is the chart's default."""
+    project = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert project is not None
+    version = project.group(1)
+    listed = _listed_images()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    ray = values["ray"]["image"]
+    assert f"{ray['repository']}:{ray['tag']}" in listed
+    assert ray["tag"].endswith(f"-medvlm{version}")
+    flows = values["prefectWorker"]["image"]
+    assert f"{flows['repository']}:{flows['tag']}" in listed
+    assert flows["tag"] == version
+    built = sorted(p.parent.name for p in (ROOT / "images").glob("*/Containerfile"))
+    assert built == ["flows", "serving-cpu", "serving-gpu"]
+
+
 def _module_names(path: Path) -> dict[str, Any]:
     names: dict[str, Any] = {}
     for node in ast.parse(path.read_text()).body:
