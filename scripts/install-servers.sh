@@ -62,6 +62,13 @@ pkg_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
 }
 
+missing_packages() {  # the named Debian packages that are not installed, one a line
+    local pkg
+    for pkg in "$@"; do
+        pkg_installed "$pkg" || echo "$pkg"
+    done
+}
+
 apt_update_if_needed() {
     # Update the package lists only when one of the wanted packages has no install candidate.
     local pkg
@@ -132,10 +139,8 @@ apt_install_no_services() {
 
 # --------------------------------------------------------------------------------------------
 install_orthanc() {
-    local missing=() pkg
-    for pkg in "${ORTHANC_PKGS[@]}"; do
-        pkg_installed "$pkg" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(missing_packages "${ORTHANC_PKGS[@]}")
     if [ "${#missing[@]}" -eq 0 ]; then
         step "Orthanc: already installed ($(dpkg-query -W -f='${Version}' orthanc))"
     else
@@ -173,10 +178,8 @@ install_postgresql() {
 # --------------------------------------------------------------------------------------------
 IMAGE_TOOL_PKGS=(buildah debootstrap)
 install_image_tools() {
-    local missing=() pkg
-    for pkg in "${IMAGE_TOOL_PKGS[@]}"; do
-        pkg_installed "$pkg" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(missing_packages "${IMAGE_TOOL_PKGS[@]}")
     if [ "${#missing[@]}" -eq 0 ]; then
         step "image tools: already installed (buildah $(dpkg-query -W -f='${Version}' buildah))"
         return 0
