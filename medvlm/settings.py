@@ -1222,6 +1222,10 @@ NOT_SETTINGS: Final = frozenset(
     {
         "MEDVLM_CODE_DIR",  # prefect.yaml's pull step (and the chart): where the flow code is
         "MEDVLM_FHIR_PYTHON",  # scripts/install-servers.sh: the dev FHIR server's interpreter
+        "MEDVLM_BUILD_CA",  # scripts/build-images.sh: the CA bundle pip gets as a build secret
+        "MEDVLM_IMAGE_CACHE",  # scripts/build-images.sh: base tarball, .deb cache, build logs
+        "MEDVLM_IMAGE_PREFIX",  # scripts/build-images.sh, test_images.py: image name prefix
+        "MEDVLM_PIP_INDEX_URL",  # scripts/build-images.sh: package index for the image builds
         "MEDVLM_RELIABILITY_OUT",  # scripts/reliability.sh: where scenario tests put figures
         "MEDVLM_TORCH_PIP_ARGS",  # scripts/install.sh: pip options for torch (package mirror)
         "MEDVLM_TEST_MODEL_CACHE",  # tests/conftest.py: where the tiny test model is cached
