@@ -34,11 +34,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helm_chart import CHART, ROOT, run_helm, template
+from tests.helm_chart import CHART, CI_VALUES, GPU_VALUES, ROOT, render, run_helm, template
 
 pytestmark = pytest.mark.unit
 
-CI_VALUES = CHART / "ci" / "values-cpu.yaml"
 # Vendored with its license and version (tests/k8s-crds/README.md).
 KUBERAY_CRD = ROOT / "tests" / "k8s-crds" / "kuberay-v1.7.0" / "ray.io_rayservices.yaml"
 VALUES_SCHEMA = CHART / "values.schema.json"
@@ -46,7 +45,6 @@ KUBERNETES_VERSION = "1.30.0"
 # The values without a default (values.yaml leaves model.version empty on purpose).
 MODEL_VERSION = "med-r1-2025.06"
 REQUIRED = ["--set", f"model.version={MODEL_VERSION}"]
-GPU_VALUES = CHART / "ci" / "values-gpu-multinode.yaml"  # two GPU nodes, TP 2, autoscaling
 PROFILES = {
     "default": REQUIRED,
     "ci-cpu": ["-f", str(CI_VALUES)],
@@ -93,12 +91,6 @@ ALL_OPTIONS = [
     "--set", "model.weights.provision.sourcePath=exports/med-r1",
     "--set", "model.weights.provision.manifestFile=SHA256SUMS",
 ]  # fmt: skip
-
-
-def render(helm: str, *args: str) -> list[dict[str, Any]]:
-    done = template(helm, *args)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
 @pytest.fixture(scope="session", params=sorted(PROFILES))

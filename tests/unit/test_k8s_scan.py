@@ -31,17 +31,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helm_chart import CHART, ROOT, template
+from tests.helm_chart import CI_VALUES, GPU_VALUES, ROOT, render, template, tools_home
 
 pytestmark = pytest.mark.unit
 
 CONFIG = ROOT / ".checkov.yaml"
 CHECKOV_LOCK = ROOT / "requirements" / "checkov-lock.txt"
 # The chart renderings that must pass: values file per profile.
-CHART_VALUES = {
-    "ci-cpu": CHART / "ci" / "values-cpu.yaml",
-    "gpu-multinode": CHART / "ci" / "values-gpu-multinode.yaml",
-}
+CHART_VALUES = {"ci-cpu": CI_VALUES, "gpu-multinode": GPU_VALUES}
 CONTAINERFILES = {p.parent.name: p for p in sorted((ROOT / "images").glob("*/Containerfile"))}
 # A rendering with one security setting broken, and the check that must catch it.
 BROKEN_CHART = [
@@ -74,13 +71,9 @@ class Scan:
     parsing_errors: list[str]
 
 
-def _medvlm_home() -> Path:
-    return Path(os.environ.get("MEDVLM_HOME", Path.home() / ".cache" / "medvlm"))
-
-
 @pytest.fixture(scope="session")
 def checkov() -> Path:
-    home = _medvlm_home()
+    home = tools_home()
     venv = Path(os.environ.get("CHECKOV_VENV", home / "checkov-venv"))
     binary = venv / "bin" / "checkov"
     if not binary.is_file():
@@ -232,11 +225,9 @@ def test_checkov_fails_a_containerfile_ending_as_root(scan: Scan) -> None:
 def test_long_running_pods_have_liveness_and_readiness_probes(helm: str, profile: str) -> None:
     """CKV_K8S_8/9 are skipped for the one-shot test Pod and KubeRay's pods: every Deployment
     and StatefulSet container still has both probes."""
-    done = template(helm, "-f", str(CHART_VALUES[profile]))
-    assert done.returncode == 0, done.stderr
     seen = 0
-    for doc in yaml.safe_load_all(done.stdout):
-        if doc and doc["kind"] in {"Deployment", "StatefulSet"}:
+    for doc in render(helm, "-f", str(CHART_VALUES[profile])):
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 name = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
                 assert "livenessProbe" in container and "readinessProbe" in container, name
