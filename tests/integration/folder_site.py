@@ -2,8 +2,9 @@
 folder PACS of synthetic chest CR studies and an NDJSON EHR holding their orders and context.
 
 ``build_folder_site`` writes it under a root folder; ``folder_site_env`` gives the ``MEDVLM_*``
-variables that point a process (``medvlm run``, a Prefect worker) at it. Used by
-tests/integration/test_cli_run.py and tests/integration/test_prefect_work_pool.py.
+variables that point a process (``medvlm run``, a Prefect worker) at it; ``stand_in_model``
+is a loopback model service for runs whose model is not what is tested. Used by test_cli_run,
+test_prefect_work_pool, test_load and test_images (tests/integration).
 """
 
 from __future__ import annotations
