@@ -147,7 +147,7 @@ def window_query(days_back: int, modalities: list[str], today: dt.date) -> Study
 def scheduled_draft_reports(
     days_back: int = 1,
     modalities: list[str] | None = None,
-    model_endpoint: Literal["local", "http", "openai"] | None = None,
+    model_endpoint: Literal["local", "http", "openai", "triton"] | None = None,
     dry_run: bool = False,
     since_watermark: bool = False,
 ) -> RunSummary:

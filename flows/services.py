@@ -57,12 +57,13 @@ def model_capacity(settings: MedvlmSettings) -> int:
     """Requests the model service takes at once: every replica's ``max_ongoing_requests``.
 
     Local and ``http`` endpoints are this project's Serve application, configured by the same
-    ``serving`` settings; an ``openai`` endpoint is taken as one replica of that size. With
-    autoscaling the run keeps ``max_replicas`` replicas busy: the requests queued beyond what
-    the running replicas take are the load that makes Serve add replicas.
+    ``serving`` settings; an ``openai`` or ``triton`` endpoint is taken as one replica of that
+    size. With autoscaling the run keeps ``max_replicas`` replicas busy: the requests queued
+    beyond what the running replicas take are the load that makes Serve add replicas.
     """
     serving = settings.serving
-    replicas = 1 if settings.job.model_endpoint == "openai" else serving.replicas_at_most
+    remote = settings.job.model_endpoint in ("openai", "triton")
+    replicas = 1 if remote else serving.replicas_at_most
     return replicas * serving.max_ongoing_requests
 
 
@@ -145,6 +146,16 @@ def open_services(
             lazy = LazyDrafter(lambda: HandleDrafter(_start_local(sized, local_source)))
             drafter = lazy
             stack.callback(lambda: _stop_local() if lazy.started else None)
+        elif job.model_endpoint == "triton":
+            from serving.triton_drafter import build_triton_drafter
+
+            drafter = build_triton_drafter(
+                job.triton,
+                model_source=settings.model.source,
+                max_tokens=settings.model.max_tokens,
+                seed=settings.model.seed,
+                max_connections=in_flight,
+            )
         elif job.model_url is None:
             raise ConfigurationError(f"job.model_url is required for {job.model_endpoint}")
         elif job.model_endpoint == "http":

@@ -375,6 +375,13 @@ class DevServerSettings(BaseModel):
         default=None,
         description="Virtualenv of the FHIR server (its own dependencies). Unset: HOME/fhir-venv.",
     )
+    triton_venv: Path | None = Field(
+        default=None,
+        description=(
+            "Virtualenv of the Triton dev server (nvidia-pytriton on Debian's Python 3.11, "
+            "scripts/install-triton.sh). Unset: HOME/triton-venv."
+        ),
+    )
     startup_timeout_s: float = Field(default=60.0, gt=0, description="Health-check deadline.")
     stop_timeout_s: float = Field(
         default=10.0,
@@ -503,6 +510,54 @@ class HttpEdgeSettings(BaseModel):
         if self.ca_bundle is not None and not self.ca_bundle.is_file():
             raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
         return self
+
+
+class TritonSettings(HttpEdgeSettings):
+    """A Triton Inference Server serving the Med-VLM (``job.model_endpoint=triton``).
+
+    The wire contract is that of Triton's vLLM backend (serving/triton_drafter.py): the prompt,
+    already rendered with the model's chat template, as ``text_input``; the images as
+    ``image``; the sampling parameters with the report's JSON Schema as ``sampling_parameters``.
+    TLS, timeouts (``read_timeout_s`` is one inference's deadline) and retries (on UNAVAILABLE,
+    503 and connection errors) are those of every network edge.
+    """
+
+    url: str | None = Field(
+        default=None,
+        description=(
+            "Triton's address for the chosen protocol: `host:port` of its HTTP endpoint "
+            "(default port 8000) or of its gRPC endpoint (8001); an `http://`/`https://` "
+            "prefix is accepted for HTTP and turns TLS on for https."
+        ),
+    )
+    protocol: Literal["http", "grpc"] = Field(
+        default="http", description="KServe v2 protocol to speak: `http` or `grpc`."
+    )
+    model_name: str = Field(
+        default="medvlm",
+        min_length=1,
+        max_length=200,
+        description="Name of the model in Triton's model repository.",
+    )
+    model_version: str = Field(
+        default="",
+        max_length=20,
+        pattern=r"^[0-9]*$",
+        description="Version of that model to call; empty: the server's version policy chooses.",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description=(
+            "The served model's chat template (Jinja), or its checkpoint folder holding "
+            "chat_template.jinja or tokenizer_config.json: Triton's vLLM backend takes a "
+            "rendered prompt, so the client applies the template. Unset: model.source, when it "
+            "is a local folder."
+        ),
+    )
+    add_vision_id: bool = Field(
+        default=False,
+        description="Passed to the chat template: number the images ('Picture 1: …').",
+    )
 
 
 class PacsSettings(HttpEdgeSettings):
@@ -887,11 +942,11 @@ class JobSettings(BaseModel):
         default="urn:medvlm-pipeline:draft",
         description="Identifier system of the project's resources (stable draft ids).",
     )
-    model_endpoint: Literal["local", "http", "openai"] = Field(
+    model_endpoint: Literal["local", "http", "openai", "triton"] = Field(
         default="local",
         description="How the flow reaches the model: `local` starts Ray Serve in-process "
         "(demo, tests); `http` calls a running Serve app's /v1/reports; `openai` any "
-        "OpenAI-compatible server.",
+        "OpenAI-compatible server; `triton` a Triton Inference Server (job.triton).",
     )
     model_url: str | None = Field(
         default=None,
@@ -902,6 +957,13 @@ class JobSettings(BaseModel):
         description=(
             "TLS, timeouts and retries of the model service for `http` and `openai` endpoints "
             "(a draft can take minutes on a loaded service)."
+        ),
+    )
+    triton: TritonSettings = Field(
+        default_factory=lambda: TritonSettings(read_timeout_s=300.0, retry_budget_s=120.0),
+        description=(
+            "The Triton Inference Server of the `triton` endpoint: address, protocol, model "
+            "name and version, chat template, TLS, timeouts and retries."
         ),
     )
     draft_timeout_s: float = Field(
@@ -1187,6 +1249,8 @@ class MedvlmSettings(BaseSettings):
             self.dev.workdir = self.home / "dev"
         if self.dev.fhir_venv is None:
             self.dev.fhir_venv = self.home / "fhir-venv"
+        if self.dev.triton_venv is None:
+            self.dev.triton_venv = self.home / "triton-venv"
         if self.pacs.folder is None:
             self.pacs.folder = self.home / "dicom"
         if self.ehr.folder is None:
@@ -1222,6 +1286,9 @@ NOT_SETTINGS: Final = frozenset(
     {
         "MEDVLM_CODE_DIR",  # prefect.yaml's pull step (and the chart): where the flow code is
         "MEDVLM_FHIR_PYTHON",  # scripts/install-servers.sh: the dev FHIR server's interpreter
+        "MEDVLM_TRITON_PYTHON",  # scripts/install-triton.sh: the Triton dev server's interpreter
+        # medvlm/dev/triton.py → triton_model.py (the Triton venv): the Serve app's bearer token
+        "MEDVLM_TRITON_SERVE_API_KEY",
         "MEDVLM_BUILD_CA",  # scripts/build-images.sh: the CA bundle pip gets as a build secret
         "MEDVLM_IMAGE_CACHE",  # scripts/build-images.sh: base tarball, .deb cache, build logs
         "MEDVLM_IMAGE_PREFIX",  # scripts/build-images.sh, test_images.py: image name prefix

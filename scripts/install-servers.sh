@@ -11,6 +11,8 @@
 #      several workers on one ledger start a throwaway cluster of their own (initdb, pg_ctl).
 #   5. buildah and debootstrap (Debian; no service), with which scripts/build-images.sh builds
 #      the container images (tests/integration/test_images.py builds and checks the flows image).
+#   6. The Triton Inference Server of the Triton backend's tests (nvidia-pytriton's tritonserver) in
+#      a venv of its own on Debian's Python 3.11: scripts/install-triton.sh.
 #
 # The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/dev/servers.py).
 #
@@ -42,7 +44,7 @@ for arg in "$@"; do
     case "$arg" in
         --refreeze) REFREEZE=1 ;;
         --shim-only) SHIM_ONLY=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "install-servers: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -274,5 +276,6 @@ install_orthanc
 install_fhir_server
 install_postgresql
 install_image_tools
+bash "$REPO_ROOT/scripts/install-triton.sh"
 build_shim
 step "done: start the servers with 'medvlm dev up'"

@@ -1,11 +1,13 @@
 """The Ray Serve application that drafts reports with a vLLM-backed Med-VLM.
 
-One deployment, ``MedVLMServer``, owns a ``ChatEngine`` per replica and answers three ways:
+One deployment, ``MedVLMServer``, owns a ``ChatEngine`` per replica and answers four ways:
 
 - ``draft(ModelInput) -> DraftResult`` through a ``DeploymentHandle`` (what flows use in-cluster);
 - ``POST /v1/reports`` with the same ``ModelInput`` as JSON (what flows use over HTTP);
 - ``POST /v1/chat/completions``, a subset of the OpenAI API (image parts as data URLs,
-  ``response_format`` ``json_schema``/``json_object``), so any OpenAI client can call the model.
+  ``response_format`` ``json_schema``/``json_object``), so any OpenAI client can call the model;
+- ``POST /v1/generate``, a rendered prompt with its images and sampling options, as Triton's vLLM
+  backend hands them to vLLM (the Triton dev server's model forwards here: medvlm/dev/triton).
 
 Replica resources come from settings: GPUs in production, CPUs here. The HTTP proxy binds to the
 configured host (loopback by default).
@@ -13,6 +15,7 @@ configured host (loopback by default).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import logging
@@ -72,6 +75,21 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream: Literal[False] = False
     response_format: ResponseFormat | None = None
+
+
+class GenerateRequest(BaseModel):
+    """``POST /v1/generate``: a prompt already rendered with the model's chat template and its
+    images, as Triton's vLLM backend takes them (``text_input``, ``image``, sampling parameters
+    with guided decoding); the Triton dev server's model forwards its requests here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    images_b64: list[str] = Field(default_factory=list)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30)
@@ -188,6 +206,39 @@ class MedVLMServer:
                 "completion_tokens": result.completion_tokens,
                 "total_tokens": result.prompt_tokens + result.completion_tokens,
             },
+        }
+
+    @api.post("/v1/generate")
+    async def generate(
+        self, request: GenerateRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        self._authorize(authorization)
+        try:
+            images = [base64.b64decode(image, validate=True) for image in request.images_b64]
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail="images_b64: not base64") from exc
+        max_tokens = min(request.max_tokens or self._settings.max_tokens, self._settings.max_tokens)
+        options = GenerationOptions(
+            max_tokens=max_tokens,
+            temperature=self._settings.temperature
+            if request.temperature is None
+            else request.temperature,
+            seed=self._settings.seed if request.seed is None else request.seed,
+            json_schema=request.json_schema,
+        )
+        request_id = f"generate-{uuid.uuid4().hex}"
+        try:
+            result = await self._engine.generate(
+                request.prompt, images, options, request_id=request_id
+            )
+        except ValueError as exc:  # vLLM rejects a prompt whose placeholders and images differ
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        return {
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "model": result.model,
         }
 
     async def check_health(self) -> None:

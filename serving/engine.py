@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, Protocol
 
 from medvlm.errors import EngineUnavailableError, ServingError
@@ -51,6 +53,15 @@ class ChatEngine(Protocol):
 
     async def chat(
         self, messages: list[ChatMessage], options: GenerationOptions, *, request_id: str | None
+    ) -> ChatResult: ...
+
+    async def generate(
+        self,
+        prompt: str,
+        images: Sequence[bytes],
+        options: GenerationOptions,
+        *,
+        request_id: str | None,
     ) -> ChatResult: ...
 
     async def check_health(self) -> None: ...
@@ -117,7 +128,6 @@ class VllmChatEngine:
         self, messages: list[ChatMessage], options: GenerationOptions, *, request_id: str | None
     ) -> ChatResult:
         from vllm.renderers.params import ChatParams
-        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
         renderer = self._engine.renderer
         # The chat template emits BOS/EOS itself; same parameters as vLLM's own LLM.chat().
@@ -134,6 +144,35 @@ class VllmChatEngine:
         _, (engine_input,) = await renderer.render_chat_async(
             [conversation], chat_params, tok_params
         )
+        return await self._run(engine_input, options, request_id)
+
+    async def generate(
+        self,
+        prompt: str,
+        images: Sequence[bytes],
+        options: GenerationOptions,
+        *,
+        request_id: str | None,
+    ) -> ChatResult:
+        """A prompt already rendered with the chat template and its images (encoded PNG or
+        JPEG, one per placeholder), handed to vLLM as Triton's vLLM backend hands them:
+        ``{"prompt", "multi_modal_data": {"image": [...]}}`` (serving/triton_drafter.py)."""
+        from PIL import Image
+
+        engine_input: dict[str, Any] = {"prompt": prompt}
+        if images:
+            try:
+                decoded = [Image.open(BytesIO(image)).convert("RGB") for image in images]
+            except OSError as exc:
+                raise ValueError(f"an image does not decode: {exc}") from exc
+            engine_input["multi_modal_data"] = {"image": decoded}
+        return await self._run(engine_input, options, request_id)
+
+    async def _run(
+        self, engine_input: Any, options: GenerationOptions, request_id: str | None
+    ) -> ChatResult:
+        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
         sampling = SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
