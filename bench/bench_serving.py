@@ -1,10 +1,15 @@
-"""Side-by-side cost of the serving layer: raw vLLM engine vs Ray Serve handle vs Serve HTTP.
+"""Side-by-side cost of the serving layer: raw vLLM engine vs Ray Serve handle vs Serve HTTP
+vs Triton Inference Server (HTTP and gRPC).
 
 Identical requests (the sample chest radiograph, the report schema, greedy decoding) go first to
-``VllmChatEngine`` in this process, then through the Ray Serve deployment by handle and by HTTP.
-Prints per-path latency and generated tokens/s, and the ratios to raw vLLM, from one run.
+``VllmChatEngine`` in this process, then through the Ray Serve deployment by handle and by HTTP,
+then through the Triton dev server (medvlm/dev/triton.py: a real ``tritonserver`` whose model
+takes the vLLM backend's tensors and runs them on the same Serve deployment) with
+``TritonDrafter`` over HTTP and gRPC. Prints per-path latency and generated tokens/s, and the
+ratios to raw vLLM, from one run. The Triton rows need its venv (scripts/install-triton.sh);
+without it they are left out with a note (or ``--no-triton``).
 
-    .venv/bin/python bench/bench_serving.py [--requests 8] [--concurrency 4]
+    .venv/bin/python bench/bench_serving.py [--requests 8] [--concurrency 4] [--no-triton]
 
 Use a loopback-only namespace as the tests do: ``unshare -n sh -c 'ip link set lo up && ...'``.
 """
@@ -18,6 +23,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -58,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--triton", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     import httpx
@@ -117,6 +124,8 @@ def main() -> None:
             asyncio.run(_measure("Serve handle", by_handle, args.requests, args.concurrency))
         )
         runs.append(asyncio.run(_measure("Serve HTTP", by_http, args.requests, args.concurrency)))
+        if args.triton:
+            runs += _triton_runs(settings, resolved.source, model_input, args)
     finally:
         shutdown_ray()
 
@@ -128,6 +137,62 @@ def main() -> None:
             f"{run.name:<14}{run.wall_s:>8.2f}{statistics.median(run.latencies):>8.2f}"
             f"{run.tokens_per_s:>9.0f}{run.wall_s / base.wall_s:>12.2f}"
         )
+
+
+def _triton_runs(settings: Any, source: str, model_input: Any, args: Any) -> list[Run]:
+    """The Triton dev server in front of the running Serve app, drafted through by HTTP and
+    gRPC with ``TritonDrafter`` (what ``MEDVLM_JOB__MODEL_ENDPOINT=triton`` builds)."""
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from medvlm.dev.triton import TritonDevServer, TritonPorts
+    from medvlm.settings import TritonSettings
+    from serving.triton_drafter import build_triton_drafter
+
+    venv = settings.dev.triton_venv
+    if venv is None or not (venv / "bin" / "python").is_file():
+        print(f"note: no Triton venv at {venv} (bash scripts/install-triton.sh): no Triton rows")
+        return []
+
+    def port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    api_key = settings.serving.api_key
+    runs: list[Run] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="medvlm-bench-triton-") as workdir,
+        TritonDevServer(
+            venv,
+            Path(workdir),
+            serve_url=f"http://127.0.0.1:{settings.serving.port}",
+            serve_api_key=api_key.get_secret_value() if api_key is not None else None,
+            ports=TritonPorts(http=port(), grpc=port(), metrics=port()),
+        ) as triton,
+    ):
+        for protocol, url in (("http", triton.http_url), ("grpc", triton.grpc_url)):
+            drafter = build_triton_drafter(
+                TritonSettings.model_validate(
+                    {"url": url, "protocol": protocol, "max_connections": args.concurrency}
+                ),
+                model_source=source,
+                max_tokens=settings.model.max_tokens,
+                seed=settings.model.seed,
+            )
+
+            async def measure(name: str = f"Triton {protocol}", d: Any = drafter) -> Run:
+                async def call() -> int:
+                    return int((await d.draft(model_input)).completion_tokens)
+
+                try:
+                    return await _measure(name, call, args.requests, args.concurrency)
+                finally:
+                    await d.aclose()
+
+            runs.append(asyncio.run(measure()))
+    return runs
 
 
 if __name__ == "__main__":
