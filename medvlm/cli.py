@@ -259,6 +259,56 @@ def run(
         raise typer.Exit(4)
 
 
+@app.command()
+def tasks(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Tasks changed from this instant (ISO 8601); default: the watermark."),
+    ] = None,
+) -> None:
+    """Draft what the requested FHIR Tasks (code draft-imaging-report) ask for, once.
+
+    Each Task is claimed with an If-Match update (another worker's claim wins a race: the Task
+    is left to it), its study drafted through the main pipeline, and the Task ended completed
+    with the preliminary report as output, or failed/rejected with a coded reason. Exit code 3
+    when a Task failed.
+    """
+    settings = _settings()
+    start = _instant(since, "--since") if since is not None else None
+    settings = _model_settings(settings)
+    try:
+        _check_model_configuration(settings)
+    except MedvlmError as exc:
+        _fail(exc)
+    if settings.job.preflight:
+        _preflight(settings)
+    from flows.services import open_services
+    from flows.tasks import draft_requested_tasks
+
+    try:
+        with open_services(settings) as services:
+            tally = draft_requested_tasks(services, since=start)
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"requested Tasks: {tally.found}")
+    table.add_column("Task")
+    table.add_column("outcome")
+    for ref, output in tally.completed:
+        table.add_row(ref, f"completed: {output}")
+    for ref, reason in tally.failed:
+        table.add_row(ref, f"failed: {reason}")
+    for ref, reason in tally.rejected:
+        table.add_row(ref, f"rejected: {reason}")
+    for ref in tally.lost:
+        table.add_row(ref, "taken or changed by another first")
+    for ref in tally.pending:
+        table.add_row(ref, "in progress (its study is not done; see the ledger)")
+    console.print(table)
+    if tally.failed:
+        raise typer.Exit(3)
+
+
 def _date(value: str | None, option: str) -> dt.date | None:
     """A YYYY-MM-DD option's date; a malformed one ends the command with one line naming it."""
     if value is None:

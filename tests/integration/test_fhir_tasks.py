@@ -13,6 +13,9 @@ product's own ``HttpDrafter`` as with ``MEDVLM_JOB__MODEL_ENDPOINT=http``.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import threading
 import traceback
 import uuid
@@ -43,6 +46,8 @@ from tests.integration.folder_site import stand_in_model
 from tests.integration.test_write_safety import Site, open_site
 
 pytestmark = [pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -298,3 +303,51 @@ def test_a_cancelled_task_is_never_drafted(site: Site, model_url: str) -> None:
         task = _read(site, ref)
         assert task["status"] == "cancelled" and "owner" not in task
     assert LedgerStore(open_engine(site.ledger_url)).jobs(site.version) == []
+
+
+def test_medvlm_tasks_drafts_from_its_environment_and_exits_3_on_a_failed_task(
+    site: Site, model_url: str, tmp_path: Path
+) -> None:
+    since = _since()
+    study_uid = site.add()
+    good = _for_study(site, study_uid)
+    bad = _request(site, focus={"reference": "ImagingStudy/no-such-study"})
+    orthanc = site.orthanc
+    env = {
+        **os.environ,
+        "MEDVLM_HOME": str(tmp_path / "home"),
+        "MEDVLM_PACS__KIND": "dicomweb",
+        "MEDVLM_PACS__DICOMWEB_URL": orthanc.dicomweb_url,
+        "MEDVLM_PACS__AUTH": "basic",
+        "MEDVLM_PACS__USERNAME": orthanc.username,
+        "MEDVLM_PACS__PASSWORD": orthanc.password.get_secret_value(),
+        "MEDVLM_EHR__KIND": "fhir",
+        "MEDVLM_EHR__BASE_URL": site.fhir_base_url,
+        "MEDVLM_EHR__ACCESSION_SYSTEM": ACCESSION_SYSTEM,
+        "MEDVLM_EHR__PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
+        "MEDVLM_JOB__MODEL_ENDPOINT": "http",
+        "MEDVLM_JOB__MODEL_URL": model_url,
+        "MEDVLM_MODEL__VERSION": site.version,
+        "MEDVLM_JOB__IDENTIFIER_SYSTEM": site.draft_system,
+        "MEDVLM_JOB__LEDGER_URL": site.ledger_url,
+        "COLUMNS": "200",
+    }
+    # ``python -c`` with the repository as working directory: this checkout's code, whichever
+    # checkout the virtualenv's ``medvlm`` script was installed from.
+    args = [sys.executable, "-c", "from medvlm.cli import main; main()", "tasks"]
+    args += ["--since", since.isoformat()]
+    result = subprocess.run(
+        args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-4000:]
+    assert "requested Tasks: 2" in output
+    task = _read(site, good)
+    assert task["status"] == "completed", output[-4000:]
+    assert f"{good}" in output and task["output"][0]["valueReference"]["reference"] in output
+    assert f"{bad}" in output and "unknown-study" in output
+    job = site.job(study_uid)
+    assert job.state is JobState.WRITTEN
+    assert job.accession_number
+    for identifier in (job.accession_number, f"SYN-{site.prefix}-000"):
+        assert identifier not in output  # no accession number, no MRN

@@ -49,6 +49,7 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "db",
         "check",
         "ref",
+        "tasks",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
