@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.servicerequest import ServiceRequest
@@ -98,6 +99,7 @@ def _task_ref(task: Task) -> str:
 
 
 R = TypeVar("R", ImagingStudy, ServiceRequest)
+T = TypeVar("T")
 
 
 def _read_or_none(queue: TaskQueue, model: type[R], rid: str | None) -> R | None:
@@ -138,6 +140,16 @@ class _Tasks:
         into = self.tally.rejected if ended.status == "rejected" else self.tally.failed
         into.append((_task_ref(task), f"{reason.value}: {detail}"))
         log.info("%s %s: %s: %s", _task_ref(task), ended.status, reason.value, detail)
+
+    def guarded(self, step: Callable[..., T], task: Task, *args: Any) -> T | None:
+        """``step(*args)``; an EHR or PACS error (after its retries) leaves this Task as it is
+        now (counted pending, logged) and the pass goes on with the others."""
+        try:
+            return step(*args)
+        except MedvlmError as exc:
+            log.warning("%s: left as it is: %s", _task_ref(task), exc)
+            self.tally.pending.append(_task_ref(task))
+            return None
 
     def claim(self, task: Task, device: str) -> _Claimed | None:
         """Take the Task (If-Match to ``accepted``), find its study and take its ledger job;
@@ -256,7 +268,7 @@ def draft_requested_tasks(
     if not tasks:
         return run.tally
     device = model_device(services)
-    claimed = [c for task in tasks if (c := run.claim(task, device)) is not None]
+    claimed = [c for task in tasks if (c := run.guarded(run.claim, task, task, device))]
     taken = {
         job.id: job
         for job in ledger.claim_jobs(
@@ -275,7 +287,7 @@ def draft_requested_tasks(
         job = taken.get(c.job_id)
         if job is None:  # finished, or held by another live worker: as the ledger has it
             (job,) = ledger.jobs(services.model.version, [c.study_uid])
-        run.finish(c, job)
+        run.guarded(run.finish, c.task, c, job)
     # The watermark moves to the newest Task seen, or stays below one left requested.
     stamps = [_last_updated(t) for t in (run.left_requested or tasks)]
     known = [stamp for stamp in stamps if stamp is not None]

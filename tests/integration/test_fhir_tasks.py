@@ -221,6 +221,26 @@ def test_a_task_for_a_study_the_pacs_does_not_hold_fails_with_unknown_study(
     assert LedgerStore(open_engine(site.ledger_url)).jobs(site.version) == []
 
 
+def test_a_task_on_a_signed_order_fails_signed_before_draft_with_nothing_written(
+    site: Site, model_url: str
+) -> None:
+    since = _since()
+    study_uid = site.add()
+    site.sign(site.accessions[-1])
+    with site.ehr() as ehr:
+        order = ehr.find_service_request(site.accessions[-1])
+    assert order is not None
+    ref = _request(site, basedOn=[{"reference": f"ServiceRequest/{order.id}"}])
+    tally = _tasks(site, model_url, since)
+    assert [r for r, _ in tally.failed] == [ref] and not tally.completed, tally
+    task = _read(site, ref)
+    assert task["status"] == "failed"
+    assert task["statusReason"]["coding"][0]["code"] == "signed-before-draft"
+    assert task["statusReason"]["text"].startswith("signed-before-draft: DiagnosticReport/")
+    assert site.job(study_uid).state is JobState.SKIPPED
+    assert _drafts_of_order(site, f"ServiceRequest/{order.id}") == []
+
+
 class _Racing:
     """A worker's Task queue whose searches wait for each other: both workers hold the same
     requested Task (the same version) before either claims it."""
