@@ -563,6 +563,73 @@ def ref(
     console.print(identifier_ref(value, chosen, key=key), highlight=False)
 
 
+@app.command()
+def status(
+    study: Annotated[
+        str | None,
+        typer.Option(help="One study: its `study-…` reference or Study Instance UID."),
+    ] = None,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state (failed, skipped, written, …).")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Jobs registered in the last N days.", min=1)] = 7,
+    limit: Annotated[int, typer.Option(help="At most N rows, latest change first.", min=1)] = 50,
+) -> None:
+    """The ledger's view of recent studies: reference, model version, state, attempts, the
+    reason of a failure or skip, and seconds per stage. No patient data: studies are named by
+    their `study-…` reference, never by accession number or patient."""
+    from connectors.ledger_store import LedgerStore, open_engine
+    from pipeline.ledger import JobState
+
+    settings = _settings()
+    wanted = None
+    if state is not None:
+        try:
+            wanted = JobState(state)
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            _line("error", f"--state {state!r} is not a job state ({known})")
+            raise typer.Exit(2) from None
+    assert settings.job.ledger_url is not None
+    now = dt.datetime.now(dt.UTC)
+    try:
+        engine = open_engine(settings.job.ledger_url)
+        try:
+            jobs = LedgerStore(engine).jobs_between(now - dt.timedelta(days=days), now)
+        finally:
+            engine.dispose()
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    jobs = [
+        job
+        for job in jobs
+        if (study is None or study in (job.study_ref, job.study_uid))
+        and (wanted is None or job.state is wanted)
+    ]
+    jobs.sort(key=lambda job: job.updated_at, reverse=True)
+    table = Table(title=f"ledger: {len(jobs)} jobs in the last {days} days")
+    for column in ("study", "model version", "state", "attempts", "updated (UTC)", "seconds"):
+        table.add_column(column)
+    table.add_column("reason", overflow="fold")
+    for job in jobs[:limit]:
+        seconds = ", ".join(
+            f"{name.removesuffix('_s')} {value:.2f}" for name, value in (job.timings or {}).items()
+        )
+        table.add_row(
+            job.study_ref,
+            job.model_version,
+            job.state.value,
+            str(job.attempts),
+            f"{job.updated_at:%Y-%m-%d %H:%M:%S}",
+            seconds,
+            escape(job.reason or ""),
+        )
+    console.print(table)
+    if len(jobs) > limit:
+        console.print(f"… and {len(jobs) - limit} more (--limit)", highlight=False)
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print the effective settings (secrets masked)."""

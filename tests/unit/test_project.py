@@ -50,6 +50,7 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "check",
         "ref",
         "tasks",
+        "status",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
