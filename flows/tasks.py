@@ -12,7 +12,12 @@
         safety checks, draft, write gate, idempotent write)
       → ``completed`` with output → the DiagnosticReport (DocumentReference), or ``failed``
         with the reason (``pipeline.tasks.outcome_of_job``); ``rejected`` when the Task itself
-        cannot be acted on.
+        cannot be acted on. A job not ended in this pass (a failure the ledger retries, a
+        service that stayed down, a study another worker holds) leaves its Task in progress.
+
+Tasks ``accepted`` or ``in-progress`` with this model's Device as owner are taken up again by
+every pass, whichever worker of the model version runs it (a worker that died, a job not ended):
+their study is resolved again, its job run if open and free, the Task ended as the ledger has it.
 
 Every Task update is sent with If-Match of the version this worker holds, so a Task is drafted
 at most once even with several workers polling the same server, and a Task cancelled by its
@@ -64,6 +69,9 @@ log = logging.getLogger("medvlm.flows.tasks")
 #: a little older than one already seen (concurrent commits) is still found.
 WATERMARK_OVERLAP = dt.timedelta(seconds=60)
 
+#: Statuses of a Task a worker holds and has not ended.
+HELD = ("accepted", "in-progress")
+
 #: Refusals that end a Task as ``rejected`` (it cannot be acted on); the others end it failed.
 _REJECTED = frozenset({TaskReason.UNREADABLE_TASK, TaskReason.PATIENT_MISMATCH})
 
@@ -77,7 +85,8 @@ def watermark_source(services: Services) -> str:
 class TaskTally:
     """What one pass over the requested Tasks did (Tasks by ``Task/{id}``)."""
 
-    found: int = 0
+    found: int = 0  # requested
+    taken_up: int = 0  # held by this model's Device from an earlier pass (accepted, in progress)
     completed: list[tuple[str, str]] = field(default_factory=list)  # (task, draft reference)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (task, reason: detail)
     rejected: list[tuple[str, str]] = field(default_factory=list)
@@ -96,6 +105,16 @@ class _Claimed:
 
 def _task_ref(task: Task) -> str:
     return f"Task/{task.id}"
+
+
+def _stage(task: Task) -> str | None:
+    """The ledger stage a Task's ``businessStatus`` shows (its first coding's code)."""
+    codings = task.businessStatus.coding or [] if task.businessStatus is not None else []
+    return codings[0].code if codings else None
+
+
+def _owner(task: Task) -> str | None:
+    return task.owner.reference if task.owner is not None else None
 
 
 R = TypeVar("R", ImagingStudy, ServiceRequest)
@@ -168,18 +187,25 @@ class _Tasks:
             return None
         if mine is None:
             return None
-        try:
-            resolved = self.resolve(mine)
-        except MedvlmError as exc:  # the EHR or the PACS failed on this Task's reads
-            self.end(mine, TaskReason.DRAFT_FAILED, f"{ref}: {exc}")
-            return None
+        return self.take_up(mine)
+
+    def take_up(self, task: Task) -> _Claimed | None:
+        """Find the study of a Task this worker's Device holds (``accepted`` or ``in-progress``)
+        and its ledger job, and set the Task ``in-progress`` with the job's stage; end it when
+        it cannot be drafted. An EHR or PACS error is raised (``guarded``): the Task stays
+        held, and the next pass takes it up again."""
+        resolved = self.resolve(task)
         if isinstance(resolved, TaskRefusal):
-            self.end(mine, resolved.reason, resolved.detail)
+            self.end(task, resolved.reason, resolved.detail)
             return None
-        running = self.update(progress(mine, resolved.state))
-        if running is None or resolved.id is None:
+        if resolved.id is None:
             return None
-        return _Claimed(running, resolved.id, resolved.study_uid)
+        if task.status != "in-progress" or _stage(task) != resolved.state.value:
+            updated = self.update(progress(task, resolved.state))
+            if updated is None:
+                return None
+            task = updated
+        return _Claimed(task, resolved.id, resolved.study_uid)
 
     def resolve(self, task: Task) -> DraftJob | TaskRefusal:
         """The ledger job of the study the Task asks for (registered if new), or why not."""
@@ -220,7 +246,8 @@ class _Tasks:
 
     def finish(self, claimed: _Claimed, job: DraftJob) -> None:
         """End the Task as the ledger has its job: completed with the draft, or failed; a job
-        not finished (its service stayed down) leaves the Task in progress."""
+        not ended (retried later, a service that stayed down, another worker's) leaves the Task
+        in progress, with its stage, for a later pass."""
         task, ref = claimed.task, _task_ref(claimed.task)
         outcome = outcome_of_job(job.state, job.reason, job.error_type, job.fhir_ids or {})
         if outcome.pending:
@@ -263,12 +290,22 @@ def draft_requested_tasks(
         if saved is not None and saved.get("last_updated"):
             since = dt.datetime.fromisoformat(str(saved["last_updated"])) - WATERMARK_OVERLAP
     tasks = queue.search_tasks(TASK_CODE_SYSTEM, DRAFT_IMAGING_REPORT, since=since)
+    # Tasks taken earlier and not ended (a worker that died, a study not done in its pass):
+    # whichever worker of this model version comes next takes them up (every update If-Match).
+    held = [
+        task
+        for status in HELD
+        for task in queue.search_tasks(TASK_CODE_SYSTEM, DRAFT_IMAGING_REPORT, status=status)
+    ]
     run = _Tasks(services, queue)
     run.tally.found = len(tasks)
-    if not tasks:
+    if not tasks and not held:
         return run.tally
     device = model_device(services)
-    claimed = [c for task in tasks if (c := run.guarded(run.claim, task, task, device))]
+    held = [task for task in held if _owner(task) == device]
+    run.tally.taken_up = len(held)
+    claimed = [c for task in held if (c := run.guarded(run.take_up, task, task))]
+    claimed += [c for task in tasks if (c := run.guarded(run.claim, task, task, device))]
     taken = {
         job.id: job
         for job in ledger.claim_jobs(

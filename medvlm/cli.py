@@ -291,7 +291,7 @@ def tasks(
     except MedvlmError as exc:
         _fail(exc)
         return
-    table = Table(title=f"requested Tasks: {tally.found}")
+    table = Table(title=f"requested Tasks: {tally.found}, taken up again: {tally.taken_up}")
     table.add_column("Task")
     table.add_column("outcome")
     for ref, output in tally.completed:
@@ -303,7 +303,7 @@ def tasks(
     for ref in tally.lost:
         table.add_row(ref, "taken or changed by another first")
     for ref in tally.pending:
-        table.add_row(ref, "in progress (its study is not done; see the ledger)")
+        table.add_row(ref, "in progress (its study is not done: `medvlm status`)")
     console.print(table)
     if tally.failed:
         raise typer.Exit(3)

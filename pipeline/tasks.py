@@ -453,9 +453,9 @@ def outcome_of_job(
     """The Task outcome of a draft job as the ledger has it.
 
     ``written``: completed with the DiagnosticReport (or DocumentReference) written; skipped:
-    failed with the safety rule's code (the reason starts with it); failed or dead-lettered:
-    failed, ``undecodable`` when no image decoded, else ``draft-failed`` (the Task's client may
-    ask again with a new Task). Anything else (left pending by an outage) is pending.
+    failed with the safety rule's code (the reason starts with it); dead-lettered: failed,
+    ``undecodable`` when no image decoded, else ``draft-failed``. Anything else, a failure that
+    will be retried included, is pending: the Task stays in progress until the job ends.
     """
     if state is JobState.WRITTEN:
         outputs = tuple(
@@ -472,7 +472,7 @@ def outcome_of_job(
     if state is JobState.SKIPPED:
         code = text.split(":", 1)[0].strip()
         return TaskOutcome(reason=_SKIP_REASONS.get(code, TaskReason.DRAFT_FAILED), detail=text)
-    if state in (JobState.FAILED, JobState.DEAD_LETTERED):
+    if state is JobState.DEAD_LETTERED:
         why = (
             TaskReason.UNDECODABLE if error_type in _UNDECODABLE_ERRORS else TaskReason.DRAFT_FAILED
         )

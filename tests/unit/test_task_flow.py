@@ -4,7 +4,8 @@ in-memory queue that keeps FHIR's versioned-update rule (a stale If-Match answer
 
 What the real servers cannot be made to do on demand is shown here: the ``_lastUpdated``
 watermark and its overlap, a claim that meets an EHR failure (the Task stays requested and the
-watermark does not pass it), and a draft that fails (the Task fails with the ledger's reason).
+watermark does not pass it), a draft that fails (the Task waits in progress while the ledger
+retries, then fails with its reason), and a Task left accepted by a worker that died.
 The same flow against the real FHIR server and Orthanc: tests/integration/test_fhir_tasks.py.
 """
 
@@ -18,13 +19,14 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.task import Task
 
+from flows.draft_reports import model_device
 from flows.tasks import WATERMARK_OVERLAP, draft_requested_tasks, watermark_source
 from medvlm.errors import EhrNotFoundError, EhrUnavailableError
 from pipeline.imaging import study_reference
 from pipeline.ledger import JobState
 from pipeline.tasks import DRAFT_IMAGING_REPORT, TASK_CODE_SYSTEM
 from tests.flow_doubles import ScriptedDrafter
-from tests.unit.test_flow_states import World
+from tests.unit.test_flow_states import VERSION, World
 
 pytestmark = pytest.mark.unit
 
@@ -39,20 +41,21 @@ class MemoryTasks:
         self.folder = ehr_folder
         self.tasks: dict[str, dict[str, Any]] = {}
         self.clock = START
-        self.searched_since: list[dt.datetime | None] = []
+        self.searched_since: list[dt.datetime | None] = []  # of requested Tasks
         self.fail_updates = 0  # the next N updates answer as an EHR that is down
 
     def tick(self) -> str:
         self.clock += dt.timedelta(seconds=1)
         return self.clock.isoformat()
 
-    def request(self, focus: str) -> str:
+    def request(self, focus: str, status: str = "requested", **fields: Any) -> str:
         tid = f"t{len(self.tasks) + 1}"
         self.tasks[tid] = {
+            **fields,
             "resourceType": "Task",
             "id": tid,
             "meta": {"versionId": "1", "lastUpdated": self.tick()},
-            "status": "requested",
+            "status": status,
             "intent": "order",
             "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": DRAFT_IMAGING_REPORT}]},
             "focus": {"reference": focus},
@@ -62,7 +65,8 @@ class MemoryTasks:
     def search_tasks(
         self, system: str, code: str, *, status: str = "requested", since: dt.datetime | None = None
     ) -> list[Task]:
-        self.searched_since.append(since)
+        if status == "requested":
+            self.searched_since.append(since)
         return [
             Task.model_validate(t)
             for t in self.tasks.values()
@@ -147,19 +151,51 @@ def test_a_claim_that_meets_an_ehr_failure_is_left_requested_for_the_next_pass(
     assert world.job(first).state is JobState.WRITTEN
 
 
-def test_a_draft_that_fails_ends_the_task_failed_with_the_ledgers_reason(world: World) -> None:
+def test_a_failed_draft_keeps_the_task_in_progress_until_the_ledger_gives_up(
+    world: World,
+) -> None:
     case = world.add()
     queue = MemoryTasks(world.root / "ehr")
     tid = queue.request(_imaging_study(world, case.study_uid))
     drafter = ScriptedDrafter({case.ref: "invalid-json"})
-    tally = draft_requested_tasks(world.services(drafter), queue=queue)
-    ((ref, reason),) = tally.failed
+    first = draft_requested_tasks(world.services(drafter), queue=queue)
+    # Attempt 1 of job.max_attempts (2): retried, so the Task waits, in progress at its stage.
+    assert first.pending == [f"Task/{tid}"] and not first.failed
+    assert queue.tasks[tid]["status"] == "in-progress"
+    assert queue.tasks[tid]["businessStatus"]["coding"][0]["code"] == "discovered"
+    assert world.job(case).state is JobState.FAILED
+    # The next pass takes it up (no longer requested) and the second failure ends it.
+    second = draft_requested_tasks(world.services(drafter), queue=queue)
+    assert second.found == 0 and second.taken_up == 1
+    ((ref, reason),) = second.failed
     assert ref == f"Task/{tid}" and reason.startswith("draft-failed: ")
     task = queue.tasks[tid]
     assert task["status"] == "failed"
     assert task["statusReason"]["coding"][0]["code"] == "draft-failed"
     assert task["statusReason"]["text"] == world.job(case).reason
-    assert world.job(case).state in (JobState.FAILED, JobState.DEAD_LETTERED)
+    assert world.job(case).state is JobState.DEAD_LETTERED
+    assert drafter.calls == [case.ref, case.ref]
+
+
+def test_a_task_left_accepted_by_a_worker_that_died_is_taken_up_and_completed(
+    world: World,
+) -> None:
+    case, other = world.add(), world.add()
+    services = world.services(ScriptedDrafter())
+    device = model_device(services)
+    queue = MemoryTasks(world.root / "ehr")
+    ours = queue.request(
+        _imaging_study(world, case.study_uid), "accepted", owner={"reference": device}
+    )
+    theirs = queue.request(  # another model's Task: not this worker's to take up
+        _imaging_study(world, other.study_uid), "accepted", owner={"reference": "Device/else"}
+    )
+    tally = draft_requested_tasks(services, queue=queue)
+    assert tally.found == 0 and tally.taken_up == 1
+    assert [t for t, _ in tally.completed] == [f"Task/{ours}"]
+    assert queue.tasks[ours]["status"] == "completed"
+    assert queue.tasks[theirs]["status"] == "accepted"
+    assert world.ledger.jobs(VERSION, [other.study_uid]) == []
 
 
 def test_an_ehr_without_tasks_is_refused_with_one_line(world: World) -> None:

@@ -187,8 +187,7 @@ def test_a_cancelled_or_requested_task_is_never_completed() -> None:
         (JobState.SKIPPED, "patient-mismatch: PatientID differs", None, {}, "patient-mismatch"),
         (JobState.SKIPPED, "not-reportable: SEG ×1", None, {}, "not-reportable"),
         (JobState.DEAD_LETTERED, "study-x: no usable image", "ImagingError", {}, "undecodable"),
-        (JobState.FAILED, "study-x: no usable image", "ImagingError", {}, "undecodable"),
-        (JobState.FAILED, "EHR: HTTP 500", "EhrUnavailableError", {}, "draft-failed"),
+        (JobState.DEAD_LETTERED, "EHR: HTTP 500", "EhrUnavailableError", {}, "draft-failed"),
     ],
 )
 def test_a_draft_jobs_end_becomes_the_tasks_outcome(
@@ -209,6 +208,8 @@ def test_a_draft_jobs_end_becomes_the_tasks_outcome(
 def test_a_job_still_under_way_leaves_the_task_pending() -> None:
     for state in (JobState.DISCOVERED, JobState.FETCHED, JobState.DRAFTED, JobState.WRITING):
         assert outcome_of_job(state, None, None, {}).pending
+    # A failure the ledger will retry: the Task waits for the job's end.
+    assert outcome_of_job(JobState.FAILED, "EHR: HTTP 500", "EhrUnavailableError", {}).pending
     assert outcome_of_job(JobState.WRITTEN, None, None, {"DocumentReference": ["n1"]}).outputs == (
         "DocumentReference/n1",
     )
