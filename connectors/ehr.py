@@ -11,6 +11,7 @@ or birth date into a message: references are logical ids or ``identifier_ref`` h
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.task import Task
 from pydantic import ValidationError
 
 from medvlm.errors import EhrInvalidResourceError
@@ -40,6 +42,7 @@ __all__ = [
     "WRITTEN_TYPES",
     "Ehr",
     "EhrContext",
+    "TaskQueue",
     "WriteCapabilities",
     "WriteResult",
     "conditional_entry",
@@ -162,6 +165,27 @@ class Ehr(Protocol):
 
     def update(self, resource: Resource, if_match: str) -> Resource:
         """``PUT`` with ``If-Match: W/"{if_match}"``; ``EhrConflictError`` if the version moved."""
+        ...
+
+
+@runtime_checkable
+class TaskQueue(Protocol):
+    """FHIR Tasks that ask for drafts (``flows.tasks``): what an EHR needs to offer for
+    on-demand drafting. ``connectors.fhir.FhirEhr`` implements it; the NDJSON EHR does not."""
+
+    def search_tasks(
+        self, system: str, code: str, *, status: str = "requested", since: dt.datetime | None = None
+    ) -> list[Task]:
+        """Tasks with this ``code`` and ``status``, changed at or after ``since``, oldest first."""
+        ...
+
+    def read(self, model: type[R], rid: str) -> R:
+        """``GET [type]/[id]``; ``EhrNotFoundError`` if absent."""
+        ...
+
+    def update_task(self, task: Task) -> Task | None:
+        """``PUT`` with ``If-Match`` of ``task.meta.versionId``, once; None when the version
+        moved (another worker or the requester changed the Task first)."""
         ...
 
 

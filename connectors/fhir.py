@@ -21,6 +21,7 @@ diagnostics.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.task import Task
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -683,10 +685,12 @@ class FhirEhr:
             stored = self._read(type(resource), rid)
         return WriteResult(stored, created)
 
-    def update(self, resource: Resource, if_match: str) -> Resource:
+    def update(self, resource: Resource, if_match: str, *, retry: bool = True) -> Resource:
         """``PUT [base]/[type]/[id]`` with ``If-Match: W/"version"``.
 
         FHIR R4 http.html#concurrency: a stale version gives 412 → ``EhrConflictError``.
+        ``retry=False``: sent once (a retried PUT whose first answer was lost would meet its own
+        new version and answer 412).
         """
         rtype = resource.get_resource_type()
         if resource.id is None or not _ID.match(resource.id):
@@ -699,10 +703,60 @@ class FhirEhr:
             ref=ref,
             body=body,
             headers={"If-Match": f'W/"{if_match}"', "Prefer": "return=representation"},
+            retry=retry,
         )
         if not response.content.strip():
             return self._read(type(resource), resource.id)
         return parse_resource(self._json(response, ref), type(resource))
+
+    # -- Tasks (on-demand drafting: pipeline.tasks, flows.tasks) -------------------------------
+
+    def search_tasks(
+        self,
+        system: str,
+        code: str,
+        *,
+        status: str = "requested",
+        since: dt.datetime | None = None,
+    ) -> list[Task]:
+        """``GET [base]/Task?code=system|code&status=…&_lastUpdated=ge…``, every page, oldest
+        change first; ``since`` None: every such Task. Each is checked again here (status,
+        code): a server that ignored a parameter answers wider."""
+        params = [("code", f"{system}|{code}"), ("status", status), ("_sort", "_lastUpdated")]
+        if since is not None:
+            when = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+            params.append(("_lastUpdated", f"ge{when.isoformat(timespec='seconds')}"))
+        return [
+            task
+            for mode, task in self._search("Task", params, ref=f"Task {code} {status}")
+            if mode == "match"
+            and isinstance(task, Task)
+            and task.status == status
+            and task.code is not None
+            and any(c.system == system and c.code == code for c in task.code.coding or [])
+        ]
+
+    def read(self, model: type[R], rid: str) -> R:
+        """``GET [base]/[type]/[id]``; ``EhrNotFoundError`` if absent (404 or 410)."""
+        return self._read(model, rid)
+
+    def update_task(self, task: Task) -> Task | None:
+        """``PUT [base]/Task/[id]`` with ``If-Match: W/"<meta.versionId>"``, sent once.
+
+        None when the server holds another version (412, or 409 on some servers): another
+        worker, or the Task's requester (a cancellation), changed it first. That is the claim
+        lost, not an error. A Task without ``meta.versionId`` is refused (``ValueError``): an
+        update without If-Match could overwrite a cancellation.
+        """
+        version = task.meta.versionId if task.meta is not None else None
+        if not version:
+            raise ValueError(f"Task/{task.id}: no meta.versionId to send as If-Match")
+        try:
+            updated = self.update(task, str(version), retry=False)
+        except EhrConflictError:
+            return None
+        assert isinstance(updated, Task)
+        return updated
 
     def capabilities(self) -> WriteCapabilities:
         """``GET [base]/metadata`` once: the ``transaction`` interaction and the types with

@@ -512,6 +512,44 @@ class LedgerStore:
         return released
 
     @_retrying_conflicts
+    def claim_jobs(self, ids: Sequence[int], worker: str, *, lease_s: float) -> list[DraftJob]:
+        """Take these jobs (by id) for ``worker`` for ``lease_s``, each only if it is open (not
+        written, skipped or dead-lettered) and free (unclaimed, its lease run out, or already
+        ``worker``'s), as ``claim_page`` does for the oldest open jobs: for a caller that knows
+        which studies it wants (a FHIR Task names one: flows.tasks). Returns the jobs taken,
+        in id order; the others are another live worker's or finished."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        table = DraftJob.__table__  # type: ignore[attr-defined]
+        with self._transaction(immediate=True) as connection:
+            self._lock(connection, ids)
+            now = self._clock(connection)
+            free = or_(
+                table.c.claimed_by.is_(None),
+                table.c.lease_until < now,
+                table.c.claimed_by == worker,
+            )
+            taken = list(
+                connection.execute(
+                    update(table)
+                    .where(table.c.id.in_(ids), free)
+                    .where(table.c.state.in_(_OPEN_STATES))
+                    .values(
+                        claimed_by=worker,
+                        lease_until=now + dt.timedelta(seconds=lease_s),
+                        version=table.c.version + 1,
+                    )
+                    .returning(table.c.id)
+                ).scalars()
+            )
+            if not taken:
+                return []
+            with Session(bind=connection) as session:
+                read = select(DraftJob).where(col(DraftJob.id).in_(taken))
+                return list(session.exec(read.order_by(col(DraftJob.id))).all())
+
+    @_retrying_conflicts
     def release_claims_of_dead_workers(self, host: str) -> list[str]:
         """Free the jobs held by workers of this ``host`` whose process is gone (a run killed
         on this machine: its leases would keep its studies from the next run for

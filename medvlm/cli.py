@@ -259,6 +259,56 @@ def run(
         raise typer.Exit(4)
 
 
+@app.command()
+def tasks(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Tasks changed from this instant (ISO 8601); default: the watermark."),
+    ] = None,
+) -> None:
+    """Draft what the requested FHIR Tasks (code draft-imaging-report) ask for, once.
+
+    Each Task is claimed with an If-Match update (another worker's claim wins a race: the Task
+    is left to it), its study drafted through the main pipeline, and the Task ended completed
+    with the preliminary report as output, or failed/rejected with a coded reason. Exit code 3
+    when a Task failed.
+    """
+    settings = _settings()
+    start = _instant(since, "--since") if since is not None else None
+    settings = _model_settings(settings)
+    try:
+        _check_model_configuration(settings)
+    except MedvlmError as exc:
+        _fail(exc)
+    if settings.job.preflight:
+        _preflight(settings)
+    from flows.services import open_services
+    from flows.tasks import draft_requested_tasks
+
+    try:
+        with open_services(settings) as services:
+            tally = draft_requested_tasks(services, since=start)
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"requested Tasks: {tally.found}, taken up again: {tally.taken_up}")
+    table.add_column("Task")
+    table.add_column("outcome")
+    for ref, output in tally.completed:
+        table.add_row(ref, f"completed: {output}")
+    for ref, reason in tally.failed:
+        table.add_row(ref, f"failed: {reason}")
+    for ref, reason in tally.rejected:
+        table.add_row(ref, f"rejected: {reason}")
+    for ref in tally.lost:
+        table.add_row(ref, "taken or changed by another first")
+    for ref in tally.pending:
+        table.add_row(ref, "in progress (its study is not done: `medvlm status`)")
+    console.print(table)
+    if tally.failed:
+        raise typer.Exit(3)
+
+
 def _date(value: str | None, option: str) -> dt.date | None:
     """A YYYY-MM-DD option's date; a malformed one ends the command with one line naming it."""
     if value is None:
@@ -511,6 +561,73 @@ def ref(
     chosen = system if system is not None else settings.ehr.accession_system
     key = settings.job.pseudonym_key_bytes()
     console.print(identifier_ref(value, chosen, key=key), highlight=False)
+
+
+@app.command()
+def status(
+    study: Annotated[
+        str | None,
+        typer.Option(help="One study: its `study-…` reference or Study Instance UID."),
+    ] = None,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state (failed, skipped, written, …).")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Jobs registered in the last N days.", min=1)] = 7,
+    limit: Annotated[int, typer.Option(help="At most N rows, latest change first.", min=1)] = 50,
+) -> None:
+    """The ledger's view of recent studies: reference, model version, state, attempts, the
+    reason of a failure or skip, and seconds per stage. No patient data: studies are named by
+    their `study-…` reference, never by accession number or patient."""
+    from connectors.ledger_store import LedgerStore, open_engine
+    from pipeline.ledger import JobState
+
+    settings = _settings()
+    wanted = None
+    if state is not None:
+        try:
+            wanted = JobState(state)
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            _line("error", f"--state {state!r} is not a job state ({known})")
+            raise typer.Exit(2) from None
+    assert settings.job.ledger_url is not None
+    now = dt.datetime.now(dt.UTC)
+    try:
+        engine = open_engine(settings.job.ledger_url)
+        try:
+            jobs = LedgerStore(engine).jobs_between(now - dt.timedelta(days=days), now)
+        finally:
+            engine.dispose()
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    jobs = [
+        job
+        for job in jobs
+        if (study is None or study in (job.study_ref, job.study_uid))
+        and (wanted is None or job.state is wanted)
+    ]
+    jobs.sort(key=lambda job: job.updated_at, reverse=True)
+    table = Table(title=f"ledger: {len(jobs)} jobs in the last {days} days")
+    for column in ("study", "model version", "state", "attempts", "updated (UTC)", "seconds"):
+        table.add_column(column)
+    table.add_column("reason", overflow="fold")
+    for job in jobs[:limit]:
+        seconds = ", ".join(
+            f"{name.removesuffix('_s')} {value:.2f}" for name, value in (job.timings or {}).items()
+        )
+        table.add_row(
+            job.study_ref,
+            job.model_version,
+            job.state.value,
+            str(job.attempts),
+            f"{job.updated_at:%Y-%m-%d %H:%M:%S}",
+            seconds,
+            escape(job.reason or ""),
+        )
+    console.print(table)
+    if len(jobs) > limit:
+        console.print(f"… and {len(jobs) - limit} more (--limit)", highlight=False)
 
 
 @app.command("settings")

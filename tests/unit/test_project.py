@@ -49,6 +49,8 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "db",
         "check",
         "ref",
+        "tasks",
+        "status",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
