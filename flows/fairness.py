@@ -184,6 +184,8 @@ def build_report(
         seed=cfg.seed,
         trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
         signed_unreadable=unreadable,
+        reference_groups=cfg.reference_groups,
+        false_discovery_rate=cfg.false_discovery_rate,
     )
 
 

@@ -1070,13 +1070,16 @@ class JobSettings(BaseModel):
 
 
 def _default_alert_rules() -> list[AlertRule]:
+    """Each group against its attribute's reference group and between highest and lowest
+    group (the overall value contains the group, which dilutes a gap: CheXclusion, Aequitas)."""
     return [
         AlertRule(
             name="underdiagnosis",
             metric="underdiagnosis_rate",
             ratio_above=1.25,
+            min_effect=0.03,
         ),
-        AlertRule(name="sensitivity-gap", metric="sensitivity:*", ratio_below=0.8),
+        AlertRule(name="sensitivity-gap", metric="sensitivity:*", ratio_below=0.8, min_effect=0.05),
         AlertRule(name="failure-gap", metric="failure_rate", difference_above=0.05),
     ]
 
@@ -1110,6 +1113,18 @@ class FairnessSettings(BaseModel):
         default=0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals."
     )
     seed: int = Field(default=0, description="Seed of the bootstrap (reproducible reports).")
+    reference_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description='Reference group per attribute (JSON object, e.g. `{"sex": "male"}`); '
+        "an attribute not named, or whose group is absent, uses its largest known group.",
+    )
+    false_discovery_rate: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Benjamini-Hochberg false discovery rate over the comparisons alert rules "
+        "examine in one report.",
+    )
     rules: list[AlertRule] = Field(
         default_factory=_default_alert_rules,
         description="Alert rules; the defaults follow CheXclusion-style underdiagnosis checks.",
@@ -1127,7 +1142,7 @@ class FairnessSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_attributes(self) -> FairnessSettings:
-        unknown = sorted(set(self.attributes) - set(ATTRIBUTES))
+        unknown = sorted((set(self.attributes) | set(self.reference_groups)) - set(ATTRIBUTES))
         if unknown:
             raise ValueError(
                 f"fairness.attributes {unknown} are not captured; choose from {list(ATTRIBUTES)}"

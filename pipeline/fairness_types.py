@@ -31,15 +31,25 @@ ATTRIBUTES: tuple[str, ...] = (
 UNKNOWN = "unknown"
 
 MetricKind = Literal["rate", "mean"]
+#: What a group is compared with: the overall value (which contains the group), the reference
+#: group of its attribute, or (between groups) the attribute's best and worst groups.
+Comparison = Literal["overall", "reference", "between"]
+COMPARISONS: tuple[Comparison, ...] = ("overall", "reference", "between")
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with its bootstrap confidence interval; all None when not computable."""
+    """A point estimate with its bootstrap confidence interval; all None when not computable.
+
+    For a comparison (ratio, difference), ``p_value`` is the two-sided bootstrap p-value of
+    parity (the share of resamples on the far side of parity, doubled), the input of the
+    report's multiple-comparison control.
+    """
 
     value: float | None
     ci_low: float | None = None
     ci_high: float | None = None
+    p_value: float | None = None
 
     @property
     def known(self) -> bool:
@@ -48,7 +58,11 @@ class Estimate:
 
 @dataclass(frozen=True)
 class GroupResult:
-    """One metric in one subgroup (stratum), compared with the overall value."""
+    """One metric in one subgroup (stratum), compared with the overall value and the reference.
+
+    The reference comparisons are unknown (None) for the reference group itself, and when the
+    reference cell is suppressed for this metric.
+    """
 
     attribute: str
     group: str
@@ -58,6 +72,26 @@ class GroupResult:
     estimate: Estimate  # group value (None if suppressed)
     ratio: Estimate  # group value / overall value
     difference: Estimate  # group value - overall value
+    reference_ratio: Estimate = Estimate(None)  # group value / reference group's value
+    reference_difference: Estimate = Estimate(None)  # group value - reference group's value
+
+
+@dataclass(frozen=True)
+class Between:
+    """The spread between an attribute's known, unsuppressed groups for one metric.
+
+    ``high`` and ``low`` are the groups with the highest and lowest values; ``ratio`` is
+    high / low and ``difference`` high - low (fairlearn's ``ratio``/``difference`` with
+    ``method="between_groups"``, here with the bootstrap interval of that pair's ratio and
+    difference, and a p-value Bonferroni-multiplied by the attribute's number of pairs, since
+    the extreme pair was chosen after looking).
+    """
+
+    attribute: str
+    high: str
+    low: str
+    ratio: Estimate
+    difference: Estimate
 
 
 @dataclass(frozen=True)
@@ -73,6 +107,13 @@ class MetricResult:
     overall_numerator: float
     overall: Estimate
     groups: tuple[GroupResult, ...]
+    between: tuple[Between, ...] = ()
+
+    def group(self, attribute: str, group: str) -> GroupResult | None:
+        return next((g for g in self.groups if (g.attribute, g.group) == (attribute, group)), None)
+
+    def between_of(self, attribute: str) -> Between | None:
+        return next((b for b in self.between if b.attribute == attribute), None)
 
     def by_attribute(self, attribute: str) -> tuple[GroupResult, ...]:
         return tuple(g for g in self.groups if g.attribute == attribute)
@@ -109,7 +150,11 @@ def _furthest(
 
 @dataclass(frozen=True)
 class Alert:
-    """A fired alert rule: which metric, which attribute and group, and the evidence."""
+    """A fired alert rule: which metric, which attribute and group, and the evidence.
+
+    ``ratio`` and ``difference`` are those of the comparison that fired (group vs ``against``:
+    ``overall``, the reference group, or the other end of the between-groups spread).
+    """
 
     rule: str  # the rule's name from settings
     metric: str
@@ -121,6 +166,14 @@ class Alert:
     ratio: Estimate
     difference: Estimate
     message: str  # one line naming group and metric, no patient data
+    comparison: Comparison = "overall"
+    against: str = "overall"  # the comparator: "overall" or a group of the same attribute
+    against_estimate: Estimate = Estimate(None)
+    against_n: int | None = None
+    numerator: float | None = None  # events in the group (for rates)
+    against_numerator: float | None = None
+    threshold: str = ""  # the crossed threshold in words, e.g. "ratio < 0.8"
+    q_value: float | None = None  # Benjamini-Hochberg adjusted p-value of the comparison
 
 
 @dataclass(frozen=True)
@@ -155,6 +208,16 @@ class FairnessReport:
     alerts: tuple[Alert, ...]
     trend: tuple[TrendPoint, ...] = ()
     signed_unreadable: int = 0  # drafted studies whose signed report the EHR failed to return
+    #: (attribute, reference group) for each attribute that has one.
+    reference_groups: tuple[tuple[str, str], ...] = ()
+    #: Rules that crossed a threshold by a practical margin but whose evidence is too thin
+    #: (interval or multiple-comparison control): would fire with more studies. Not alerts.
+    watches: tuple[Alert, ...] = ()
+    false_discovery_rate: float = 0.05
+    tests: int = 0  # comparisons in the multiple-comparison family (Benjamini-Hochberg's m)
+
+    def reference(self, attribute: str) -> str | None:
+        return dict(self.reference_groups).get(attribute)
 
     def metric(self, name: str) -> MetricResult:
         for m in self.metrics:
@@ -163,13 +226,21 @@ class FairnessReport:
         raise KeyError(name)
 
 
+def _default_comparisons() -> list[Comparison]:
+    return ["reference", "between"]
+
+
 class AlertRule(BaseModel):
     """A disparity that should alert: a metric, the groups it watches, and its thresholds.
 
-    It fires for an unsuppressed group when the group's value compared with the overall value
-    crosses a threshold (ratio = group / overall, difference = group - overall) and, with
-    ``require_ci``, the bootstrap confidence interval of that ratio or difference lies entirely
-    on the far side of parity (1 for ratios, 0 for differences).
+    It fires for an unsuppressed group when one of its ``comparisons`` crosses a threshold
+    (ratio = group / comparator, difference = group - comparator; the comparator is the overall
+    value, the attribute's reference group, or for ``between`` the other end of the attribute's
+    highest-lowest spread), the difference is at least ``min_effect`` in size, and, with
+    ``require_ci``, the bootstrap confidence interval lies entirely on the far side of parity
+    (1 for ratios, 0 for differences) and the comparison survives the report's
+    Benjamini-Hochberg control. The thresholds give the harmful direction: an "above" rule never
+    fires for a group doing better.
     """
 
     name: str = Field(description="Name of the rule, quoted in alerts.")
@@ -188,7 +259,20 @@ class AlertRule(BaseModel):
         default=None, description="Fire when difference < this (in the metric's unit)."
     )
     require_ci: bool = Field(
-        default=True, description="Also require the confidence interval to exclude parity."
+        default=True,
+        description="Also require the confidence interval to exclude parity and the "
+        "comparison to pass the false-discovery-rate control.",
+    )
+    comparisons: list[Comparison] = Field(
+        default_factory=_default_comparisons,
+        min_length=1,
+        description="What a group is compared with: `overall`, `reference` (the attribute's "
+        "reference group), `between` (highest vs lowest group).",
+    )
+    min_effect: float = Field(
+        default=0.0,
+        ge=0,
+        description="Smallest absolute difference (in the metric's unit) worth alerting on.",
     )
 
     @model_validator(mode="after")

@@ -389,3 +389,111 @@ def test_the_html_report_says_how_many_signed_reports_were_unreadable(
     assert "7 whose signed report the EHR failed to return" in render_html(
         replace(planted, signed_unreadable=7)
     )
+
+
+def test_planted_sensitivity_gap_alerts_for_female_against_the_male_reference(
+    planted: FairnessReport,
+) -> None:
+    """The overall value contains the group and dilutes the gap; the reference group does not."""
+    assert planted.reference("sex") == "male"  # the largest known group (210 vs 202)
+    fired = [a for a in planted.alerts if a.metric.startswith("sensitivity:")]
+    assert {(a.metric, a.attribute, a.group, a.against) for a in fired} == {
+        ("sensitivity:cardiomegaly", "sex", "female", "male"),
+        ("sensitivity:pleural_effusion", "sex", "female", "male"),
+    }
+    metric = planted.metric("sensitivity:cardiomegaly")
+    female, male = metric.group("sex", "female"), metric.group("sex", "male")
+    assert female is not None and male is not None
+    assert female.estimate.value is not None and male.estimate.value is not None
+    alert = next(a for a in fired if a.metric == "sensitivity:cardiomegaly")
+    assert alert.comparison == "reference" and alert.threshold == "ratio < 0.8"
+    assert alert.ratio.value == pytest.approx(female.estimate.value / male.estimate.value)
+    assert 0.55 < alert.ratio.value < 0.8
+    assert alert.ratio.ci_high is not None and alert.ratio.ci_high < 1.0
+    assert alert.q_value is not None and alert.q_value <= planted.false_discovery_rate
+    assert "sex=female" in alert.message and "sex=male (reference)" in alert.message
+    # Against the overall value (which contains the female group) the gap is diluted.
+    assert female.ratio.value is not None and female.ratio.value > alert.ratio.value
+    # The reference group has no comparison with itself.
+    assert male.reference_ratio.value is None
+
+
+def test_between_groups_names_the_worst_group_whatever_the_reference() -> None:
+    """On the integration test's smaller cohort female is the larger sex, so the reference
+    comparison cannot name it: the between-groups comparison (lowest vs highest) does."""
+    report = report_of(records(cohort(planted=True, per_group=100)))
+    assert report.reference("sex") == "female"
+    fired = {(a.metric, a.group, a.comparison, a.against) for a in report.alerts}
+    assert ("sensitivity:cardiomegaly", "female", "between", "male") in fired
+    alert = next(a for a in report.alerts if a.metric == "sensitivity:cardiomegaly")
+    assert alert.ratio.value is not None and 0.55 < alert.ratio.value < 0.8
+    spread = report.metric("sensitivity:cardiomegaly").between_of("sex")
+    assert spread is not None and (spread.high, spread.low) == ("male", "female")
+    assert spread.ratio.value == pytest.approx(1.0 / alert.ratio.value)
+    # A declared reference group is used instead of the largest.
+    declared = report_of(
+        records(cohort(planted=True, per_group=100)), reference_groups={"sex": "male"}
+    )
+    assert declared.reference("sex") == "male"
+    assert any(
+        (a.metric, a.group, a.comparison) == ("sensitivity:cardiomegaly", "female", "reference")
+        for a in declared.alerts
+    )
+
+
+def test_rules_choose_their_comparisons() -> None:
+    recs = records(cohort(planted=True))
+    overall = AlertRule(
+        name="overall-only", metric="sensitivity:cardiomegaly", ratio_below=0.8,
+        comparisons=["overall"],
+    )  # fmt: skip
+    (diluted,) = report_of(recs, rules=[overall]).alerts
+    assert (diluted.group, diluted.comparison, diluted.against) == ("female", "overall", "overall")
+    reference = overall.model_copy(update={"name": "reference", "comparisons": ["reference"]})
+    (direct,) = report_of(recs, rules=[reference]).alerts
+    assert (direct.group, direct.against) == ("female", "male")
+    # The overall value contains the female group: its ratio is diluted towards 1.
+    assert direct.ratio.value is not None and diluted.ratio.value is not None
+    assert direct.ratio.value < diluted.ratio.value < 1.0
+    # Only the harmful direction: male (doing better) never fires a "below" rule.
+    between = overall.model_copy(update={"name": "between", "comparisons": ["between"]})
+    assert [a.group for a in report_of(recs, rules=[between]).alerts] == ["female"]
+
+
+def test_reference_group_is_declared_or_the_largest_known_group() -> None:
+    from pipeline.fairness import reference_group
+
+    assert reference_group(["a", "b", UNKNOWN], [10, 20, 99], None) == "b"
+    assert reference_group(["a", "b", UNKNOWN], [10, 20, 99], "a") == "a"
+    assert reference_group(["a", "b"], [10, 20], "absent") == "b"
+    assert reference_group(["a", "b"], [20, 20], None) == "a"  # ties: reproducible
+    assert reference_group([UNKNOWN], [5], None) is None
+    with pytest.raises(ValueError, match="insurance"):
+        FairnessSettings(reference_groups={"insurance": "x"})
+
+
+def test_benjamini_hochberg_matches_the_step_up_procedure() -> None:
+    from pipeline.fairness import benjamini_hochberg
+
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    # Sorted: 0.005, 0.01, 0.03, 0.04, 0.5 -> x 5/rank: 0.025, 0.025, 0.05, 0.05, 0.5
+    assert benjamini_hochberg(p) == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+    assert benjamini_hochberg([]) == []
+    assert benjamini_hochberg([0.9, 0.95]) == pytest.approx([0.95, 0.95])
+
+
+def test_the_no_disparity_cohort_raises_no_alert_under_the_fdr_control(
+    fair: FairnessReport,
+) -> None:
+    assert fair.alerts == ()
+    assert fair.tests > 20  # every comparison the default rules look at is in the family
+    assert all(w.q_value is None or w.q_value > fair.false_discovery_rate for w in fair.watches)
+
+
+def test_min_effect_keeps_tiny_but_certain_gaps_quiet() -> None:
+    recs = records(cohort(planted=True))
+    rule = AlertRule(name="tiny", metric="no_finding_rate", ratio_above=1.01)
+    assert any(a.group == "female" for a in report_of(recs, rules=[rule]).alerts)
+    strict = rule.model_copy(update={"min_effect": 0.5})
+    report = report_of(recs, rules=[strict])
+    assert report.alerts == () and report.watches == ()
