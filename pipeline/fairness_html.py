@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import jinja2
 import matplotlib
@@ -44,6 +44,7 @@ from matplotlib.ticker import (
 from matplotlib.transforms import blended_transform_factory
 
 from pipeline.fairness_types import (
+    Alert,
     Estimate,
     FairnessReport,
     GroupResult,
@@ -68,7 +69,14 @@ DEFAULT_HEADLINE: tuple[str, ...] = (
 _OVERALL = "overall"
 _DASH = "—"
 _BAR = "#4477aa"
+# The alert colour, used only where a rule fired (never in the trend palette), always with a
+# second cue: hatching and a mark in the label. A watch (would fire with more studies) is hatched
+# in the plain bar colour.
 _BAR_FLAGGED = "#cc3311"
+_ALERT_HATCH = "////"
+_WATCH_HATCH = "...."
+_ALERT_MARK = "\u25b2"  # ▲
+_WATCH_MARK = "\u25b3"  # △
 _OVERALL_LINE = "#222222"
 _MUTED = "#777777"
 # Colour-blind-safe qualitative palette (Paul Tol's "vibrant", grey darkened so its legend
@@ -77,7 +85,6 @@ _SERIES_COLOURS = (
     "#0077bb",
     "#ee7733",
     "#009988",
-    "#cc3311",
     "#33bbee",
     "#ee3377",
     "#666666",
@@ -164,9 +171,31 @@ def _with_ci(estimate: Estimate, fmt: str, metric: MetricResult) -> str:
     return f"{text} [{one(low)}, {one(high)}]"
 
 
-def _ratio_ci_excludes_one(ratio: Estimate) -> bool:
-    low, high = _finite(ratio.ci_low), _finite(ratio.ci_high)
-    return low is not None and high is not None and (low > 1.0 or high < 1.0)
+Status = Literal["alert", "watch", ""]
+
+
+def _statuses(report: FairnessReport) -> dict[tuple[str, str, str], tuple[Status, Alert]]:
+    """(metric, attribute, group) → whether a rule fired there ("alert") or would have with
+    more studies ("watch"), and the first such alert: the only cells drawn as flagged."""
+    found: dict[tuple[str, str, str], tuple[Status, Alert]] = {}
+    for alert in report.watches:
+        found[(alert.metric, alert.attribute, alert.group)] = ("watch", alert)
+    for alert in reversed(report.alerts):  # an alert wins over a watch; the first alert wins
+        found[(alert.metric, alert.attribute, alert.group)] = ("alert", alert)
+    return found
+
+
+def _status(
+    statuses: dict[tuple[str, str, str], tuple[Status, Alert]],
+    metric: MetricResult,
+    group: GroupResult,
+) -> Status:
+    found = statuses.get((metric.name, group.attribute, group.group))
+    return "" if found is None else found[0]
+
+
+def _mark(status: Status) -> str:
+    return {"alert": f" {_ALERT_MARK}", "watch": f" {_WATCH_MARK}", "": ""}[status]
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -231,8 +260,18 @@ def _margins(figure: Figure, *, left: float, right: float, top: float, bottom: f
     )
 
 
-def _bar_figure(metric: MetricResult, report: FairnessReport, key: str) -> Markup | None:
-    """A forest-style chart: per attribute, each group's value and interval on one axis."""
+def _bar_figure(
+    metric: MetricResult,
+    report: FairnessReport,
+    key: str,
+    statuses: dict[tuple[str, str, str], tuple[Status, Alert]],
+) -> Markup | None:
+    """A forest-style chart: per attribute, each group's value and interval on one axis.
+
+    A bar is red and hatched, its label marked ▲, only where an alert rule fired for the group
+    (in the harmful direction, by the rule's thresholds); hatched and marked △ where one would
+    fire with more studies. The reference group is labelled "(ref)".
+    """
     blocks = [(a, metric.by_attribute(a)) for a in _attributes(report, metric)]
     blocks = [(a, g) for a, g in blocks if g]
     if not blocks:
@@ -248,7 +287,12 @@ def _bar_figure(metric: MetricResult, report: FairnessReport, key: str) -> Marku
             rows.append((y, g))
             y += 1.0
     span = y
-    labels = [_short(g.group) for _, g in rows]
+    labels = [
+        _short(g.group)
+        + (" (ref)" if report.reference(g.attribute) == g.group else "")
+        + _mark(_status(statuses, metric, g))
+        for _, g in rows
+    ]
     left = min(max(0.9, _CHAR * max(len(t) for t in labels) + 0.3), 3.0)
     height = span * _ROW + 0.7
 
@@ -291,7 +335,7 @@ def _bar_figure(metric: MetricResult, report: FairnessReport, key: str) -> Marku
         if overall_value is not None:
             ax.axvline(overall_value, color=_OVERALL_LINE, linestyle="--", linewidth=1.0)
 
-        shown: list[tuple[float, float, str]] = []
+        shown: list[tuple[float, float, str, str]] = []
         errors: list[tuple[float, float, float, float]] = []
         extent = [0.0, *(v for v in (overall_value, high) if v is not None)]
         for position, group in rows:
@@ -312,16 +356,21 @@ def _bar_figure(metric: MetricResult, report: FairnessReport, key: str) -> Marku
                     style="italic",
                 )
                 continue
-            colour = _BAR_FLAGGED if _ratio_ci_excludes_one(group.ratio) else _BAR
-            shown.append((position, value, colour))
+            status = _status(statuses, metric, group)
+            colour = _BAR_FLAGGED if status == "alert" else _BAR
+            hatch = {"alert": _ALERT_HATCH, "watch": _WATCH_HATCH, "": ""}[status]
+            shown.append((position, value, colour, hatch))
             extent.append(value)
             g_low, g_high = _finite(group.estimate.ci_low), _finite(group.estimate.ci_high)
             if g_low is not None and g_high is not None:
                 errors.append((position, value, max(value - g_low, 0.0), max(g_high - value, 0.0)))
                 extent.extend((g_low, g_high))
         if shown:
-            ys, values, colours = zip(*shown, strict=True)
-            ax.barh(ys, values, height=0.62, color=colours)
+            ys, values, colours, hatches = zip(*shown, strict=True)
+            bars = ax.barh(ys, values, height=0.62, color=colours, edgecolor="white")
+            for bar, hatch in zip(bars, hatches, strict=True):
+                if hatch:
+                    bar.set_hatch(hatch)
         if errors:
             ys, values, below, above = zip(*errors, strict=True)
             ax.errorbar(
@@ -503,13 +552,16 @@ class _Row:
     value: str
     ratio: str
     difference: str
-    flagged: bool
+    reference_ratio: str
+    status: Status  # "alert", "watch" or "": the only thing the row's colour and mark show
+    status_text: str
     suppressed: bool
 
 
 @dataclass(frozen=True)
 class _Block:
     attribute: str
+    reference: str
     rows: tuple[_Row, ...]
 
 
@@ -524,27 +576,58 @@ class _Table:
     blocks: tuple[_Block, ...]
 
 
-def _row(metric: MetricResult, group: GroupResult, min_n: int) -> _Row:
+def _status_text(status: Status, alert: Alert | None) -> str:
+    if alert is None or not status:
+        return ""
+    against = "overall" if alert.against == "overall" else alert.against
+    mark = _ALERT_MARK if status == "alert" else _WATCH_MARK
+    verdict = "alert" if status == "alert" else "would alert with more studies"
+    threshold = f", {alert.threshold}" if alert.threshold else ""
+    return f"{mark} {verdict}: {alert.rule} (vs {against}{threshold})"
+
+
+def _row(
+    metric: MetricResult,
+    group: GroupResult,
+    report: FairnessReport,
+    statuses: dict[tuple[str, str, str], tuple[Status, Alert]],
+) -> _Row:
     if group.suppressed:
-        return _Row(group.group, "suppressed", f"n < {min_n}", _DASH, _DASH, False, True)
+        return _Row(
+            group.group, "suppressed", f"n < {report.min_group_size}", _DASH, _DASH, _DASH, "",
+            "", True,
+        )  # fmt: skip
+    found = statuses.get((metric.name, group.attribute, group.group))
+    status: Status = "" if found is None else found[0]
+    alert = None if found is None else found[1]
+    is_reference = report.reference(group.attribute) == group.group
     return _Row(
         group=group.group,
         n=f"{group.n:,}",
         value=_with_ci(group.estimate, "value", metric),
         ratio=_with_ci(group.ratio, "ratio", metric),
         difference=_with_ci(group.difference, "difference", metric),
-        flagged=_ratio_ci_excludes_one(group.ratio),
+        reference_ratio=(
+            "reference" if is_reference else _with_ci(group.reference_ratio, "ratio", metric)
+        ),
+        status=status,
+        status_text=_status_text(status, alert),
         suppressed=False,
     )
 
 
-def _table(metric: MetricResult, report: FairnessReport, anchor: str) -> _Table:
+def _table(
+    metric: MetricResult,
+    report: FairnessReport,
+    anchor: str,
+    statuses: dict[tuple[str, str, str], tuple[Status, Alert]],
+) -> _Table:
     blocks = []
     for attribute in _attributes(report, metric):
         groups = metric.by_attribute(attribute)
         if groups:
-            rows = tuple(_row(metric, g, report.min_group_size) for g in groups)
-            blocks.append(_Block(attribute, rows))
+            rows = tuple(_row(metric, g, report, statuses) for g in groups)
+            blocks.append(_Block(attribute, report.reference(attribute) or _DASH, rows))
     return _Table(
         anchor=anchor,
         title=metric.title,
@@ -590,7 +673,9 @@ th, td { border-bottom: 1px solid #e2e2e2; padding: 0.25em 0.5em; text-align: ri
   vertical-align: top; }
 th:first-child, td:first-child { text-align: left; }
 tbody th.attribute { text-align: left; background: #f3f3f3; font-weight: bold; }
-td.flag { background: #fde0dc; color: #8a1000; font-weight: bold; }
+td.flag { background: #fde0dc; color: #8a1000; font-weight: bold; text-align: left; }
+td.watch { color: #444; font-style: italic; text-align: left; }
+th .reference { font-weight: normal; color: #555; }
 tr.suppressed td { color: #777; font-style: italic; }
 p.population, p.overall { margin: 0.2em 0; }
 .legend-note { color: #555; font-size: 0.9em; }
@@ -624,10 +709,11 @@ p.population, p.overall { margin: 0.2em 0; }
 {% if bars %}
 <section id="headline">
 <h2>Headline metrics by subgroup</h2>
-<p class="legend-note">Bars: group value with its {{ confidence }} confidence interval. \
-Dashed line: overall value (shaded: its interval). Red bars: the interval of the ratio to the \
-overall excludes 1. Groups smaller than {{ min_group_size }} are suppressed and drawn without \
-a bar.</p>
+<p class="legend-note">Bars: group value; whiskers: the group's own {{ confidence }} \
+confidence interval. Dashed line: overall value (shaded: its interval). Red hatched bars marked \
+▲: an alert rule fired for the group (only in the harmful direction); hatched bars marked △: a \
+rule would fire with more studies. (ref): the attribute's reference group. Groups smaller than \
+{{ min_group_size }} are suppressed and drawn without a bar.</p>
 {% for fig in bars %}
 <figure id="plot-{{ fig.anchor }}">
 <figcaption>{{ fig.title }} <span class="note">overall {{ fig.overall }}; {{ fig.population }}\
@@ -653,8 +739,9 @@ the overall value. Gaps are windows where the group was suppressed or had no stu
 <section id="tables">
 <h2>All metrics</h2>
 <p class="legend-note">Value, ratio to the overall value and difference from it (for rates in \
-percentage points, pp), each with its {{ confidence }} bootstrap confidence interval. \
-Highlighted: the ratio's interval excludes 1.</p>
+percentage points, pp), and ratio to the attribute's reference group, each with its \
+{{ confidence }} bootstrap confidence interval. Rule: ▲ where an alert rule fired (highlighted), \
+△ where one would fire with more studies; nothing elsewhere, whatever the intervals.</p>
 {% for table in tables %}
 <section class="metric" id="metric-{{ table.anchor }}">
 <h3>{{ table.title }}</h3>
@@ -663,15 +750,17 @@ Highlighted: the ratio's interval excludes 1.</p>
 {% if table.blocks %}
 <table>
 <thead><tr><th>Group</th><th>n</th><th>Value [CI]</th><th>Ratio to overall [CI]</th>\
-<th>Difference [CI]</th></tr></thead>
+<th>Difference to overall [CI]</th><th>Ratio to reference [CI]</th><th>Rule</th></tr></thead>
 {% for block in table.blocks %}
 <tbody>
-<tr><th class="attribute" colspan="5">{{ block.attribute }}</th></tr>
+<tr><th class="attribute" colspan="7">{{ block.attribute }} \
+<span class="reference">(reference: {{ block.reference }})</span></th></tr>
 {% for row in block.rows %}
 <tr{% if row.suppressed %} class="suppressed"{% endif %}><td>{{ row.group }}</td>\
-<td>{{ row.n }}</td><td>{{ row.value }}</td>\
-<td{% if row.flagged %} class="flag" title="confidence interval excludes 1"{% endif %}>\
-{{ row.ratio }}</td><td>{{ row.difference }}</td></tr>
+<td>{{ row.n }}</td><td>{{ row.value }}</td><td>{{ row.ratio }}</td>\
+<td>{{ row.difference }}</td><td>{{ row.reference_ratio }}</td>\
+<td{% if row.status %} class="{{ 'flag' if row.status == 'alert' else 'watch' }}"{% endif %}>\
+{{ row.status_text }}</td></tr>
 {% endfor %}
 </tbody>
 {% endfor %}
@@ -715,12 +804,13 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
     by_name = {m.name: m for m in report.metrics}
     headline_metrics = [by_name[n] for n in dict.fromkeys(headline) if n in by_name]
 
+    statuses = _statuses(report)
     bars: list[_Plot] = []
     trends: list[_Plot] = []
     for index, metric in enumerate(headline_metrics):
         anchor = _anchor(index, metric.name)
         overall = _with_ci(metric.overall, "value", metric)
-        svg = _bar_figure(metric, report, f"bar{index}")
+        svg = _bar_figure(metric, report, f"bar{index}", statuses)
         if svg is not None:
             bars.append(_Plot(anchor, metric.title, overall, metric.population, svg))
         if report.trend:
@@ -747,5 +837,7 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         alerts=report.alerts,
         bars=bars,
         trends=trends,
-        tables=[_table(m, report, _anchor(i, m.name)) for i, m in enumerate(report.metrics)],
+        tables=[
+            _table(m, report, _anchor(i, m.name), statuses) for i, m in enumerate(report.metrics)
+        ],
     )

@@ -497,3 +497,45 @@ def test_min_effect_keeps_tiny_but_certain_gaps_quiet() -> None:
     strict = rule.model_copy(update={"min_effect": 0.5})
     report = report_of(recs, rules=[strict])
     assert report.alerts == () and report.watches == ()
+
+
+def _svgs(html: str) -> list[str]:
+    import re
+
+    return re.findall(r"<svg.*?</svg>", html, flags=re.DOTALL)
+
+
+def test_the_no_disparity_report_has_no_alert_colour_anywhere(fair: FairnessReport) -> None:
+    from pipeline.fairness_html import _ALERT_MARK, _BAR_FLAGGED, render_html
+
+    html = render_html(fair)
+    body = html[html.index("<body>") :]  # the stylesheet defines the colours; nothing uses them
+    assert "No alert rule fired" in body
+    assert 'class="alerts"' not in body and 'class="flag"' not in body
+    svgs = _svgs(html)
+    assert svgs and not any(_BAR_FLAGGED.lower() in svg.lower() for svg in svgs)
+    assert not any(_ALERT_MARK in svg for svg in svgs)
+    tables = body[body.index('<section id="tables">') :]
+    assert f"<td>{_ALERT_MARK}" not in tables and f">{_ALERT_MARK} alert" not in tables
+
+
+def test_the_planted_report_flags_only_the_cells_where_a_rule_fired(
+    planted: FairnessReport,
+) -> None:
+    from pipeline.fairness_html import _BAR_FLAGGED, render_html
+
+    html = render_html(planted)
+    body = html[html.index("<body>") :]
+    assert body.count('class="flag"') == len(planted.alerts)
+    flagged_sections = {
+        section.split('"', 1)[0]
+        for section in body.split('<section class="metric" id="metric-')[1:]
+        if 'class="flag"' in section
+    }
+    assert {name.split("-", 1)[1] for name in flagged_sections} == {
+        "underdiagnosis_rate", "sensitivity-cardiomegaly", "sensitivity-pleural_effusion",
+    }  # fmt: skip
+    # Underdiagnosis: female is red (an alert fired); male, the group doing better, is not.
+    underdiagnosis = _svgs(html)[0]
+    assert underdiagnosis.lower().count(_BAR_FLAGGED.lower()) >= 1
+    assert ">female \u25b2<" in underdiagnosis and ">male (ref)<" in underdiagnosis

@@ -207,7 +207,7 @@ def row(html: str, metric: str, attribute: str, group_name: str) -> list[tuple[s
     section = html[start.start() : html.index("</section>", start.start())]
     seen = False
     for cells in parse(section).rows:
-        if cells and cells[0][0] == attribute:
+        if cells and cells[0][0].split(" (reference")[0] == attribute:
             seen = True
         elif seen and cells and cells[0][0] == group_name:
             return cells
@@ -270,7 +270,9 @@ def test_ids_are_unique_across_the_inlined_svgs(html: str) -> None:
 
 def test_suppressed_group_shows_no_numbers(html: str) -> None:
     cells = row(html, "underdiagnosis_rate", "race", "Pacific Islander")
-    assert [text for text, _ in cells] == ["Pacific Islander", "suppressed", "n < 30", "—", "—"]
+    assert [text for text, _ in cells] == [
+        "Pacific Islander", "suppressed", "n < 30", "—", "—", "—", "",
+    ]  # fmt: skip
     for hidden in (f"{SECRET * 100:.1f}", f"{SECRET:.2f}", str(SECRET), f"{SECRET_N:,}"):
         assert hidden not in html, hidden
     assert str(SECRET_N) not in html
@@ -280,7 +282,7 @@ def test_unknown_group_is_reported_like_any_other(html: str) -> None:
     cells = row(html, "underdiagnosis_rate", "sex", UNKNOWN)
     assert cells[1][0] == "45"
     assert cells[2][0] == "15.6% [12.6%, 18.6%]"  # 0.12 * 1.3, CI ± 3 points
-    assert cells[3] == ("1.30 [1.05, 1.60]", "flag")
+    assert cells[3] == ("1.30 [1.05, 1.60]", "")  # an interval excluding 1 is not an alert
     assert cells[4][0] == "+3.6 pp [+0.6 pp, +6.6 pp]"
 
 
@@ -290,13 +292,19 @@ def test_differences_that_round_to_zero_have_no_minus_sign(html: str) -> None:
     assert "-0.0" not in html[html.index('<section id="tables">') :]
 
 
-def test_only_ratio_intervals_excluding_one_are_flagged(html: str) -> None:
-    assert row(html, "underdiagnosis_rate", "race", "Black")[3][1] == "flag"
-    assert row(html, "critical_rate", "race", "Black")[3][1] == "flag"
-    assert row(html, "underdiagnosis_rate", "race", "White")[3][1] == "flag"  # below 1
-    assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[3][1] == ""
-    assert row(html, "underdiagnosis_rate", "sex", "female")[3][1] == ""
-    assert row(html, "latency_mean", "sex", "male")[3][1] == ""
+def test_only_cells_where_a_rule_fired_are_flagged(html: str) -> None:
+    """Not every interval that excludes 1: only the alert's cell, with a mark and its rule."""
+    black = row(html, "underdiagnosis_rate", "race", "Black")
+    assert black[-1] == ("\u25b2 alert: ratio_high (vs overall)", "flag")
+    flagged = [
+        (metric, attribute, name)
+        for metric in ("underdiagnosis_rate", "critical_rate", "latency_mean")
+        for attribute, names in (("sex", ("female", "male")), ("race", ("White", "Black")))
+        for name in names
+        if metric != "latency_mean" or attribute == "sex"
+        if any(css for _, css in row(html, metric, attribute, name))
+    ]
+    assert flagged == [("underdiagnosis_rate", "race", "Black")]
 
 
 def test_means_have_two_decimals_and_their_unit(html: str) -> None:
@@ -308,6 +316,8 @@ def test_means_have_two_decimals_and_their_unit(html: str) -> None:
         "13.00 s [12.30 s, 13.60 s]",
         "1.02 [0.97, 1.07]",
         "+0.25 s [-0.40 s, +0.90 s]",
+        "—",
+        "",
     ]
 
 
