@@ -171,21 +171,31 @@ def build_report(
         start, end = since - k * length, until - k * length
         windows.append((start, end, collect_records(services, start, end)[0]))
     current, unreadable = collect_records(services, since, until)
+    options: dict[str, Any] = {
+        "attributes": cfg.attributes,
+        "min_group_size": cfg.min_group_size,
+        "n_boot": cfg.n_boot,
+        "confidence": cfg.confidence,
+        "rules": cfg.rules,
+        "seed": cfg.seed,
+        "reference_groups": cfg.reference_groups,
+        "false_discovery_rate": cfg.false_discovery_rate,
+    }
+    # The previous window's alerts, to say whether each alert is new or persisting.
+    previous = (
+        compute_report(windows[-1][2], since=windows[-1][0], until=windows[-1][1], **options)
+        if windows
+        else None
+    )
     windows.append((since, until, current))
     return compute_report(
         current,
         since=since,
         until=until,
-        attributes=cfg.attributes,
-        min_group_size=cfg.min_group_size,
-        n_boot=cfg.n_boot,
-        confidence=cfg.confidence,
-        rules=cfg.rules,
-        seed=cfg.seed,
         trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
         signed_unreadable=unreadable,
-        reference_groups=cfg.reference_groups,
-        false_discovery_rate=cfg.false_discovery_rate,
+        previous_alerts=None if previous is None else previous.alerts,
+        **options,
     )
 
 

@@ -59,7 +59,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -497,9 +497,14 @@ def compute_report(
     signed_unreadable: int = 0,
     reference_groups: Mapping[str, str] | None = None,
     false_discovery_rate: float = 0.05,
+    previous_alerts: Sequence[Alert] | None = None,
 ) -> FairnessReport:
     """Metrics per subgroup with bootstrap intervals, comparisons with the overall value, the
-    reference group and between groups, and the alerts the rules raise on them."""
+    reference group and between groups, and the alerts the rules raise on them.
+
+    ``previous_alerts`` are the alerts of the previous window (None: not evaluated): each alert
+    is then marked new or persisting.
+    """
     defs = metric_definitions()
     table = _Table.of(records, defs)
     n = len(records)
@@ -573,7 +578,7 @@ def compute_report(
         confidence=confidence,
         attributes=tuple(attributes),
         metrics=metrics,
-        alerts=evaluation.alerts,
+        alerts=_since_last(evaluation.alerts, previous_alerts),
         trend=tuple(trend),
         signed_unreadable=signed_unreadable,
         reference_groups=tuple(references.items()),
@@ -581,6 +586,13 @@ def compute_report(
         false_discovery_rate=false_discovery_rate,
         tests=evaluation.tests,
     )
+
+
+def _since_last(alerts: Sequence[Alert], previous: Sequence[Alert] | None) -> tuple[Alert, ...]:
+    if previous is None:
+        return tuple(alerts)
+    before = {a.key for a in previous}
+    return tuple(replace(a, since_last="persisting" if a.key in before else "new") for a in alerts)
 
 
 def _group_result(
@@ -837,6 +849,9 @@ def evaluate_rules(
                 against_numerator=c.against_numerator,
                 threshold=threshold,
                 q_value=q,
+                min_effect=rule.min_effect,
+                action=rule.action,
+                owner=rule.owner,
             )
     return RuleEvaluation(
         alerts=tuple(alerts.values()),

@@ -639,6 +639,108 @@ def _table(
     )
 
 
+# --- alert cards ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Card:
+    headline: str
+    evidence: str
+    comparison: str
+    since_last: str
+    action: str
+    owner: str
+    link: str  # id of the alert's chart, "" when the metric has none
+    rule: str
+    metric: str
+    cell: str  # attribute=group, as the logs and events name it
+
+
+def _counted(metric: MetricResult, who: str, n: int | None, events: float | None,
+             value: float | None) -> str:  # fmt: skip
+    shown = _format_value(metric, value)
+    if n is None:
+        return f"{who}: {shown}"
+    if metric.kind == "rate" and events is not None:
+        return f"{who}: {round(events):,} of {n:,} studies ({shown})"
+    return f"{who}: mean {shown} over {n:,} studies"
+
+
+def _card(alert: Alert, report: FairnessReport, links: dict[str, str]) -> _Card:
+    """An alert in plain words: who, against whom, how much, how sure, since when, what next."""
+    metric = report.metric(alert.metric)
+    ratio = alert.ratio
+    higher = ratio.value is not None and ratio.value > 1.0
+    if alert.against == "overall":
+        against = "all studies (the overall value)"
+        who_against = "All studies"
+    else:
+        role = "the reference group" if alert.comparison == "reference" else "the best group"
+        if alert.comparison == "between" and higher:
+            role = "the lowest group"
+        against = f"{alert.attribute} = {alert.against} ({role})"
+        who_against = f"{alert.attribute} = {alert.against}"
+    headline = (
+        f"{metric.title}: {'higher' if higher else 'lower'} for {alert.attribute} = "
+        f"{alert.group} than for {against}"
+    )
+    evidence = (
+        _counted(metric, f"{alert.attribute} = {alert.group}", alert.n, alert.numerator,
+                 alert.estimate.value)
+        + "; "
+        + _counted(metric, who_against, alert.against_n, alert.against_numerator,
+                   alert.against_estimate.value)
+        + "."
+    )  # fmt: skip
+    confidence = f"{report.confidence * 100:g}%"
+    low, high = _finite(ratio.ci_low), _finite(ratio.ci_high)
+    interval = (
+        f" ({confidence} CI {_format_ratio(low)}–{_format_ratio(high)})"
+        if low is not None and high is not None
+        else ""
+    )
+    rule_words = (
+        alert.threshold.replace("ratio", "the ratio is")
+        .replace("difference", "the difference is")
+        .replace(" > ", " above ")
+        .replace(" < ", " below ")
+    )
+    effect = (
+        f" and the difference is at least "
+        f"{_format_value(metric, alert.min_effect, signed=True).lstrip('+')}"
+        if alert.min_effect
+        else ""
+    )
+    q = (
+        f" Significant after Benjamini–Hochberg control over {report.tests:,} comparisons "
+        f"(q = {alert.q_value:.2g}, false discovery rate {report.false_discovery_rate:g})."
+        if alert.q_value is not None
+        else ""
+    )
+    comparison = (
+        f"Ratio {_format_ratio(ratio.value)}{interval}, difference "
+        f"{_format_value(metric, alert.difference.value, signed=True)}; the rule alerts when "
+        f"{rule_words}{effect}.{q}"
+    )
+    since_last = {
+        "new": "New: it did not fire in the previous window.",
+        "persisting": "Persisting: it also fired in the previous window.",
+        None: "No previous window was evaluated.",
+    }[alert.since_last]
+    return _Card(
+        headline=headline,
+        evidence=evidence,
+        comparison=comparison,
+        since_last=since_last,
+        action=alert.action or "Not set in the rule.",
+        owner=alert.owner or "Not set in the rule.",
+        link=links.get(alert.metric, ""),
+        rule=alert.rule,
+        metric=alert.metric,
+        cell=f"{alert.attribute}={alert.group}",
+    )
+
+
 # --- page -------------------------------------------------------------------------------------
 
 _TEMPLATE = """\
@@ -660,8 +762,12 @@ dl.meta dd { margin: 0; }
 .alerts { border: 2px solid #b00020; background: #fdecee; color: #700014;
   padding: 0.6em 1em; margin: 1em 0; border-radius: 4px; }
 .alerts h2 { border: 0; margin: 0 0 0.3em; font-size: 1.15em; }
-.alerts ul { margin: 0; padding-left: 1.3em; }
+.alert-card { border-top: 1px solid #e8b4ba; padding: 0.3em 0; }
+.alert-card:first-of-type { border-top: 0; }
+.alert-card h3 { margin: 0.2em 0; }
+.alert-card p { margin: 0.2em 0; }
 .alerts .rule { color: #555; font-size: 0.85em; }
+.alerts a { color: #700014; }
 .no-alerts { border: 2px solid #1b7a2f; background: #e9f6ec; color: #124d1f;
   padding: 0.6em 1em; margin: 1em 0; border-radius: 4px; font-weight: bold; }
 figure { margin: 1em 0 2em; }
@@ -697,11 +803,17 @@ p.population, p.overall { margin: 0.2em 0; }
 {% if alerts %}
 <section class="alerts" id="alerts">
 <h2>{{ alerts | length }} alert{{ "s" if alerts | length != 1 }} fired</h2>
-<ul>
-{% for alert in alerts %}
-<li>{{ alert.message }} <span class="rule">(rule: {{ alert.rule }})</span></li>
+{% for card in alerts %}
+<article class="alert-card" id="alert-{{ loop.index }}">
+<h3><span aria-hidden="true">▲</span> {{ card.headline }}</h3>
+<p>{{ card.evidence }}</p>
+<p>{{ card.comparison }}</p>
+<p>{{ card.since_last }}</p>
+<p><strong>Action:</strong> {{ card.action }} <strong>Owner:</strong> {{ card.owner }}</p>
+<p class="rule">{% if card.link %}<a href="#{{ card.link }}">See the chart</a> · {% endif %}\
+rule {{ card.rule }} · <code>{{ card.metric }}</code> · <code>{{ card.cell }}</code></p>
+</article>
 {% endfor %}
-</ul>
 </section>
 {% else %}
 <p class="no-alerts" id="alerts">No alert rule fired in this window.</p>
@@ -802,16 +914,20 @@ def _anchor(index: int, name: str) -> str:
 def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEADLINE) -> str:
     """The report as one self-contained HTML page (inline CSS and SVG, nothing external)."""
     by_name = {m.name: m for m in report.metrics}
-    headline_metrics = [by_name[n] for n in dict.fromkeys(headline) if n in by_name]
+    # The headline metrics, then every other metric an alert fired for (its card links there).
+    plotted = [*headline, *(a.metric for a in report.alerts)]
+    headline_metrics = [by_name[n] for n in dict.fromkeys(plotted) if n in by_name]
 
     statuses = _statuses(report)
     bars: list[_Plot] = []
     trends: list[_Plot] = []
+    links = {m.name: f"metric-{_anchor(i, m.name)}" for i, m in enumerate(report.metrics)}
     for index, metric in enumerate(headline_metrics):
         anchor = _anchor(index, metric.name)
         overall = _with_ci(metric.overall, "value", metric)
         svg = _bar_figure(metric, report, f"bar{index}", statuses)
         if svg is not None:
+            links[metric.name] = f"plot-{anchor}"
             bars.append(_Plot(anchor, metric.title, overall, metric.population, svg))
         if report.trend:
             svg = _trend_figure(metric, report.trend, report, f"trend{index}")
@@ -834,7 +950,7 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         method=method,
         confidence=confidence,
         min_group_size=report.min_group_size,
-        alerts=report.alerts,
+        alerts=[_card(a, report, links) for a in report.alerts],
         bars=bars,
         trends=trends,
         tables=[

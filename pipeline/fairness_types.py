@@ -174,6 +174,16 @@ class Alert:
     against_numerator: float | None = None
     threshold: str = ""  # the crossed threshold in words, e.g. "ratio < 0.8"
     q_value: float | None = None  # Benjamini-Hochberg adjusted p-value of the comparison
+    min_effect: float = 0.0  # the rule's minimum practical effect (absolute difference)
+    action: str = ""  # what to do, from the rule
+    owner: str = ""  # who does it, from the rule
+    #: Whether the same rule fired for the same metric and group in the previous window:
+    #: "new", "persisting", or None when no previous window was evaluated.
+    since_last: Literal["new", "persisting"] | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.rule, self.metric, self.attribute, self.group)
 
 
 @dataclass(frozen=True)
@@ -273,6 +283,15 @@ class AlertRule(BaseModel):
         default=0.0,
         ge=0,
         description="Smallest absolute difference (in the metric's unit) worth alerting on.",
+    )
+    action: str = Field(
+        default="Review a sample of the group's drafts against the signed reports and decide "
+        "whether drafts for this group need a warning or should be paused.",
+        description="What to do when the rule fires, shown on the alert card.",
+    )
+    owner: str = Field(
+        default="AI quality officer",
+        description="Who acts on the alert, shown on the alert card.",
     )
 
     @model_validator(mode="after")

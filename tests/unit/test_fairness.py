@@ -539,3 +539,67 @@ def test_the_planted_report_flags_only_the_cells_where_a_rule_fired(
     underdiagnosis = _svgs(html)[0]
     assert underdiagnosis.lower().count(_BAR_FLAGGED.lower()) >= 1
     assert ">female \u25b2<" in underdiagnosis and ">male (ref)<" in underdiagnosis
+
+
+def test_alerts_are_new_or_persisting_against_the_previous_window(
+    planted: FairnessReport,
+) -> None:
+    assert all(a.since_last is None for a in planted.alerts)  # no previous window given
+    recs = records(cohort(planted=True))
+    first = planted.alerts[0]
+    again = report_of(recs, previous_alerts=[first])
+    assert {a.key: a.since_last for a in again.alerts}[first.key] == "persisting"
+    assert all(a.since_last == "new" for a in again.alerts if a.key != first.key)
+
+
+def test_the_planted_alert_card_names_female_against_male(planted: FairnessReport) -> None:
+    import re
+
+    from pipeline.fairness_html import render_html
+
+    html = render_html(planted)
+    cards = [
+        re.sub(r"<[^>]+>", "", card)
+        for card in re.findall(r'<article class="alert-card".*?</article>', html, re.DOTALL)
+    ]
+    assert len(cards) == len(planted.alerts)
+    (card,) = [c for c in cards if "Sensitivity: cardiomegaly" in c]
+    assert "lower for sex = female than for sex = male (the reference group)" in card
+    assert "the rule alerts when the ratio is below 0.8" in card
+    assert "Action: " in card and "Owner: AI quality officer" in card
+    link = re.search(r'<a href="#([^"]+)">See the chart</a>', html)
+    assert link is not None and f'id="{link.group(1)}"' in html
+
+
+def test_build_report_marks_alerts_against_the_previous_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flow evaluates the previous window with the same settings: planted in both windows,
+    the alerts persist; planted only now, they are new."""
+    from dataclasses import replace
+
+    import flows.fairness as flow
+
+    planted_recs, fair_recs = records(cohort(planted=True)), records(cohort(planted=False))
+
+    def run(previous: list[FairnessRecord]) -> FairnessReport:
+        def collect(
+            _services: object, since: dt.datetime, _until: dt.datetime
+        ) -> tuple[list[FairnessRecord], int]:
+            chosen = planted_recs if since == WINDOW_START else previous
+            return [replace(r, created_at=since) for r in chosen], 0
+
+        monkeypatch.setattr(flow, "collect_records", collect)
+        settings = FairnessSettings(n_boot=200, trend_windows=2, attributes=list(ATTRIBUTES))
+        services = flow.FairnessServices(
+            ledger=None,  # type: ignore[arg-type]  # collect_records is replaced
+            ehr=None,  # type: ignore[arg-type]
+            settings=settings,
+            identifier_system="s",
+        )
+        return flow.build_report(services, WINDOW_START, WINDOW_END)
+
+    persisting = run(planted_recs)
+    assert persisting.alerts and all(a.since_last == "persisting" for a in persisting.alerts)
+    new = run(fair_recs)
+    assert new.alerts and all(a.since_last == "new" for a in new.alerts)

@@ -225,10 +225,11 @@ def test_page_is_well_formed_and_shows_the_alert_first(html: str) -> None:
     assert parser.stack == []
     assert html.startswith("<!DOCTYPE html>")
     assert "Draft fairness report" in html
-    assert ALERT_MESSAGE in html
+    card = "Underdiagnosis rate: higher for race = Black than for all studies (the overall value)"
+    assert card in html
     assert "No alert rule fired" not in html
     # The alert box comes before every plot and table.
-    assert html.index(ALERT_MESSAGE) < html.index("<svg") < html.index("<table")
+    assert html.index(card) < html.index("<svg") < html.index("<table")
     assert "2025-03-01 00:00 – 2025-04-01 00:00 UTC" in html
     assert "medgemma-4b@abc123" in html
     assert "groups smaller than 30 are suppressed" in html
@@ -329,6 +330,51 @@ def test_trend_plot_has_a_line_per_group_and_the_overall(html: str) -> None:
     assert "2025-03-" in trend_svg  # dated x axis: each window end as a date
 
 
+def test_metrics_an_alert_fired_for_are_plotted_even_if_not_headline() -> None:
+    html = render_html(make_report(), headline=("latency_mean",))
+    assert 'id="plot-1-underdiagnosis_rate"' in html
+    assert '<a href="#plot-1-underdiagnosis_rate">See the chart</a>' in html
+
+
+def test_the_alert_card_says_it_in_plain_words() -> None:
+    alert = dataclasses.replace(
+        make_report().alerts[0],
+        comparison="reference",
+        against="White",
+        against_estimate=Estimate(0.114, 0.1, 0.13),
+        against_n=500,
+        against_numerator=57,
+        numerator=39,
+        threshold="ratio > 1.25",
+        min_effect=0.03,
+        q_value=0.0012,
+        action="Audit 20 drafts.",
+        owner="Dr. Quality",
+        since_last="persisting",
+    )
+    report = dataclasses.replace(make_report(), alerts=(alert,), tests=240)
+    html = render_html(report)
+    card = html[html.index('<article class="alert-card"') : html.index("</article>")]
+    text = re.sub(r"<[^>]+>", "", card)
+    assert (
+        "Underdiagnosis rate: higher for race = Black than for race = White (the reference "
+        "group)" in text
+    )
+    assert (
+        "race = Black: 39 of 180 studies (21.6%); race = White: 57 of 500 studies (11.4%)." in text
+    )
+    assert "Ratio 1.80 (95% CI 1.30–2.40)" in text
+    assert (
+        "the rule alerts when the ratio is above 1.25 and the difference is at least 3.0 pp" in text
+    )
+    assert "over 240 comparisons (q = 0.0012" in text
+    assert "Persisting: it also fired in the previous window." in text
+    assert "Action: Audit 20 drafts. Owner: Dr. Quality" in text
+    assert '<a href="#plot-0-underdiagnosis_rate">See the chart</a>' in card
+    assert "race=Black" in text and text.count("ratio_high") == 1  # the rule named once
+    assert ALERT_MESSAGE not in html
+
+
 def test_report_without_alerts_says_so() -> None:
     html = render_html(make_report(alerts=False))
     assert "No alert rule fired" in html
@@ -343,7 +389,7 @@ def test_without_trend_points_there_is_no_trend_section() -> None:
 
 
 def test_headline_metrics_missing_from_the_report_are_skipped() -> None:
-    html = render_html(make_report(), headline=("no_such_metric", "latency_mean"))
+    html = render_html(make_report(alerts=False), headline=("no_such_metric", "latency_mean"))
     assert html.count("<svg") == 1
     assert 'id="plot-0-latency_mean"' in html
     assert "no_such_metric" not in html
