@@ -1125,6 +1125,13 @@ class FairnessSettings(BaseModel):
         description="Benjamini-Hochberg false discovery rate over the comparisons alert rules "
         "examine in one report.",
     )
+    max_unknown_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="An attribute with a larger share of studies unknown is reported as not "
+        "assessable.",
+    )
     rules: list[AlertRule] = Field(
         default_factory=_default_alert_rules,
         description="Alert rules; the defaults follow CheXclusion-style underdiagnosis checks.",

@@ -69,10 +69,12 @@ from pipeline.fairness_types import (
     UNKNOWN,
     Alert,
     AlertRule,
+    AttributeCoverage,
     Between,
     Comparison,
     Estimate,
     FairnessReport,
+    GroupCoverage,
     GroupResult,
     MetricKind,
     MetricResult,
@@ -498,6 +500,7 @@ def compute_report(
     reference_groups: Mapping[str, str] | None = None,
     false_discovery_rate: float = 0.05,
     previous_alerts: Sequence[Alert] | None = None,
+    max_unknown_share: float = 0.5,
 ) -> FairnessReport:
     """Metrics per subgroup with bootstrap intervals, comparisons with the overall value, the
     reference group and between groups, and the alerts the rules raise on them.
@@ -585,6 +588,44 @@ def compute_report(
         watches=evaluation.watches,
         false_discovery_rate=false_discovery_rate,
         tests=evaluation.tests,
+        coverage=tuple(
+            attribute_coverage(records, a, min_group_size, max_unknown_share) for a in attributes
+        ),
+    )
+
+
+def attribute_coverage(
+    records: Sequence[FairnessRecord], attribute: str, min_group_size: int, max_unknown_share: float
+) -> AttributeCoverage:
+    """Unknown share, known groups and signed-report coverage per group of one attribute."""
+    groups: list[GroupCoverage] = []
+    for group, mask in _groups(records, attribute):
+        members = [r for r, member in zip(records, mask, strict=True) if member]
+        groups.append(
+            GroupCoverage(
+                group=group,
+                studies=len(members),
+                drafted=sum(r.draft is not None for r in members),
+                with_final_report=sum(r.draft is not None and r.final is not None for r in members),
+                suppressed=len(members) < min_group_size,
+            )
+        )
+    unknown = sum(g.studies for g in groups if g.group == UNKNOWN)
+    known = sum(g.group != UNKNOWN for g in groups)
+    studies = len(records)
+    reason = ""
+    if studies and unknown / studies > max_unknown_share:
+        reason = f"{unknown / studies:.0%} unknown"
+    elif studies and known < 2:
+        reason = "one known group" if known == 1 else "no known group"
+    return AttributeCoverage(
+        attribute=attribute,
+        studies=studies,
+        unknown=unknown,
+        known_groups=known,
+        groups=tuple(groups),
+        assessable=not reason,
+        reason=reason,
     )
 
 

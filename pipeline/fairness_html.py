@@ -47,6 +47,7 @@ from pipeline.fairness_types import (
     Alert,
     Estimate,
     FairnessReport,
+    GroupCoverage,
     GroupResult,
     MetricResult,
     TrendPoint,
@@ -272,7 +273,9 @@ def _bar_figure(
     (in the harmful direction, by the rule's thresholds); hatched and marked △ where one would
     fire with more studies. The reference group is labelled "(ref)".
     """
-    blocks = [(a, metric.by_attribute(a)) for a in _attributes(report, metric)]
+    blocks = [
+        (a, metric.by_attribute(a)) for a in _attributes(report, metric) if report.assessable(a)
+    ]
     blocks = [(a, g) for a, g in blocks if g]
     if not blocks:
         return None
@@ -741,6 +744,56 @@ def _card(alert: Alert, report: FairnessReport, links: dict[str, str]) -> _Card:
     )
 
 
+# --- coverage ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CoverageRow:
+    group: str
+    studies: str
+    drafted: str
+    signed: str
+    suppressed: bool
+
+
+@dataclass(frozen=True)
+class _Coverage:
+    name: str
+    summary: str
+    rows: tuple[_CoverageRow, ...]
+
+
+def _coverage_row(group: GroupCoverage, min_n: int) -> _CoverageRow:
+    if group.suppressed:
+        return _CoverageRow(group.group, "suppressed", f"n < {min_n}", _DASH, True)
+    share = f" ({group.with_final_report / group.drafted:.0%})" if group.drafted else ""
+    return _CoverageRow(
+        group=group.group,
+        studies=f"{group.studies:,}",
+        drafted=f"{group.drafted:,}",
+        signed=f"{group.with_final_report:,}{share}",
+        suppressed=False,
+    )
+
+
+def _coverage(report: FairnessReport) -> list[_Coverage]:
+    shown = []
+    for c in report.coverage:
+        summary = (
+            f"{c.unknown_share:.0%} unknown, {c.known_groups} known "
+            f"group{'s' if c.known_groups != 1 else ''}"
+        )
+        if not c.assessable:
+            summary += f"; not assessable: {c.reason}"
+        rows = tuple(_coverage_row(g, report.min_group_size) for g in c.groups)
+        shown.append(_Coverage(c.attribute, summary, rows))
+    return shown
+
+
+def _not_assessable(report: FairnessReport) -> str:
+    return ", ".join(f"{c.attribute} ({c.reason})" for c in report.not_assessable())
+
+
 # --- page -------------------------------------------------------------------------------------
 
 _TEMPLATE = """\
@@ -784,6 +837,7 @@ td.watch { color: #444; font-style: italic; text-align: left; }
 th .reference { font-weight: normal; color: #555; }
 tr.suppressed td { color: #777; font-style: italic; }
 p.population, p.overall { margin: 0.2em 0; }
+.not-assessable { border-left: 4px solid #555; padding-left: 0.6em; }
 .legend-note { color: #555; font-size: 0.9em; }
 </style>
 </head>
@@ -803,6 +857,9 @@ p.population, p.overall { margin: 0.2em 0; }
 {% if alerts %}
 <section class="alerts" id="alerts">
 <h2>{{ alerts | length }} alert{{ "s" if alerts | length != 1 }} fired</h2>
+{% if not_assessable %}
+<p>Not assessed: {{ not_assessable }}; see data coverage.</p>
+{% endif %}
 {% for card in alerts %}
 <article class="alert-card" id="alert-{{ loop.index }}">
 <h3><span aria-hidden="true">▲</span> {{ card.headline }}</h3>
@@ -816,8 +873,35 @@ rule {{ card.rule }} · <code>{{ card.metric }}</code> · <code>{{ card.cell }}<
 {% endfor %}
 </section>
 {% else %}
-<p class="no-alerts" id="alerts">No alert rule fired in this window.</p>
+<p class="no-alerts" id="alerts">No alert rule fired in this window.\
+{% if not_assessable %} Not assessed: {{ not_assessable }}; see data coverage.{% endif %}</p>
 {% endif %}
+<section id="coverage">
+<h2>Data coverage</h2>
+{% if not_assessable %}
+<p class="not-assessable"><strong>Not assessable:</strong> {{ not_assessable }}. Fairness \
+across these attributes cannot be judged from this window: they are left out of the charts, \
+and their table rows compare nothing.</p>
+{% endif %}
+<p class="legend-note">Unknown: studies whose attribute was not recorded. Signed report: \
+drafted studies with a signed final report to score the draft against (agreement metrics such \
+as sensitivity and underdiagnosis count only those). Groups smaller than {{ min_group_size }} \
+studies are suppressed.</p>
+<table class="coverage">
+<thead><tr><th>Attribute / group</th><th>Studies</th><th>Drafted</th>\
+<th>With signed report</th></tr></thead>
+{% for attribute in coverage %}
+<tbody>
+<tr><th class="attribute" colspan="4">{{ attribute.name }} \
+<span class="reference">({{ attribute.summary }})</span></th></tr>
+{% for row in attribute.rows %}
+<tr{% if row.suppressed %} class="suppressed"{% endif %}><td>{{ row.group }}</td>\
+<td>{{ row.studies }}</td><td>{{ row.drafted }}</td><td>{{ row.signed }}</td></tr>
+{% endfor %}
+</tbody>
+{% endfor %}
+</table>
+</section>
 {% if bars %}
 <section id="headline">
 <h2>Headline metrics by subgroup</h2>
@@ -951,6 +1035,8 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         confidence=confidence,
         min_group_size=report.min_group_size,
         alerts=[_card(a, report, links) for a in report.alerts],
+        coverage=_coverage(report),
+        not_assessable=_not_assessable(report),
         bars=bars,
         trends=trends,
         tables=[

@@ -200,6 +200,38 @@ class TrendPoint:
 
 
 @dataclass(frozen=True)
+class GroupCoverage:
+    """How many of a group's studies were drafted and have a signed report to score against."""
+
+    group: str
+    studies: int
+    drafted: int
+    with_final_report: int
+    suppressed: bool  # fewer studies than the minimum group size: no counts shown
+
+
+@dataclass(frozen=True)
+class AttributeCoverage:
+    """How well an attribute is recorded, and whether fairness across it can be judged at all.
+
+    Not assessable: every study in one known group (nothing to compare), or more than the
+    allowed share unknown (the known groups are a selected minority; ``unknown`` hides the rest).
+    """
+
+    attribute: str
+    studies: int
+    unknown: int
+    known_groups: int
+    groups: tuple[GroupCoverage, ...]
+    assessable: bool
+    reason: str  # why not assessable, in words; "" when assessable
+
+    @property
+    def unknown_share(self) -> float:
+        return self.unknown / self.studies if self.studies else 0.0
+
+
+@dataclass(frozen=True)
 class FairnessReport:
     """Everything one monitoring run found, for one window."""
 
@@ -225,6 +257,13 @@ class FairnessReport:
     watches: tuple[Alert, ...] = ()
     false_discovery_rate: float = 0.05
     tests: int = 0  # comparisons in the multiple-comparison family (Benjamini-Hochberg's m)
+    coverage: tuple[AttributeCoverage, ...] = ()
+
+    def not_assessable(self) -> tuple[AttributeCoverage, ...]:
+        return tuple(c for c in self.coverage if not c.assessable)
+
+    def assessable(self, attribute: str) -> bool:
+        return all(c.assessable for c in self.coverage if c.attribute == attribute)
 
     def reference(self, attribute: str) -> str | None:
         return dict(self.reference_groups).get(attribute)

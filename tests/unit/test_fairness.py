@@ -603,3 +603,47 @@ def test_build_report_marks_alerts_against_the_previous_window(
     assert persisting.alerts and all(a.since_last == "persisting" for a in persisting.alerts)
     new = run(fair_recs)
     assert new.alerts and all(a.since_last == "new" for a in new.alerts)
+
+
+def test_coverage_marks_single_valued_and_mostly_unknown_attributes(
+    planted: FairnessReport,
+) -> None:
+    by_name = {c.attribute: c for c in planted.coverage}
+    assert [c.attribute for c in planted.not_assessable()] == ["ethnicity", "site", "modality"]
+    assert by_name["ethnicity"].reason == "100% unknown" and by_name["ethnicity"].unknown_share == 1
+    assert by_name["site"].reason == "one known group"
+    sex = by_name["sex"]
+    assert sex.assessable and sex.unknown == 50 and sex.known_groups == 2
+    female = next(g for g in sex.groups if g.group == "female")
+    assert female.studies == female.drafted == 202 and female.with_final_report == 202
+    small = next(g for g in by_name["race"].groups if g.group.startswith("Native"))
+    assert small.suppressed
+
+
+def test_coverage_counts_signed_reports_per_group_and_the_banner_says_what_is_not_assessed(
+    fair: FairnessReport,
+) -> None:
+    import re
+    from dataclasses import replace
+
+    from pipeline.fairness_html import render_html
+
+    recs = records(cohort(planted=False))
+    unsigned = [replace(r, final=None) if i % 10 == 0 else r for i, r in enumerate(recs)]
+    report = report_of(unsigned)
+    sex = next(c for c in report.coverage if c.attribute == "sex")
+    assert sum(g.with_final_report for g in sex.groups) == report.with_final_report
+    assert report.with_final_report == len(recs) - len(range(0, len(recs), 10))
+    html = render_html(fair)
+    banner = html[html.index('<p class="no-alerts"') : html.index("</p>", html.index("no-alerts"))]
+    assert (
+        "Not assessed: ethnicity (100% unknown), site (one known group), modality (one "
+        "known group)" in banner
+    )
+    coverage = html[html.index('<section id="coverage">') : html.index('<section id="headline">')]
+    assert "not assessable: 100% unknown" in coverage
+    text = re.sub(r"<[^>]+>", "|", coverage)
+    assert "Native Hawaiian or Other Pacific Islander||suppressed||n &lt; 30" in text
+    # Not-assessable attributes are left out of the charts.
+    charts = " ".join(re.findall(r"<svg.*?</svg>", html, re.DOTALL))
+    assert ">SYNTHETIC HOSPITAL" not in charts and ">ethnicity<" not in charts

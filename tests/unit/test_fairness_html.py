@@ -229,7 +229,7 @@ def test_page_is_well_formed_and_shows_the_alert_first(html: str) -> None:
     assert card in html
     assert "No alert rule fired" not in html
     # The alert box comes before every plot and table.
-    assert html.index(card) < html.index("<svg") < html.index("<table")
+    assert html.index(card) < html.index("<svg") < html.index("<table>")
     assert "2025-03-01 00:00 – 2025-04-01 00:00 UTC" in html
     assert "medgemma-4b@abc123" in html
     assert "groups smaller than 30 are suppressed" in html
