@@ -173,6 +173,7 @@ class MetricDef:
     unit: str
     population: str
     contribution: Contribution
+    improvement: Literal["increase", "decrease"] | None = None
 
 
 def _flag(value: bool) -> float:
@@ -229,6 +230,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             "drafted studies whose signed report has a finding",
             _agreement(lambda draft, final: _flag(draft.no_finding) if final.has_finding else None),
+            "decrease",
         ),
         MetricDef(
             "failure_rate",
@@ -237,6 +239,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             every,
             lambda r: _flag(r.outcome in ("failed", "dead_lettered")),
+            "decrease",
         ),
         MetricDef(
             "dead_letter_rate",
@@ -245,6 +248,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             every,
             lambda r: _flag(r.outcome == "dead_lettered"),
+            "decrease",
         ),
         MetricDef(
             "skip_rate",
@@ -285,6 +289,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "s",
             drafted,
             _drafted(lambda r, _l: r.latency_s),
+            "decrease",
         ),
     ]
     for name in SCORED_FINDINGS:
@@ -309,6 +314,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
                 "1",
                 f"studies whose signed report has {label}",
                 _sensitivity(name),
+                "increase",
             )
         )
         defs.append(
@@ -319,6 +325,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
                 "1",
                 f"studies whose signed report does not have {label}",
                 _specificity(name),
+                "increase",
             )
         )
     return tuple(defs)
@@ -555,6 +562,7 @@ def compute_report(
             kind=d.kind,
             unit=d.unit,
             population=d.population,
+            improvement=d.improvement,
             overall_n=int(overall_n[i]),
             overall_numerator=float(overall_num[i]),
             overall=(

@@ -51,6 +51,7 @@ from pipeline.fairness_types import (
     GroupResult,
     MetricResult,
     TrendPoint,
+    complementary_suppression,
 )
 
 if TYPE_CHECKING:
@@ -579,6 +580,17 @@ class _Table:
     blocks: tuple[_Block, ...]
 
 
+_WITHHELD = "withheld"
+
+
+def _withheld(metric: MetricResult, attribute: str) -> set[str]:
+    """Groups whose counts are withheld so that no suppressed count can be derived from the
+    overall count (complementary suppression, as in the MeasureReport)."""
+    return complementary_suppression(
+        [(g.group, g.n, g.suppressed) for g in metric.by_attribute(attribute)]
+    )
+
+
 def _status_text(status: Status, alert: Alert | None) -> str:
     if alert is None or not status:
         return ""
@@ -600,13 +612,14 @@ def _row(
             group.group, "suppressed", f"n < {report.min_group_size}", _DASH, _DASH, _DASH, "",
             "", True,
         )  # fmt: skip
+    withheld = group.group in _withheld(metric, group.attribute)
     found = statuses.get((metric.name, group.attribute, group.group))
     status: Status = "" if found is None else found[0]
     alert = None if found is None else found[1]
     is_reference = report.reference(group.attribute) == group.group
     return _Row(
         group=group.group,
-        n=f"{group.n:,}",
+        n=_WITHHELD if withheld else f"{group.n:,}",
         value=_with_ci(group.estimate, "value", metric),
         ratio=_with_ci(group.ratio, "ratio", metric),
         difference=_with_ci(group.difference, "difference", metric),
@@ -687,11 +700,14 @@ def _card(alert: Alert, report: FairnessReport, links: dict[str, str]) -> _Card:
         f"{metric.title}: {'higher' if higher else 'lower'} for {alert.attribute} = "
         f"{alert.group} than for {against}"
     )
+    withheld = _withheld(metric, alert.attribute)
+    group_n = None if alert.group in withheld else alert.n
+    against_n = None if alert.against in withheld else alert.against_n
     evidence = (
-        _counted(metric, f"{alert.attribute} = {alert.group}", alert.n, alert.numerator,
+        _counted(metric, f"{alert.attribute} = {alert.group}", group_n, alert.numerator,
                  alert.estimate.value)
         + "; "
-        + _counted(metric, who_against, alert.against_n, alert.against_numerator,
+        + _counted(metric, who_against, against_n, alert.against_numerator,
                    alert.against_estimate.value)
         + "."
     )  # fmt: skip
@@ -763,9 +779,12 @@ class _Coverage:
     rows: tuple[_CoverageRow, ...]
 
 
-def _coverage_row(group: GroupCoverage, min_n: int) -> _CoverageRow:
+def _coverage_row(group: GroupCoverage, min_n: int, *, withheld: bool) -> _CoverageRow:
     if group.suppressed:
         return _CoverageRow(group.group, "suppressed", f"n < {min_n}", _DASH, True)
+    if withheld:
+        share = f"{group.with_final_report / group.drafted:.0%}" if group.drafted else _DASH
+        return _CoverageRow(group.group, _WITHHELD, _WITHHELD, share, False)
     share = f" ({group.with_final_report / group.drafted:.0%})" if group.drafted else ""
     return _CoverageRow(
         group=group.group,
@@ -785,7 +804,10 @@ def _coverage(report: FairnessReport) -> list[_Coverage]:
         )
         if not c.assessable:
             summary += f"; not assessable: {c.reason}"
-        rows = tuple(_coverage_row(g, report.min_group_size) for g in c.groups)
+        withheld = complementary_suppression([(g.group, g.studies, g.suppressed) for g in c.groups])
+        rows = tuple(
+            _coverage_row(g, report.min_group_size, withheld=g.group in withheld) for g in c.groups
+        )
         shown.append(_Coverage(c.attribute, summary, rows))
     return shown
 
@@ -936,8 +958,10 @@ the overall value. Gaps are windows where the group was suppressed or had no stu
 <h2>All metrics</h2>
 <p class="legend-note">Value, ratio to the overall value and difference from it (for rates in \
 percentage points, pp), and ratio to the attribute's reference group, each with its \
-{{ confidence }} bootstrap confidence interval. Rule: ▲ where an alert rule fired (highlighted), \
-△ where one would fire with more studies; nothing elsewhere, whatever the intervals.</p>
+{{ confidence }} bootstrap confidence interval. n "withheld": counts held back so that no \
+suppressed group's count can be derived by subtraction from the total. Rule: ▲ where an alert \
+rule fired (highlighted), △ where one would fire with more studies; nothing elsewhere, whatever \
+the intervals.</p>
 {% for table in tables %}
 <section class="metric" id="metric-{{ table.anchor }}">
 <h3>{{ table.title }}</h3>

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,6 +108,9 @@ class MetricResult:
     overall: Estimate
     groups: tuple[GroupResult, ...]
     between: tuple[Between, ...] = ()
+    #: Which way is better, when one is ("decrease" for underdiagnosis, "increase" for
+    #: sensitivity); None for descriptive rates such as "draft says no finding".
+    improvement: Literal["increase", "decrease"] | None = None
 
     def group(self, attribute: str, group: str) -> GroupResult | None:
         return next((g for g in self.groups if (g.attribute, g.group) == (attribute, group)), None)
@@ -273,6 +276,25 @@ class FairnessReport:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+def complementary_suppression(cells: Sequence[tuple[str, int, bool]]) -> set[str]:
+    """Groups whose counts must be withheld besides the suppressed ones, so that the overall
+    count minus the published counts never gives one suppressed count.
+
+    ``cells`` are one partition of the population (one attribute's groups for one metric):
+    (group, count, suppressed). When exactly one cell is suppressed, one more is withheld: the
+    ``unknown`` group if it is published, else the smallest published group (then the name, so
+    metrics with the same denominators withhold the same group and cannot be played against
+    each other). Subtraction then yields only the sum of two cells.
+    """
+    suppressed = [group for group, _n, hidden in cells if hidden]
+    published = [(n, group) for group, n, hidden in cells if not hidden]
+    if len(suppressed) != 1 or not published:
+        return set()
+    if any(group == UNKNOWN for _n, group in published):
+        return {UNKNOWN}
+    return {min(published)[1]}
 
 
 def _default_comparisons() -> list[Comparison]:

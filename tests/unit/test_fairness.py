@@ -647,3 +647,35 @@ def test_coverage_counts_signed_reports_per_group_and_the_banner_says_what_is_no
     # Not-assessable attributes are left out of the charts.
     charts = " ".join(re.findall(r"<svg.*?</svg>", html, re.DOTALL))
     assert ">SYNTHETIC HOSPITAL" not in charts and ">ethnicity<" not in charts
+
+
+def test_the_measure_is_written_once_and_the_measure_reports_resolve_to_it(
+    tmp_path: Path, planted: FairnessReport
+) -> None:
+    """Against a file-backed EHR and a real SQLite ledger: two windows, one Measure."""
+    import json
+    from dataclasses import replace
+
+    from connectors.ledger_store import LedgerStore, open_engine
+    from connectors.ndjson import NdjsonEhr
+    from flows.fairness import FairnessServices, write_measure_report
+
+    folder = tmp_path / "ehr"
+    folder.mkdir()
+    services = FairnessServices(
+        ledger=LedgerStore(open_engine(f"sqlite:///{tmp_path / 'ledger.db'}")),
+        ehr=NdjsonEhr(folder),
+        settings=FairnessSettings(),
+        identifier_system="urn:test",
+    )
+    later = replace(planted, since=WINDOW_END, until=WINDOW_END + (WINDOW_END - WINDOW_START))
+    ids = [write_measure_report(services, r) for r in (planted, later, planted)]
+    assert ids[0] != ids[1] and ids[2] == ids[0]
+    measures = [json.loads(x) for x in (folder / "Measure.ndjson").read_text().splitlines()]
+    assert len(measures) == 1
+    (measure,) = measures
+    reports = [json.loads(x) for x in (folder / "MeasureReport.ndjson").read_text().splitlines()]
+    assert len(reports) == 2
+    canonical = f"{measure['url']}|{measure['version']}"
+    assert {r["measure"] for r in reports} == {canonical}
+    assert measure["url"] == FairnessSettings().measure_url

@@ -421,3 +421,10 @@ def test_text_is_escaped_and_never_parsed_as_markup_or_mathtext() -> None:
     assert '>&lt;b&gt;site $x$&lt;/b&gt; id="q"<' in svg
     assert "<td>&lt;b&gt;site $x$&lt;/b&gt; id=&#34;q&#34;</td>" in html
     assert parse(html).errors == []
+
+
+def test_a_published_sibling_of_a_suppressed_group_withholds_its_count(html: str) -> None:
+    """Overall n minus the published n would otherwise be the suppressed group's n."""
+    assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[1][0] == "withheld"
+    assert row(html, "underdiagnosis_rate", "race", "Black")[1][0] == "180"
+    assert row(html, "underdiagnosis_rate", "sex", UNKNOWN)[1][0] == "45"  # nothing suppressed
