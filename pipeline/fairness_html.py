@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Literal
 
 import jinja2
 import matplotlib
-from markupsafe import Markup
-from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, date2num
+from markupsafe import Markup, escape
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
 from matplotlib.ticker import (
     FixedLocator,
@@ -224,8 +224,12 @@ _CHAR = 0.068  # average width of one 8 pt character
 _LABEL_CHARS = 36  # longer group names are shortened in plots (never in the tables)
 
 
-def _svg(figure: Figure, key: str) -> Markup:
-    """The figure as an inline ``<svg>`` element whose ids are unique within the page."""
+def _svg(figure: Figure, key: str, label: str) -> Markup:
+    """The figure as an inline ``<svg>`` element whose ids are unique within the page.
+
+    ``label`` describes it to screen readers: ``role="img"`` with ``aria-label`` on the element
+    and a ``<title>`` (also a tooltip) as its first child.
+    """
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata=_SVG_METADATA)
     text = buffer.getvalue()
@@ -237,7 +241,14 @@ def _svg(figure: Figure, key: str) -> Markup:
 
     # Ids prefixed with the figure's key: several SVGs share the page's id space.
     text = _SVG_TAG.sub(lambda tag: _SVG_ID.sub(prefix, tag.group()), text)
-    return Markup(text.strip())  # matplotlib escaped the text it drew
+    escaped = escape(label)
+    start = text.index(">", text.index("<svg")) + 1
+    text = (
+        text[: start - 1].replace("<svg ", f'<svg role="img" aria-label="{escaped}" ', 1)
+        + f">\n <title>{escaped}</title>"
+        + text[start:]
+    )
+    return Markup(text.strip())  # matplotlib escaped the text it drew; the label is escaped
 
 
 def _rc(key: str) -> dict[RcKeyType, object]:
@@ -245,7 +256,26 @@ def _rc(key: str) -> dict[RcKeyType, object]:
 
 
 def _short(text: str, limit: int = _LABEL_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """At most ``limit`` characters: the start and the end of a long name around "…" (names
+    that share a long prefix, such as sites of one trust, usually differ at the end)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head) :]
+
+
+def _unique_short(names: Sequence[str], limit: int = _LABEL_CHARS) -> list[str]:
+    """``_short`` of each name, numbered where two different names still shorten alike."""
+    short = {name: _short(name, limit) for name in dict.fromkeys(names)}
+    sources: dict[str, list[str]] = {}
+    for name, label in short.items():
+        sources.setdefault(label, []).append(name)
+    for clashing in sources.values():
+        if len(clashing) > 1:  # different names, one label: number them in order
+            for number, name in enumerate(clashing, start=1):
+                suffix = f" #{number}"
+                short[name] = _short(name, limit - len(suffix)) + suffix
+    return [short[name] for name in names]
 
 
 def _value_formatter(metric: MetricResult) -> Formatter:
@@ -292,10 +322,10 @@ def _bar_figure(
             y += 1.0
     span = y
     labels = [
-        _short(g.group)
+        short
         + (" (ref)" if report.reference(g.attribute) == g.group else "")
         + _mark(_status(statuses, metric, g))
-        for _, g in rows
+        for (_, g), short in zip(rows, _unique_short([g.group for _, g in rows]), strict=True)
     ]
     left = min(max(0.9, _CHAR * max(len(t) for t in labels) + 0.3), 3.0)
     height = span * _ROW + 0.7
@@ -388,7 +418,16 @@ def _bar_figure(
             )
         top = max(extent)
         ax.set_xlim(min(min(extent), 0.0), top * 1.06 if top > 0 else 1.0)
-        return _svg(figure, key)
+        flagged = [
+            f"{g.attribute} = {g.group}" for _, g in rows if _status(statuses, metric, g) == "alert"
+        ]
+        label = (
+            f"Bar chart of {metric.title} by group of {', '.join(a for a, _ in blocks)}, "
+            f"with confidence intervals and the overall value "
+            f"{_format_value(metric, metric.overall.value)}. "
+            + (f"Alert for {', '.join(flagged)}." if flagged else "No alert.")
+        )
+        return _svg(figure, key, label)
 
 
 def _attributes(report: FairnessReport, metric: MetricResult) -> list[str]:
@@ -420,9 +459,9 @@ def _series_colour(number: int) -> str:
     return _SERIES_COLOURS[number % len(_SERIES_COLOURS)]
 
 
-def _legend_label(group: str, values: Sequence[float]) -> str:
+def _legend_label(label: str, values: Sequence[float]) -> str:
     shown = any(math.isfinite(v) for v in values)
-    return _short(group, 24) + ("" if shown else " (no value)")
+    return label + ("" if shown else " (no value)")
 
 
 def _rescale(
@@ -442,19 +481,34 @@ def _trend_figure(
     matplotlib's fixed cost per Axes would otherwise dominate the page's rendering time. The
     y data unit is the inch, so panels, gaps and legends are laid out in inches.
     """
+    # Every window of the report, also those where this metric has no value (empty windows):
+    # the x axis spans them all, so ticks never crowd into the few windows with data.
+    ends = sorted({_utc(p.window_end) for p in points})
     points = [p for p in points if p.metric == metric.name]
     if not points:
         return None
-    ends = sorted({_utc(p.window_end) for p in points})
     column = {end: index for index, end in enumerate(ends)}
     xs = [float(x) for x in date2num(ends)]  # type: ignore[no-untyped-call]
     series: dict[tuple[str, str], list[float]] = {}
+    window_n = [0] * len(ends)
     for p in points:
         values = series.setdefault((p.attribute, p.group), [math.nan] * len(ends))
         value = _finite(p.value)
         values[column[_utc(p.window_end)]] = math.nan if value is None else value
+        if p.attribute == _OVERALL:
+            window_n[column[_utc(p.window_end)]] = p.n
+    finite_windows = sum(
+        any(math.isfinite(values[i]) for values in series.values()) for i in range(len(ends))
+    )
+    if finite_windows == 0:
+        return None  # nothing to draw: every window empty or suppressed
     overall = next((v for (a, _g), v in series.items() if a == _OVERALL), None)
-    present = {a for a, _g in series if a != _OVERALL}
+    alerted = {
+        (a.attribute, a.group)
+        for a in report.alerts
+        if a.metric == metric.name and ends[-1] == _utc(report.until)
+    }
+    present = {a for a, _g in series if a != _OVERALL and report.assessable(a)}
     attributes = [a for a in report.attributes if a in present]
     attributes += sorted(present - set(attributes))
     panels: list[tuple[str, list[str]]] = [
@@ -465,9 +519,12 @@ def _trend_figure(
     if not panels:
         return None
 
-    legend_chars = max(
-        [len("overall")] + [len(_legend_label(g, series[(a, g)])) for a, gs in panels for g in gs]
-    )
+    labels = {
+        (a, g): _legend_label(label, series[(a, g)])
+        for a, gs in panels
+        for g, label in zip(gs, _unique_short(gs, 24), strict=True)
+    }
+    legend_chars = max([len("overall")] + [len(label) + 2 for label in labels.values()])
     right = min(0.5 + legend_chars * _CHAR * 0.9, 2.4)
     entry = 0.125  # inches per legend line
     gap = 0.4  # inches above each panel, for its title
@@ -519,11 +576,24 @@ def _trend_figure(
                     markersize=3.0 if is_overall else 2.5,
                     clip_on=False,
                 )
+                mark = ""
+                if not is_overall and (attribute, name) in alerted:
+                    # This window's alert: a large red triangle on the last point, and ▲.
+                    ax.plot(
+                        xs[-1:],
+                        _rescale(values[-1:], ticks, base, height),
+                        linestyle="none",
+                        marker="^",
+                        markersize=7.0,
+                        color=_BAR_FLAGGED,
+                        clip_on=False,
+                    )
+                    mark = f" {_ALERT_MARK}"
                 # A legend of coloured labels: matplotlib's Legend costs more than the panel.
                 figure.text(
                     1.02,
                     top - entry * number,
-                    "\u2501 " + _plot_text(_legend_label(name, values)),
+                    "\u2501 " + _plot_text(labels.get((attribute, name), name)) + mark,
                     transform=label_at,
                     color=colour,
                     fontsize=7.0,
@@ -531,19 +601,30 @@ def _trend_figure(
                 )
             top = base
         ax.hlines(grid_y, 0.0, 1.0, transform=label_at, color="#dddddd", linewidth=0.6, zorder=0)
-        # Few windows: a tick at each window's end, labelled with its date; many: round dates.
+        # Few windows: a tick at each window's end, labelled with its date and its studies;
+        # many: round dates.
         if len(xs) <= 8:
             ax.xaxis.set_major_locator(FixedLocator(xs))
-            ax.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
+            tick_text = {
+                x: f"{end:%Y-%m-%d}\nn={n:,}" for x, end, n in zip(xs, ends, window_n, strict=True)
+            }
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: tick_text.get(v, "")))
         else:
             locator = AutoDateLocator(maxticks=7)  # type: ignore[no-untyped-call]
             ax.xaxis.set_major_locator(locator)
             ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
         ax.grid(axis="x", color="#eeeeee", linewidth=0.6)
         ax.set_axisbelow(True)
-        if len(xs) == 1:
-            ax.set_xlim(xs[0] - 1.0, xs[0] + 1.0)
-        return _svg(figure, key)
+        # Limits from all windows (not autoscaled to the finite points), half a window's
+        # spacing beyond the first and last.
+        pad = (xs[-1] - xs[0]) / (2 * (len(xs) - 1)) if len(xs) > 1 else 1.0
+        ax.set_xlim(xs[0] - pad, xs[-1] + pad)
+        label = (
+            f"Trend of {metric.title} over {len(xs)} windows ending {ends[0]:%Y-%m-%d} to "
+            f"{ends[-1]:%Y-%m-%d}, {finite_windows} with values, overall and by group of "
+            f"{', '.join(a for a, _ in panels)}."
+        )
+        return _svg(figure, key, label)
 
 
 # --- tables -----------------------------------------------------------------------------------

@@ -428,3 +428,67 @@ def test_a_published_sibling_of_a_suppressed_group_withholds_its_count(html: str
     assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[1][0] == "withheld"
     assert row(html, "underdiagnosis_rate", "race", "Black")[1][0] == "180"
     assert row(html, "underdiagnosis_rate", "sex", UNKNOWN)[1][0] == "45"  # nothing suppressed
+
+
+def test_svgs_are_labelled_images(html: str) -> None:
+    svgs = re.findall(r"<svg[^>]*>\s*<title>[^<]+</title>", html)
+    assert len(svgs) == html.count("<svg") == 3
+    for svg in svgs:
+        assert 'role="img"' in svg and 'aria-label="' in svg
+    assert 'aria-label="Bar chart of Underdiagnosis rate by group of sex, race' in html
+    assert "Alert for race = Black." in html
+    assert parse(html).errors == []
+
+
+def test_long_group_names_are_shortened_uniquely() -> None:
+    from pipeline.fairness_html import _short, _unique_short
+
+    names = [
+        "Saint Elsewhere University Hospital North Campus",
+        "Saint Elsewhere University Hospital South Campus",
+        "Saint Elsewhere University Hospital",
+        "short",
+    ]
+    labels = _unique_short(names, 24)
+    assert len(set(labels)) == len(names) and all(len(label) <= 24 for label in labels)
+    assert labels[3] == "short"
+    assert labels[2].startswith("Saint Elsewhere") and "…" in labels[2]
+    same_ends = ["A" * 30 + "x" + "B" * 30, "A" * 30 + "y" + "B" * 30]
+    assert len(set(_unique_short(same_ends, 20))) == 2
+    assert _unique_short(["unknown", "unknown"], 24) == ["unknown", "unknown"]  # same name
+    assert len(_short("x" * 100)) == 36
+
+
+def test_trend_axis_spans_every_window_even_empty_ones() -> None:
+    """Earlier windows with no studies: the x limits come from all windows, ticks are one per
+    window with its study count, and the trend still draws."""
+    points = []
+    for week in range(4):
+        start = SINCE + dt.timedelta(days=7 * week)
+        end = start + dt.timedelta(days=7)
+        value = 0.1 if week == 3 else None
+        n = 200 if week == 3 else 0
+        points.append(TrendPoint(start, end, "underdiagnosis_rate", "overall", "overall", n, value))
+        points.append(TrendPoint(start, end, "underdiagnosis_rate", "sex", "female", n, value))
+    report = dataclasses.replace(
+        make_report(), trend=tuple(points), until=SINCE + dt.timedelta(days=28)
+    )
+    html = render_html(report)
+    start = html.index('<figure id="trend-0-underdiagnosis_rate">')
+    svg = html[start : html.index("</figure>", start)]
+    ticks = re.findall(r">(\d{4}-\d{2}-\d{2})<", svg)
+    assert ticks == ["2025-03-08", "2025-03-15", "2025-03-22", "2025-03-29"]
+    assert ">n=0<" in svg and ">n=200<" in svg
+    assert "1 with values" in svg
+    # This window's alert (race=Black, underdiagnosis) is marked on its last point.
+    black = TrendPoint(
+        SINCE + dt.timedelta(days=21), SINCE + dt.timedelta(days=28), "underdiagnosis_rate",
+        "race", "Black", 180, 0.2,
+    )  # fmt: skip
+    marked = render_html(dataclasses.replace(report, trend=(*points, black)))
+    start = marked.index('<figure id="trend-0-underdiagnosis_rate">')
+    marked_svg = marked[start : marked.index("</figure>", start)]
+    assert "\u2501 Black \u25b2<" in marked_svg and "\u2501 female<" in marked_svg
+    assert "#cc3311" in marked_svg
+    only_empty = dataclasses.replace(report, trend=tuple(p for p in points if p.value is None))
+    assert 'id="trend-0-underdiagnosis_rate"' not in render_html(only_empty)
