@@ -659,6 +659,7 @@ class _Table:
     overall: str
     overall_n: str
     blocks: tuple[_Block, ...]
+    note: str = ""
 
 
 _WITHHELD = "withheld"
@@ -713,6 +714,13 @@ def _row(
     )
 
 
+def _constant(metric: MetricResult) -> bool:
+    """Every published group has exactly the overall value (e.g. a finding no draft marked)."""
+    overall = _finite(metric.overall.value)
+    values = [_finite(g.estimate.value) for g in metric.groups if not g.suppressed]
+    return overall is not None and bool(values) and all(v == overall for v in values)
+
+
 def _table(
     metric: MetricResult,
     report: FairnessReport,
@@ -722,9 +730,22 @@ def _table(
     blocks = []
     for attribute in _attributes(report, metric):
         groups = metric.by_attribute(attribute)
-        if groups:
+        if groups and report.assessable(attribute):  # the others: see data coverage
             rows = tuple(_row(metric, g, report, statuses) for g in groups)
             blocks.append(_Block(attribute, report.reference(attribute) or _DASH, rows))
+    # A table of nothing but dashes says less than one line (and costs pages in print).
+    note = ""
+    if metric.overall_n == 0:
+        blocks, note = [], "No studies in its population in this window."
+    elif blocks and all(r.suppressed for b in blocks for r in b.rows):
+        blocks = []
+        note = f"Every group has fewer than {report.min_group_size} studies: all suppressed."
+    elif blocks and _constant(metric):
+        blocks = []
+        note = (
+            f"{_format_value(metric, metric.overall.value)} in every group shown: no variation "
+            "between groups."
+        )
     return _Table(
         anchor=anchor,
         title=metric.title,
@@ -733,6 +754,7 @@ def _table(
         overall=_with_ci(metric.overall, "value", metric),
         overall_n=f"{metric.overall_n:,}",
         blocks=tuple(blocks),
+        note=note,
     )
 
 
@@ -942,6 +964,19 @@ tr.suppressed td { color: #777; font-style: italic; }
 p.population, p.overall { margin: 0.2em 0; }
 .not-assessable { border-left: 4px solid #555; padding-left: 0.6em; }
 .legend-note { color: #555; font-size: 0.9em; }
+@media print {
+  @page { size: A4; margin: 12mm; }
+  body { max-width: none; margin: 0; padding: 0; font-size: 9pt; }
+  h2 { break-after: avoid; margin-top: 1em; }
+  h3, figcaption { break-after: avoid; }
+  figure, .alert-card, .no-alerts, tr, p { break-inside: avoid; }
+  figure { margin: 0.5em 0 1em; }
+  figure svg { max-height: 24cm; }
+  table { font-size: 7.5pt; margin-bottom: 0.8em; }
+  th, td { padding: 0.1em 0.3em; }
+  a { color: inherit; text-decoration: none; }
+  .alerts, td.flag, .no-alerts { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
 </style>
 </head>
 <body>
@@ -1066,9 +1101,40 @@ the intervals.</p>
 </tbody>
 {% endfor %}
 </table>
+{% elif table.note %}
+<p class="legend-note">{{ table.note }}</p>
 {% endif %}
 </section>
 {% endfor %}
+</section>
+<section id="methods">
+<h2>Methods</h2>
+<p>Each metric is a ratio of sums over the studies of a group (a proportion, or a mean), \
+computed per group of each attribute. Intervals are {{ confidence }} percentile intervals of \
+{{ n_boot }} bootstrap resamples of the window's studies; a group's value, its comparisons and \
+the overall value come from the same resamples.</p>
+<p>Each group is compared in three ways: with the overall value (which contains the group and \
+so dilutes a gap), with its attribute's reference group ({{ references }}; by default the \
+largest known group, never <code>unknown</code>), and between groups (the highest against the \
+lowest known group, the extreme pair's p-value multiplied by the number of pairs). Alert rules \
+name the comparisons they use, a threshold (ratio or difference) whose side gives the harmful \
+direction, and a minimum practical effect.</p>
+<p>A rule fires only when the comparison crosses its threshold by at least that effect, its \
+interval lies beyond parity, and it survives Benjamini–Hochberg control of the false discovery \
+rate at {{ fdr }} over the {{ tests }} comparisons the rules examine in this report (p-values \
+from the bootstrap standard error). A comparison that crosses a threshold without that evidence \
+is marked "would alert with more studies" and is not an alert. Colour and marks show nothing \
+else: an interval that excludes 1 is not, by itself, an alert.</p>
+<p>Groups with fewer than {{ min_group_size }} studies in a metric's population are suppressed: \
+no value, no count. Where exactly one group of an attribute is suppressed, the counts of one \
+more group are withheld (complementary suppression), so that the total minus the published \
+counts never gives a suppressed count. A missing attribute is the group <code>unknown</code>, \
+reported like any other. An attribute with one known group, or with more than the allowed share \
+unknown, is not assessable: it is listed under data coverage and left out of the charts and \
+tables.</p>
+<p>Agreement metrics (sensitivity, specificity, underdiagnosis: the draft says no finding where \
+the signed report has one, after Seyyed-Kalantari et al., 2021) count only drafted studies with \
+a signed final report, labelled by a negation- and uncertainty-aware rule labeler.</p>
 </section>
 </body>
 </html>
@@ -1141,6 +1207,10 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         min_group_size=report.min_group_size,
         alerts=[_card(a, report, links) for a in report.alerts],
         coverage=_coverage(report),
+        n_boot=f"{report.n_boot:,}",
+        fdr=f"{report.false_discovery_rate:g}",
+        tests=f"{report.tests:,}",
+        references=", ".join(f"{a}: {g}" for a, g in report.reference_groups) or "none",
         not_assessable=_not_assessable(report),
         bars=bars,
         trends=trends,

@@ -679,3 +679,26 @@ def test_the_measure_is_written_once_and_the_measure_reports_resolve_to_it(
     canonical = f"{measure['url']}|{measure['version']}"
     assert {r["measure"] for r in reports} == {canonical}
     assert measure["url"] == FairnessSettings().measure_url
+
+
+def test_the_planted_report_is_compact_and_explains_its_methods(planted: FairnessReport) -> None:
+    import re
+
+    from pipeline.fairness_html import render_html
+
+    html = render_html(planted)
+    tables = html[html.index('<section id="tables">') : html.index('<section id="methods">')]
+    # Not-assessable attributes only in the coverage panel, not as rows of every metric.
+    assert re.findall(r'<th class="attribute" colspan="7">(\w+)', tables)[:4] == [
+        "sex", "age_band", "race", "manufacturer",
+    ]  # fmt: skip
+    assert "ethnicity" not in re.findall(r'<th class="attribute" colspan="7">(\w+)', tables)
+    # Metrics with no study in their population are one line, not a table of dashes.
+    section = tables[tables.index('id="metric-') :]
+    assert "No studies in its population in this window." in section
+    assert "0.0% in every group shown: no variation between groups." in section
+    assert tables.count("<table>") < 15
+    methods = html[html.index('<section id="methods">') :]
+    assert "Benjamini–Hochberg" in methods and f"{planted.tests:,} comparisons" in methods
+    assert "sex: male" in methods and "complementary suppression" in methods
+    assert "@media print" in html and "break-inside: avoid" in html
