@@ -599,6 +599,7 @@ def compute_report(
         coverage=tuple(
             attribute_coverage(records, a, min_group_size, max_unknown_share) for a in attributes
         ),
+        rules=tuple(rules),
     )
 
 

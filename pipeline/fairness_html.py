@@ -21,6 +21,7 @@ is built and saved (rcParams are process-global, so concurrent renders in thread
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import io
 import math
 import re
@@ -39,6 +40,7 @@ from matplotlib.ticker import (
     Formatter,
     FuncFormatter,
     MaxNLocator,
+    NullLocator,
     PercentFormatter,
 )
 from matplotlib.transforms import blended_transform_factory
@@ -426,6 +428,110 @@ def _bar_figure(
             f"with confidence intervals and the overall value "
             f"{_format_value(metric, metric.overall.value)}. "
             + (f"Alert for {', '.join(flagged)}." if flagged else "No alert.")
+        )
+        return _svg(figure, key, label)
+
+
+_RATIO_TICKS = (0.1, 0.2, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def _ratio_thresholds(report: FairnessReport, metric: MetricResult) -> list[float]:
+    """Ratio thresholds of the rules that compare this metric with the reference group."""
+    found = {
+        threshold
+        for rule in report.rules
+        if fnmatch.fnmatchcase(metric.name, rule.metric) and "reference" in rule.comparisons
+        for threshold in (rule.ratio_above, rule.ratio_below)
+        if threshold is not None
+    }
+    return sorted(found)
+
+
+def _forest_figure(
+    metric: MetricResult,
+    report: FairnessReport,
+    key: str,
+    statuses: dict[tuple[str, str, str], tuple[Status, Alert]],
+) -> Markup | None:
+    """Each group's ratio to its attribute's reference group with its interval, on a log axis,
+    against parity (solid line at 1) and the rules' thresholds (dotted lines).
+
+    Where an alert fired: a red triangle and ▲ (the interval is the ratio's own, so whether it
+    crosses a threshold line is read directly).
+    """
+    blocks = [
+        (a, [g for g in metric.by_attribute(a) if not g.suppressed])
+        for a in _attributes(report, metric)
+        if report.assessable(a) and report.reference(a) is not None
+    ]
+    blocks = [(a, g) for a, g in blocks if any(x.reference_ratio.value for x in g)]
+    if not blocks:
+        return None
+    headers: list[tuple[float, str]] = []
+    rows: list[tuple[float, GroupResult]] = []
+    y = 0.0
+    for attribute, groups in blocks:
+        headers.append((y, f"{attribute} (reference: {report.reference(attribute)})"))
+        y += _HEADER / _ROW
+        for g in groups:
+            rows.append((y, g))
+            y += 1.0
+    span = y
+    labels = [
+        short + _mark(_status(statuses, metric, g))
+        for (_, g), short in zip(rows, _unique_short([g.group for _, g in rows]), strict=True)
+    ]
+    left = min(max(0.9, _CHAR * max(len(t) for t in labels) + 0.3), 3.0)
+    thresholds = _ratio_thresholds(report, metric)
+    with matplotlib.rc_context(_rc(key)):
+        figure = Figure(figsize=(_WIDTH, span * _ROW + 0.7))
+        _margins(figure, left=left, right=0.25, top=0.1, bottom=0.45)
+        ax = figure.add_subplot()
+        ax.set_xscale("log")
+        ax.set_ylim(span - 0.4, -0.6)
+        ax.set_yticks([])
+        ax.spines[["left", "top", "right"]].set_visible(False)
+        ax.set_xlabel("ratio to the reference group (log scale)")
+        ax.grid(axis="x", color="#dddddd", linewidth=0.6)
+        label_at = ax.get_yaxis_transform()
+        header_at = blended_transform_factory(figure.transFigure, ax.transData)
+        for position, text in headers:
+            figure.text(0.1 / _WIDTH, position, _plot_text(text), transform=header_at,
+                        va="center", fontweight="bold")  # fmt: skip
+        for (position, _), label in zip(rows, labels, strict=True):
+            figure.text(-0.01, position, _plot_text(label), transform=label_at, va="center",
+                        ha="right")  # fmt: skip
+        extent = [1.0, *thresholds]
+        ax.axvline(1.0, color=_OVERALL_LINE, linewidth=1.0)
+        for threshold in thresholds:
+            ax.axvline(threshold, color=_MUTED, linestyle=":", linewidth=1.2)
+        for position, group in rows:
+            ratio = group.reference_ratio
+            value = _finite(ratio.value)
+            if value is None or value <= 0:
+                note = "reference" if report.reference(group.attribute) == group.group else _DASH
+                figure.text(0.01, position, note, transform=label_at, va="center",
+                            color=_MUTED, style="italic")  # fmt: skip
+                continue
+            alert = _status(statuses, metric, group) == "alert"
+            low, high = _finite(ratio.ci_low), _finite(ratio.ci_high)
+            if low is not None and high is not None and low > 0:
+                ax.hlines(position, low, high, color=_OVERALL_LINE, linewidth=0.9)
+                extent.extend((low, high))
+            ax.plot([value], [position], linestyle="none", marker="^" if alert else "o",
+                    markersize=6.0 if alert else 4.0,
+                    color=_BAR_FLAGGED if alert else _BAR)  # fmt: skip
+            extent.append(value)
+        low_x, high_x = min(extent) / 1.15, max(extent) * 1.15
+        ax.set_xlim(low_x, high_x)
+        ticks = [t for t in _RATIO_TICKS if low_x <= t <= high_x]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        lines = ", ".join(f"{t:g}" for t in thresholds) or "none"
+        label = (
+            f"Forest plot of {metric.title}: each group's ratio to its reference group with "
+            f"its confidence interval, parity at 1, rule thresholds at {lines}."
         )
         return _svg(figure, key, label)
 
@@ -1057,6 +1163,20 @@ rule would fire with more studies. (ref): the attribute's reference group. Group
 {% endfor %}
 </section>
 {% endif %}
+{% if forests %}
+<section id="forest">
+<h2>Ratios to the reference group</h2>
+<p class="legend-note">Each group's ratio to its attribute's reference group, with its \
+{{ confidence }} confidence interval (log scale). Solid line: parity (1); dotted lines: the \
+alert rules' ratio thresholds. Red triangles marked ▲: an alert fired.</p>
+{% for fig in forests %}
+<figure id="forest-{{ fig.anchor }}">
+<figcaption>{{ fig.title }}</figcaption>
+{{ fig.svg }}
+</figure>
+{% endfor %}
+</section>
+{% endif %}
 {% if trends %}
 <section id="trend">
 <h2>Trend over windows</h2>
@@ -1174,6 +1294,7 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
     headline_metrics = [by_name[n] for n in dict.fromkeys(plotted) if n in by_name]
 
     statuses = _statuses(report)
+    forests: list[_Plot] = []
     bars: list[_Plot] = []
     trends: list[_Plot] = []
     links = {m.name: f"metric-{_anchor(i, m.name)}" for i, m in enumerate(report.metrics)}
@@ -1184,6 +1305,9 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         if svg is not None:
             links[metric.name] = f"plot-{anchor}"
             bars.append(_Plot(anchor, metric.title, overall, metric.population, svg))
+        svg = _forest_figure(metric, report, f"forest{index}", statuses)
+        if svg is not None:
+            forests.append(_Plot(anchor, metric.title, overall, metric.population, svg))
         if report.trend:
             svg = _trend_figure(metric, report.trend, report, f"trend{index}")
             if svg is not None:
@@ -1213,6 +1337,7 @@ def render_html(report: FairnessReport, *, headline: Sequence[str] = DEFAULT_HEA
         references=", ".join(f"{a}: {g}" for a, g in report.reference_groups) or "none",
         not_assessable=_not_assessable(report),
         bars=bars,
+        forests=forests,
         trends=trends,
         tables=[
             _table(m, report, _anchor(i, m.name), statuses) for i, m in enumerate(report.metrics)

@@ -261,6 +261,7 @@ class FairnessReport:
     false_discovery_rate: float = 0.05
     tests: int = 0  # comparisons in the multiple-comparison family (Benjamini-Hochberg's m)
     coverage: tuple[AttributeCoverage, ...] = ()
+    rules: tuple[AlertRule, ...] = ()  # the rules evaluated (their thresholds are drawn)
 
     def not_assessable(self) -> tuple[AttributeCoverage, ...]:
         return tuple(c for c in self.coverage if not c.assessable)

@@ -702,3 +702,22 @@ def test_the_planted_report_is_compact_and_explains_its_methods(planted: Fairnes
     assert "Benjamini–Hochberg" in methods and f"{planted.tests:,} comparisons" in methods
     assert "sex: male" in methods and "complementary suppression" in methods
     assert "@media print" in html and "break-inside: avoid" in html
+
+
+def test_the_forest_plot_shows_ratios_to_the_reference_against_parity_and_thresholds(
+    planted: FairnessReport,
+) -> None:
+    import re
+
+    from pipeline.fairness_html import _BAR_FLAGGED, render_html
+
+    html = render_html(planted)
+    forests = dict(re.findall(r'<figure id="forest-\d+-([^"]+)">(.*?)</figure>', html, re.DOTALL))
+    assert set(forests) >= {"underdiagnosis_rate", "sensitivity-cardiomegaly"}
+    sensitivity = forests["sensitivity-cardiomegaly"]
+    assert "rule thresholds at 0.8" in sensitivity and "parity at 1" in sensitivity
+    assert ">sex (reference: male)<" in sensitivity
+    assert ">female \u25b2<" in sensitivity and ">reference<" in sensitivity
+    assert _BAR_FLAGGED in sensitivity
+    # A metric without an alert: no red (the no-disparity report is tested page-wide above).
+    assert _BAR_FLAGGED not in forests["no_finding_rate"]
