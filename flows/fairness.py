@@ -181,6 +181,7 @@ def build_report(
         "reference_groups": cfg.reference_groups,
         "false_discovery_rate": cfg.false_discovery_rate,
         "max_unknown_share": cfg.max_unknown_share,
+        "intersections": cfg.intersections,
     }
     # The previous window's alerts, to say whether each alert is new or persisting.
     previous = (

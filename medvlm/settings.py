@@ -1125,6 +1125,11 @@ class FairnessSettings(BaseModel):
         description="Benjamini-Hochberg false discovery rate over the comparisons alert rules "
         "examine in one report.",
     )
+    intersections: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("sex", "age_band"), ("sex", "race")],
+        description="Pairs of attributes whose combined groups (e.g. `female & Black`) are "
+        "reported and alerted on like an attribute's (JSON list of pairs).",
+    )
     max_unknown_share: float = Field(
         default=0.5,
         ge=0,
@@ -1149,7 +1154,9 @@ class FairnessSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_attributes(self) -> FairnessSettings:
-        unknown = sorted((set(self.attributes) | set(self.reference_groups)) - set(ATTRIBUTES))
+        named = set(self.attributes) | set(self.reference_groups)
+        named |= {a for pair in self.intersections for a in pair}
+        unknown = sorted(named - set(ATTRIBUTES))
         if unknown:
             raise ValueError(
                 f"fairness.attributes {unknown} are not captured; choose from {list(ATTRIBUTES)}"

@@ -66,6 +66,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.fairness_types import (
+    INTERSECTION,
     UNKNOWN,
     Alert,
     AlertRule,
@@ -79,6 +80,8 @@ from pipeline.fairness_types import (
     MetricKind,
     MetricResult,
     TrendPoint,
+    intersection,
+    intersection_group,
 )
 from pipeline.labeler import ReportLabels
 from pipeline.ledger import DraftJob, JobState
@@ -109,6 +112,8 @@ class FairnessRecord:
     final: ReportLabels | None = None  # labels of the signed report, when there is one
 
     def group(self, attribute: str) -> str:
+        if INTERSECTION in attribute:
+            return intersection_group([self.group(a) for a in attribute.split(INTERSECTION)])
         value = self.subgroups.get(attribute)
         return value if value else UNKNOWN
 
@@ -508,13 +513,18 @@ def compute_report(
     false_discovery_rate: float = 0.05,
     previous_alerts: Sequence[Alert] | None = None,
     max_unknown_share: float = 0.5,
+    intersections: Sequence[Sequence[str]] = (),
 ) -> FairnessReport:
     """Metrics per subgroup with bootstrap intervals, comparisons with the overall value, the
     reference group and between groups, and the alerts the rules raise on them.
 
     ``previous_alerts`` are the alerts of the previous window (None: not evaluated): each alert
-    is then marked new or persisting.
+    is then marked new or persisting. ``intersections`` (pairs of attributes) are added as
+    attributes of their own, ``sex×race`` with groups such as ``female & Black``, suppressed,
+    compared and alerted on like any other.
     """
+    attributes = [*attributes, *(intersection(*pair) for pair in intersections)]
+    attributes = list(dict.fromkeys(attributes))
     defs = metric_definitions()
     table = _Table.of(records, defs)
     n = len(records)

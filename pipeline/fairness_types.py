@@ -29,6 +29,20 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 #: The group of a study whose attribute is missing: reported like any other group, never dropped.
 UNKNOWN = "unknown"
+#: Joins the attributes of an intersection ("sex×race") and, with " & ", its groups
+#: ("female & Black"): the worst groups are often intersections (CheXclusion: Hispanic female).
+INTERSECTION = "×"
+
+
+def intersection(*attributes: str) -> str:
+    """The pseudo-attribute whose groups are the combinations of ``attributes``' groups."""
+    return INTERSECTION.join(attributes)
+
+
+def intersection_group(parts: Sequence[str]) -> str:
+    """A combination's group: ``unknown`` when any part is (it mixes every combination)."""
+    return UNKNOWN if UNKNOWN in parts else " & ".join(parts)
+
 
 MetricKind = Literal["rate", "mean"]
 #: What a group is compared with: the overall value (which contains the group), the reference

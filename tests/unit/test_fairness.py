@@ -721,3 +721,29 @@ def test_the_forest_plot_shows_ratios_to_the_reference_against_parity_and_thresh
     assert _BAR_FLAGGED in sensitivity
     # A metric without an alert: no red (the no-disparity report is tested page-wide above).
     assert _BAR_FLAGGED not in forests["no_finding_rate"]
+
+
+def test_intersections_are_attributes_of_their_own_with_the_same_suppression() -> None:
+    recs = records(cohort(planted=True))
+    report = report_of(recs, intersections=[("sex", "race"), ("sex", "age_band")])
+    assert report.attributes[-2:] == ("sex×race", "sex×age_band")
+    metric = report.metric("sensitivity:cardiomegaly")
+    groups = {g.group: g for g in metric.by_attribute("sex×race")}
+    assert {"female & Black", "female & White", "male & Black", "male & White", UNKNOWN} <= set(
+        groups
+    )
+    # Any unknown part makes the combination unknown; small combinations are suppressed.
+    assert groups[UNKNOWN].n == sum(
+        1 for r in recs if r.group("sex") == UNKNOWN and r.final and r.final.has_finding
+    )
+    small = [g for name, g in groups.items() if "Pacific Islander" in name]
+    assert small and all(g.suppressed and g.estimate.value is None for g in small)
+    fired = {(a.attribute, a.group) for a in report.alerts if a.metric == metric.name}
+    assert ("sex×race", "female & Black") in fired or ("sex×race", "female & White") in fired
+    assert all("female" in group for attribute, group in fired if "×" in attribute)
+    # The no-disparity cohort stays quiet with the intersections added.
+    fair = report_of(records(cohort(planted=False)), intersections=[("sex", "race")])
+    assert fair.alerts == ()
+    with pytest.raises(ValueError, match="insurance"):
+        FairnessSettings(intersections=[("sex", "insurance")])
+    assert FairnessSettings().intersections == [("sex", "age_band"), ("sex", "race")]
