@@ -882,8 +882,10 @@ class _Card:
 
 
 def _counted(metric: MetricResult, who: str, n: int | None, events: float | None,
-             value: float | None) -> str:  # fmt: skip
+             value: float | None, *, withheld: bool = False) -> str:  # fmt: skip
     shown = _format_value(metric, value)
+    if withheld:
+        return f"{who}: {shown} (count withheld: it would reveal a suppressed group's)"
     if n is None:
         return f"{who}: {shown}"
     if metric.kind == "rate" and events is not None:
@@ -910,14 +912,13 @@ def _card(alert: Alert, report: FairnessReport, links: dict[str, str]) -> _Card:
         f"{alert.group} than for {against}"
     )
     withheld = _withheld(metric, alert.attribute)
-    group_n = None if alert.group in withheld else alert.n
-    against_n = None if alert.against in withheld else alert.against_n
     evidence = (
-        _counted(metric, f"{alert.attribute} = {alert.group}", group_n, alert.numerator,
-                 alert.estimate.value)
+        _counted(metric, f"{alert.attribute} = {alert.group}", alert.n, alert.numerator,
+                 alert.estimate.value, withheld=alert.group in withheld)
         + "; "
-        + _counted(metric, who_against, against_n, alert.against_numerator,
-                   alert.against_estimate.value)
+        + _counted(metric, who_against, alert.against_n, alert.against_numerator,
+                   alert.against_estimate.value,
+                   withheld=alert.against != "overall" and alert.against in withheld)
         + "."
     )  # fmt: skip
     confidence = f"{report.confidence * 100:g}%"
@@ -1124,8 +1125,8 @@ rule {{ card.rule }} · <code>{{ card.metric }}</code> · <code>{{ card.cell }}<
 <h2>Data coverage</h2>
 {% if not_assessable %}
 <p class="not-assessable"><strong>Not assessable:</strong> {{ not_assessable }}. Fairness \
-across these attributes cannot be judged from this window: they are left out of the charts, \
-and their table rows compare nothing.</p>
+across these attributes cannot be judged from this window: they are left out of the charts \
+and the metric tables.</p>
 {% endif %}
 <p class="legend-note">Unknown: studies whose attribute was not recorded. Signed report: \
 drafted studies with a signed final report to score the draft against (agreement metrics such \

@@ -566,6 +566,10 @@ def test_the_planted_alert_card_names_female_against_male(planted: FairnessRepor
     (card,) = [c for c in cards if "Sensitivity: cardiomegaly" in c]
     assert "lower for sex = female than for sex = male (the reference group)" in card
     assert "the rule alerts when the ratio is below 0.8" in card
+    # Unknown sex (28 signed positives) is suppressed, so one more count is withheld: female's
+    # (the smaller published group); male's count and events are shown.
+    assert "sex = female: 57.7% (count withheld" in card
+    assert "sex = male: 95 of 108 studies (88.0%)" in card
     assert "Action: " in card and "Owner: AI quality officer" in card
     link = re.search(r'<a href="#([^"]+)">See the chart</a>', html)
     assert link is not None and f'id="{link.group(1)}"' in html
