@@ -371,9 +371,25 @@ def _bar_figure(
         if overall_value is not None:
             ax.axvline(overall_value, color=_OVERALL_LINE, linestyle="--", linewidth=1.0)
 
+        # The rules' ratio thresholds against each attribute's reference group, as dotted
+        # segments over that attribute's rows: a bar beyond one crosses the threshold.
+        thresholds = _ratio_thresholds(report, metric)
+        threshold_x: list[float] = []
+        for attribute, _groups in blocks:
+            reference = metric.group(attribute, report.reference(attribute) or "")
+            ref_value = (
+                None if reference is None or reference.suppressed else reference.estimate.value
+            )
+            block_ys = [position for position, g in rows if g.attribute == attribute]
+            if ref_value is None or not block_ys:
+                continue
+            for threshold in thresholds:
+                threshold_x.append(ref_value * threshold)
+                ax.vlines(ref_value * threshold, min(block_ys) - 0.45, max(block_ys) + 0.45,
+                          colors=_MUTED, linestyles=":", linewidth=1.2, zorder=3)  # fmt: skip
         shown: list[tuple[float, float, str, str]] = []
         errors: list[tuple[float, float, float, float]] = []
-        extent = [0.0, *(v for v in (overall_value, high) if v is not None)]
+        extent = [0.0, *(v for v in (overall_value, high) if v is not None), *threshold_x]
         for position, group in rows:
             value = None if group.suppressed else _finite(group.estimate.value)
             if value is None:
@@ -1151,7 +1167,9 @@ studies are suppressed.</p>
 <section id="headline">
 <h2>Headline metrics by subgroup</h2>
 <p class="legend-note">Bars: group value; whiskers: the group's own {{ confidence }} \
-confidence interval. Dashed line: overall value (shaded: its interval). Red hatched bars marked \
+confidence interval. Dashed line: overall value (shaded: its interval). Dotted segments: \
+the alert rules' ratio thresholds applied to the attribute's reference group. Red hatched bars \
+marked \
 ▲: an alert rule fired for the group (only in the harmful direction); hatched bars marked △: a \
 rule would fire with more studies. (ref): the attribute's reference group. Groups smaller than \
 {{ min_group_size }} are suppressed and drawn without a bar.</p>

@@ -788,3 +788,25 @@ def test_the_issue_numbers_the_integration_cohort_alerts_female_sensitivity_at_0
     assert (alert.comparison, alert.against) == ("between", "male")
     assert alert.ratio.value == pytest.approx(0.62 / 0.875) and alert.ratio.value < 0.8
     assert "sex=female" in alert.message
+
+
+def test_bar_charts_draw_the_rule_thresholds_against_the_reference(
+    planted: FairnessReport,
+) -> None:
+    import re
+    from dataclasses import replace
+
+    from pipeline.fairness_html import render_html
+
+    def bar(report: FairnessReport) -> str:
+        html = render_html(report)
+        found = re.search(
+            r'<figure id="plot-\d+-sensitivity-cardiomegaly">(.*?)</figure>', html, re.DOTALL
+        )
+        assert found is not None
+        return found.group(1)
+
+    with_rules = bar(planted)
+    without = bar(replace(planted, rules=()))
+    # One dotted segment per assessable attribute with a published reference (0.8 x its value).
+    assert with_rules.count("stroke-dasharray") > without.count("stroke-dasharray")
