@@ -70,7 +70,8 @@ class WriteResult:
         return None if meta is None or meta.versionId is None else str(meta.versionId)
 
 
-#: The resource types the pipeline writes (drafts, the model's Device, fairness reports).
+#: The resource types the pipeline writes (drafts, the model's Device, fairness reports and
+#: the Measure they report on).
 WRITTEN_TYPES = frozenset(
     {
         "Observation",
@@ -79,6 +80,7 @@ WRITTEN_TYPES = frozenset(
         "Provenance",
         "Device",
         "MeasureReport",
+        "Measure",
     }
 )
 

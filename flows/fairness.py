@@ -41,7 +41,7 @@ from pipeline.fairness import (
     record_from_job,
     trend_points,
 )
-from pipeline.fairness_fhir import build_measure_report, measure_report_identifier
+from pipeline.fairness_fhir import build_measure, build_measure_report, measure_report_identifier
 from pipeline.fairness_html import render_html
 from pipeline.fairness_types import FairnessReport
 from pipeline.fhir_resources import DraftResources, PendingResource, SearchKey
@@ -171,19 +171,33 @@ def build_report(
         start, end = since - k * length, until - k * length
         windows.append((start, end, collect_records(services, start, end)[0]))
     current, unreadable = collect_records(services, since, until)
+    options: dict[str, Any] = {
+        "attributes": cfg.attributes,
+        "min_group_size": cfg.min_group_size,
+        "n_boot": cfg.n_boot,
+        "confidence": cfg.confidence,
+        "rules": cfg.rules,
+        "seed": cfg.seed,
+        "reference_groups": cfg.reference_groups,
+        "false_discovery_rate": cfg.false_discovery_rate,
+        "max_unknown_share": cfg.max_unknown_share,
+        "intersections": cfg.intersections,
+    }
+    # The previous window's alerts, to say whether each alert is new or persisting.
+    previous = (
+        compute_report(windows[-1][2], since=windows[-1][0], until=windows[-1][1], **options)
+        if windows
+        else None
+    )
     windows.append((since, until, current))
     return compute_report(
         current,
         since=since,
         until=until,
-        attributes=cfg.attributes,
-        min_group_size=cfg.min_group_size,
-        n_boot=cfg.n_boot,
-        confidence=cfg.confidence,
-        rules=cfg.rules,
-        seed=cfg.seed,
         trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
         signed_unreadable=unreadable,
+        previous_alerts=None if previous is None else previous.alerts,
+        **options,
     )
 
 
@@ -192,6 +206,49 @@ def write_html(report: FairnessReport, directory: Path) -> Path:
     path = directory / f"fairness-{report.since:%Y%m%dT%H%M}-{report.until:%Y%m%dT%H%M}.html"
     path.write_text(render_html(report), encoding="utf-8")
     return path
+
+
+def _write_once(services: FairnessServices, resource: Any, tag_system: str, key: str) -> str:
+    """``resource`` in the EHR unless one tagged ``tag_system|key`` is there; its id.
+
+    Through the drafts' writer (``connectors.draft_writer``): it first looks for a resource
+    carrying the tag (``_tag`` is a search parameter of every resource), and sends only when
+    there is none; with conditional create or transactions the server checks again.
+    """
+    rtype = resource.get_resource_type()
+    resource.meta = Meta(tag=[Coding(system=tag_system, code=key)])
+    pending = PendingResource(
+        f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{tag_system}/{key}')}",
+        json.loads(resource.model_dump_json(by_alias=True, exclude_none=True)),
+        SearchKey("_tag", tag_system, key),
+    )
+    strategy = choose_strategy(services.write_strategy, services.ehr.capabilities(), {rtype})
+    created = DraftWriter(services.ehr, strategy).write(
+        DraftResources(key, (pending,), main_type=rtype), resume=True
+    )
+    rid = created.get(rtype, [""])[0]
+    if not rid:
+        raise EhrInvalidResourceError(f"{rtype}: transaction answer names no resource")
+    return str(rid)
+
+
+def write_measure(services: FairnessServices, report: FairnessReport) -> str:
+    """The Measure the MeasureReports' ``measure`` canonical (``url|version``) points to, in
+    the EHR once per version; its id.
+
+    Its version is a digest of its definition, so it is written the first time the monitor runs
+    with these metrics and attributes, and again (a new version) only when they change. The
+    write is a create conditional on the Measure's tag (``system:fairness-measure|version``),
+    the way the MeasureReport is written: the EHR connectors key writes by ``identifier`` or
+    ``_tag``, which every server searches, rather than by ``url``.
+    """
+    measure = build_measure(
+        report, system=services.identifier_system, url=services.settings.measure_url
+    )
+    assert measure.version is not None
+    return _write_once(
+        services, measure, f"{services.identifier_system}:fairness-measure", measure.version
+    )
 
 
 def write_measure_report(services: FairnessServices, report: FairnessReport) -> str:
@@ -211,25 +268,11 @@ def write_measure_report(services: FairnessServices, report: FairnessReport) -> 
     done = services.ledger.fairness_run(identifier.value)
     if done is not None:
         return done.measure_report_id
+    write_measure(services, report)
     resource = build_measure_report(
         report, system=system, scope=scope, measure=services.settings.measure_url
     )
-    tag_system = f"{system}:fairness-run"
-    resource.meta = Meta(tag=[Coding(system=tag_system, code=identifier.value)])
-    pending = PendingResource(
-        f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{tag_system}/{identifier.value}')}",
-        json.loads(resource.model_dump_json(by_alias=True, exclude_none=True)),
-        SearchKey("_tag", tag_system, identifier.value),
-    )
-    strategy = choose_strategy(
-        services.write_strategy, services.ehr.capabilities(), {"MeasureReport"}
-    )
-    created = DraftWriter(services.ehr, strategy).write(
-        DraftResources(identifier.value, (pending,), main_type="MeasureReport"), resume=True
-    )
-    rid = created.get("MeasureReport", [""])[0]
-    if not rid:
-        raise EhrInvalidResourceError("MeasureReport: transaction answer names no resource")
+    rid = _write_once(services, resource, f"{system}:fairness-run", identifier.value)
     services.ledger.save_fairness_run(
         FairnessRun(
             key=identifier.value,
@@ -313,6 +356,11 @@ def fairness_monitor(services: Any, since: dt.datetime, until: dt.datetime) -> F
                 "metric": alert.metric,
                 "attribute": alert.attribute,
                 "group": alert.group,
+                "comparison": alert.comparison,
+                "against": alert.against,
+                "ratio": alert.ratio.value,
+                "threshold": alert.threshold,
+                "since_last": alert.since_last,
                 "message": alert.message,
                 "window": [since.isoformat(), until.isoformat()],
             },

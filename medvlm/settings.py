@@ -1132,13 +1132,16 @@ class JobSettings(BaseModel):
 
 
 def _default_alert_rules() -> list[AlertRule]:
+    """Each group against its attribute's reference group and between highest and lowest
+    group (the overall value contains the group, which dilutes a gap: CheXclusion, Aequitas)."""
     return [
         AlertRule(
             name="underdiagnosis",
             metric="underdiagnosis_rate",
             ratio_above=1.25,
+            min_effect=0.03,
         ),
-        AlertRule(name="sensitivity-gap", metric="sensitivity:*", ratio_below=0.8),
+        AlertRule(name="sensitivity-gap", metric="sensitivity:*", ratio_below=0.8, min_effect=0.05),
         AlertRule(name="failure-gap", metric="failure_rate", difference_above=0.05),
     ]
 
@@ -1172,6 +1175,30 @@ class FairnessSettings(BaseModel):
         default=0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals."
     )
     seed: int = Field(default=0, description="Seed of the bootstrap (reproducible reports).")
+    reference_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description='Reference group per attribute (JSON object, e.g. `{"sex": "male"}`); '
+        "an attribute not named, or whose group is absent, uses its largest known group.",
+    )
+    false_discovery_rate: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Benjamini-Hochberg false discovery rate over the comparisons alert rules "
+        "examine in one report.",
+    )
+    intersections: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("sex", "age_band"), ("sex", "race")],
+        description="Pairs of attributes whose combined groups (e.g. `female & Black`) are "
+        "reported and alerted on like an attribute's (JSON list of pairs).",
+    )
+    max_unknown_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="An attribute with a larger share of studies unknown is reported as not "
+        "assessable.",
+    )
     rules: list[AlertRule] = Field(
         default_factory=_default_alert_rules,
         description="Alert rules; the defaults follow CheXclusion-style underdiagnosis checks.",
@@ -1189,7 +1216,9 @@ class FairnessSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_attributes(self) -> FairnessSettings:
-        unknown = sorted(set(self.attributes) - set(ATTRIBUTES))
+        named = set(self.attributes) | set(self.reference_groups)
+        named |= {a for pair in self.intersections for a in pair}
+        unknown = sorted(named - set(ATTRIBUTES))
         if unknown:
             raise ValueError(
                 f"fairness.attributes {unknown} are not captured; choose from {list(ATTRIBUTES)}"

@@ -34,6 +34,21 @@ bench check these numbers against, not a run-time dependency.
 
 A cell (group × metric) whose denominator is under ``min_group_size`` is suppressed: it is
 reported with no numbers and takes no part in disparities or alerts.
+
+Comparisons, each a ratio and a difference with intervals from the same resamples:
+
+- with the overall value (which contains the group, so it dilutes a gap: a group that is half
+  the population and 0.71 times the other half reads 0.83 times the overall);
+- with the attribute's reference group (``reference_groups``, else its largest known group;
+  ``unknown`` is never a reference), as Aequitas does;
+- between groups: the highest vs the lowest known, unsuppressed group (fairlearn's
+  ``between_groups`` ratio and difference).
+
+Alert rules choose their comparisons. Each comparison's p-value (its difference over the
+bootstrap standard error) enters one Benjamini-Hochberg family per report, so that hundreds of
+comparisons do not turn into a handful of false alerts; a rule also needs a minimum practical
+effect (``AlertRule.min_effect``). A rule that crosses its threshold by that effect but lacks
+the evidence is a *watch* (it would fire with more studies), never an alert.
 """
 
 from __future__ import annotations
@@ -44,22 +59,29 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.fairness_types import (
+    INTERSECTION,
     UNKNOWN,
     Alert,
     AlertRule,
+    AttributeCoverage,
+    Between,
+    Comparison,
     Estimate,
     FairnessReport,
+    GroupCoverage,
     GroupResult,
     MetricKind,
     MetricResult,
     TrendPoint,
+    intersection,
+    intersection_group,
 )
 from pipeline.labeler import ReportLabels
 from pipeline.ledger import DraftJob, JobState
@@ -90,6 +112,8 @@ class FairnessRecord:
     final: ReportLabels | None = None  # labels of the signed report, when there is one
 
     def group(self, attribute: str) -> str:
+        if INTERSECTION in attribute:
+            return intersection_group([self.group(a) for a in attribute.split(INTERSECTION)])
         value = self.subgroups.get(attribute)
         return value if value else UNKNOWN
 
@@ -154,6 +178,7 @@ class MetricDef:
     unit: str
     population: str
     contribution: Contribution
+    improvement: Literal["increase", "decrease"] | None = None
 
 
 def _flag(value: bool) -> float:
@@ -210,6 +235,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             "drafted studies whose signed report has a finding",
             _agreement(lambda draft, final: _flag(draft.no_finding) if final.has_finding else None),
+            "decrease",
         ),
         MetricDef(
             "failure_rate",
@@ -218,6 +244,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             every,
             lambda r: _flag(r.outcome in ("failed", "dead_lettered")),
+            "decrease",
         ),
         MetricDef(
             "dead_letter_rate",
@@ -226,6 +253,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "1",
             every,
             lambda r: _flag(r.outcome == "dead_lettered"),
+            "decrease",
         ),
         MetricDef(
             "skip_rate",
@@ -266,6 +294,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
             "s",
             drafted,
             _drafted(lambda r, _l: r.latency_s),
+            "decrease",
         ),
     ]
     for name in SCORED_FINDINGS:
@@ -290,6 +319,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
                 "1",
                 f"studies whose signed report has {label}",
                 _sensitivity(name),
+                "increase",
             )
         )
         defs.append(
@@ -300,6 +330,7 @@ def metric_definitions() -> tuple[MetricDef, ...]:
                 "1",
                 f"studies whose signed report does not have {label}",
                 _specificity(name),
+                "increase",
             )
         )
     return tuple(defs)
@@ -355,6 +386,115 @@ def _interval(samples: Vector, confidence: float) -> tuple[float | None, float |
     return float(low), float(high)
 
 
+def _p_value(effect: float, samples: Vector) -> float | None:
+    """Two-sided p-value of no effect: ``effect`` over its bootstrap standard error (Wald).
+
+    Not the share of resamples beyond parity: that cannot go below 2 / (resamples + 1), too
+    coarse for a Benjamini-Hochberg family of hundreds of comparisons.
+    """
+    finite = samples[np.isfinite(samples)]
+    if finite.size < max(10, samples.size // 2):
+        return None
+    spread = float(np.std(finite, ddof=1))
+    if spread == 0.0:
+        return 1.0 if effect == 0.0 else 0.0
+    return math.erfc(abs(effect) / spread / math.sqrt(2.0))
+
+
+def _comparison(
+    value: float,
+    against: float | None,
+    samples: Vector,
+    against_samples: Vector,
+    confidence: float,
+    *,
+    multiplier: float = 1.0,
+) -> tuple[Estimate, Estimate]:
+    """Ratio and difference of ``value`` to ``against`` with intervals from the same resamples."""
+    if against is None:
+        return Estimate(None), Estimate(None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = samples / against_samples
+    differences = samples - against_samples
+    p = _p_value(value - against, differences)
+    p = None if p is None else min(1.0, p * multiplier)
+    ratio = (
+        Estimate(value / against, *_interval(ratios, confidence), p_value=p)
+        if against
+        else Estimate(None)
+    )
+    return ratio, Estimate(value - against, *_interval(differences, confidence), p_value=p)
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """One attribute's groups: per group its cell sizes, numerators, values and resamples."""
+
+    names: list[str]
+    sizes: list[int]  # records per group (for the default reference group)
+    n: npt.NDArray[np.float64]  # group × metric
+    num: npt.NDArray[np.float64]
+    points: npt.NDArray[np.float64]
+    samples: npt.NDArray[np.float64]  # group × boot × metric
+
+    @classmethod
+    def of(
+        cls, records: Sequence[FairnessRecord], attribute: str, table: _Table, weights: Vector
+    ) -> _Cells:
+        groups = _groups(records, attribute)
+        names = [g for g, _ in groups]
+        metrics = table.num.shape[0]
+        n = np.array([table.den[:, m].sum(axis=1) for _, m in groups]).reshape(-1, metrics)
+        num = np.array([table.num[:, m].sum(axis=1) for _, m in groups]).reshape(-1, metrics)
+        samples = np.array(
+            [_ratio(weights[:, m] @ table.num[:, m].T, weights[:, m] @ table.den[:, m].T)
+             for _, m in groups]
+        ).reshape(-1, weights.shape[0], metrics)  # fmt: skip
+        return cls(names, [int(m.sum()) for _, m in groups], n, num, _ratio(num, n), samples)
+
+    def usable(self, index: int, metric: int, min_group_size: int) -> bool:
+        return self.n[index, metric] >= min_group_size and math.isfinite(self.points[index, metric])
+
+
+def reference_group(names: Sequence[str], sizes: Sequence[int], declared: str | None) -> str | None:
+    """The declared reference group if the attribute has it, else its largest known group.
+
+    ``unknown`` is never a reference: it is a mixture of every group. Ties go to the name that
+    sorts first, so the choice is reproducible.
+    """
+    if declared is not None and declared in names:
+        return declared
+    known = [(size, name) for name, size in zip(names, sizes, strict=True) if name != UNKNOWN]
+    if not known:
+        return None
+    return min(known, key=lambda item: (-item[0], item[1]))[1]
+
+
+def _between(
+    attribute: str, cells: _Cells, metric: int, min_group_size: int, confidence: float
+) -> Between | None:
+    """The highest and lowest known, unsuppressed groups and their ratio and difference."""
+    eligible = [
+        i
+        for i, name in enumerate(cells.names)
+        if name != UNKNOWN and cells.usable(i, metric, min_group_size)
+    ]
+    if len(eligible) < 2:
+        return None
+    high = max(eligible, key=lambda i: (cells.points[i, metric], cells.names[i]))
+    low = min(eligible, key=lambda i: (cells.points[i, metric], cells.names[i]))
+    pairs = len(eligible) * (len(eligible) - 1) / 2
+    ratio, difference = _comparison(
+        float(cells.points[high, metric]),
+        float(cells.points[low, metric]),
+        cells.samples[high][:, metric],
+        cells.samples[low][:, metric],
+        confidence,
+        multiplier=pairs,
+    )
+    return Between(attribute, cells.names[high], cells.names[low], ratio, difference)
+
+
 def compute_report(
     records: Sequence[FairnessRecord],
     *,
@@ -369,8 +509,22 @@ def compute_report(
     trend: Sequence[TrendPoint] = (),
     generated: dt.datetime | None = None,
     signed_unreadable: int = 0,
+    reference_groups: Mapping[str, str] | None = None,
+    false_discovery_rate: float = 0.05,
+    previous_alerts: Sequence[Alert] | None = None,
+    max_unknown_share: float = 0.5,
+    intersections: Sequence[Sequence[str]] = (),
 ) -> FairnessReport:
-    """Metrics per subgroup with bootstrap intervals, disparities to the overall, and alerts."""
+    """Metrics per subgroup with bootstrap intervals, comparisons with the overall value, the
+    reference group and between groups, and the alerts the rules raise on them.
+
+    ``previous_alerts`` are the alerts of the previous window (None: not evaluated): each alert
+    is then marked new or persisting. ``intersections`` (pairs of attributes) are added as
+    attributes of their own, ``sex×race`` with groups such as ``female & Black``, suppressed,
+    compared and alerted on like any other.
+    """
+    attributes = [*attributes, *(intersection(*pair) for pair in intersections)]
+    attributes = list(dict.fromkeys(attributes))
     defs = metric_definitions()
     table = _Table.of(records, defs)
     n = len(records)
@@ -385,49 +539,32 @@ def compute_report(
     overall_num = table.num.sum(axis=1)
 
     group_results: dict[str, list[GroupResult]] = {d.name: [] for d in defs}
+    between: dict[str, list[Between]] = {d.name: [] for d in defs}
+    references: dict[str, str] = {}
     overall_point: dict[str, float | None] = {
         d.name: _finite(float(_ratio(overall_num[i], overall_n[i]))) for i, d in enumerate(defs)
     }
     for attribute in attributes:
-        for group, mask in _groups(records, attribute):
-            g_num = table.num[:, mask]
-            g_den = table.den[:, mask]
-            points = _ratio(g_num.sum(axis=1), g_den.sum(axis=1))
-            samples = _ratio(weights[:, mask] @ g_num.T, weights[:, mask] @ g_den.T)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio_samples = samples / overall_samples
-            diff_samples = samples - overall_samples
-            for i, metric in enumerate(defs):
-                cell_n = int(g_den[i].sum())
-                value = _finite(float(points[i]))
-                overall = overall_point[metric.name]
-                suppressed = cell_n < min_group_size
-                if suppressed or value is None:
-                    estimate = ratio = difference = Estimate(None)
-                else:
-                    estimate = Estimate(value, *_interval(samples[:, i], confidence))
-                    ratio = (
-                        Estimate(value / overall, *_interval(ratio_samples[:, i], confidence))
-                        if overall
-                        else Estimate(None)
-                    )
-                    difference = (
-                        Estimate(value - overall, *_interval(diff_samples[:, i], confidence))
-                        if overall is not None
-                        else Estimate(None)
-                    )
+        cells = _Cells.of(records, attribute, table, weights)
+        reference = reference_group(
+            cells.names, cells.sizes, (reference_groups or {}).get(attribute)
+        )
+        if reference is not None:
+            references[attribute] = reference
+        ref = cells.names.index(reference) if reference is not None else None
+        for i, metric in enumerate(defs):
+            spread = _between(attribute, cells, i, min_group_size, confidence)
+            if spread is not None:
+                between[metric.name].append(spread)
+            ref_usable = ref is not None and cells.usable(ref, i, min_group_size)
+            for g, group in enumerate(cells.names):
                 group_results[metric.name].append(
-                    GroupResult(
-                        attribute=attribute,
-                        group=group,
-                        n=cell_n,
-                        numerator=float(g_num[i].sum()),
-                        suppressed=suppressed,
-                        estimate=estimate,
-                        ratio=ratio,
-                        difference=difference,
+                    _group_result(
+                        attribute, group, cells, g, i, overall_point[metric.name],
+                        overall_samples[:, i], ref if ref_usable and g != ref else None,
+                        min_group_size, confidence,
                     )
-                )
+                )  # fmt: skip
     metrics = tuple(
         MetricResult(
             name=d.name,
@@ -435,6 +572,7 @@ def compute_report(
             kind=d.kind,
             unit=d.unit,
             population=d.population,
+            improvement=d.improvement,
             overall_n=int(overall_n[i]),
             overall_numerator=float(overall_num[i]),
             overall=(
@@ -443,9 +581,11 @@ def compute_report(
                 else Estimate(None)
             ),
             groups=tuple(group_results[d.name]),
+            between=tuple(between[d.name]),
         )
         for i, d in enumerate(defs)
     )
+    evaluation = evaluate_rules(metrics, rules, references, false_discovery_rate)
     return FairnessReport(
         since=since,
         until=until,
@@ -459,32 +599,210 @@ def compute_report(
         confidence=confidence,
         attributes=tuple(attributes),
         metrics=metrics,
-        alerts=tuple(evaluate_rules(metrics, rules)),
+        alerts=_since_last(evaluation.alerts, previous_alerts),
         trend=tuple(trend),
         signed_unreadable=signed_unreadable,
+        reference_groups=tuple(references.items()),
+        watches=evaluation.watches,
+        false_discovery_rate=false_discovery_rate,
+        tests=evaluation.tests,
+        coverage=tuple(
+            attribute_coverage(records, a, min_group_size, max_unknown_share) for a in attributes
+        ),
+        rules=tuple(rules),
+    )
+
+
+def attribute_coverage(
+    records: Sequence[FairnessRecord], attribute: str, min_group_size: int, max_unknown_share: float
+) -> AttributeCoverage:
+    """Unknown share, known groups and signed-report coverage per group of one attribute."""
+    groups: list[GroupCoverage] = []
+    for group, mask in _groups(records, attribute):
+        members = [r for r, member in zip(records, mask, strict=True) if member]
+        groups.append(
+            GroupCoverage(
+                group=group,
+                studies=len(members),
+                drafted=sum(r.draft is not None for r in members),
+                with_final_report=sum(r.draft is not None and r.final is not None for r in members),
+                suppressed=len(members) < min_group_size,
+            )
+        )
+    unknown = sum(g.studies for g in groups if g.group == UNKNOWN)
+    known = sum(g.group != UNKNOWN for g in groups)
+    studies = len(records)
+    reason = ""
+    if studies and unknown / studies > max_unknown_share:
+        reason = f"{unknown / studies:.0%} unknown"
+    elif studies and known < 2:
+        reason = "one known group" if known == 1 else "no known group"
+    return AttributeCoverage(
+        attribute=attribute,
+        studies=studies,
+        unknown=unknown,
+        known_groups=known,
+        groups=tuple(groups),
+        assessable=not reason,
+        reason=reason,
+    )
+
+
+def _since_last(alerts: Sequence[Alert], previous: Sequence[Alert] | None) -> tuple[Alert, ...]:
+    if previous is None:
+        return tuple(alerts)
+    before = {a.key for a in previous}
+    return tuple(replace(a, since_last="persisting" if a.key in before else "new") for a in alerts)
+
+
+def _group_result(
+    attribute: str,
+    group: str,
+    cells: _Cells,
+    g: int,
+    i: int,
+    overall: float | None,
+    overall_samples: Vector,
+    ref: int | None,
+    min_group_size: int,
+    confidence: float,
+) -> GroupResult:
+    """One cell: its value and its comparisons with the overall value and the reference."""
+    cell_n = int(cells.n[g, i])
+    suppressed = cell_n < min_group_size
+    value = _finite(float(cells.points[g, i]))
+    numerator = float(cells.num[g, i])
+    if suppressed or value is None:
+        none = Estimate(None)
+        return GroupResult(attribute, group, cell_n, numerator, suppressed, none, none, none)
+    samples = cells.samples[g][:, i]
+    ratio, difference = _comparison(value, overall, samples, overall_samples, confidence)
+    ref_ratio, ref_difference = (
+        _comparison(
+            value, float(cells.points[ref, i]), samples, cells.samples[ref][:, i], confidence
+        )
+        if ref is not None
+        else (Estimate(None), Estimate(None))
+    )
+    return GroupResult(
+        attribute=attribute,
+        group=group,
+        n=cell_n,
+        numerator=numerator,
+        suppressed=False,
+        estimate=Estimate(value, *_interval(samples, confidence)),
+        ratio=ratio,
+        difference=difference,
+        reference_ratio=ref_ratio,
+        reference_difference=ref_difference,
     )
 
 
 # -- alerts ----------------------------------------------------------------------------------
 
 
-def _fires(rule: AlertRule, group: GroupResult) -> bool:
-    """Whether ``group`` crosses one of the rule's thresholds (and, if asked, its CI does too)."""
-    checks = (  # threshold, estimate, parity, direction (+1: above, -1: below)
-        (rule.ratio_above, group.ratio, 1.0, 1.0),
-        (rule.ratio_below, group.ratio, 1.0, -1.0),
-        (rule.difference_above, group.difference, 0.0, 1.0),
-        (rule.difference_below, group.difference, 0.0, -1.0),
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input's order.
+
+    q_(i) = min over j >= i of p_(j) * m / j (sorted ascending, capped at 1): a comparison is a
+    discovery at false discovery rate alpha when its q-value is at most alpha.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda k: p_values[k])
+    adjusted = [1.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):
+        k = order[rank - 1]
+        running = min(running, p_values[k] * m / rank)
+        adjusted[k] = min(1.0, running)
+    return adjusted
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One comparison a rule looks at: a group against its comparator."""
+
+    metric: MetricResult
+    comparison: Comparison
+    group: GroupResult
+    against: str
+    against_estimate: Estimate
+    against_n: int | None
+    against_numerator: float | None
+    ratio: Estimate
+    difference: Estimate
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.metric.name, self.comparison, self.group.attribute, self.group.group,
+                self.against)  # fmt: skip
+
+
+def _flip(estimate: Estimate, *, ratio: bool) -> Estimate:
+    """The comparison seen from the other side: a reciprocal ratio or a negated difference."""
+
+    def one(v: float | None) -> float | None:
+        if v is None:
+            return None
+        if ratio:
+            return 1.0 / v if v else None
+        return -v
+
+    return Estimate(one(estimate.value), one(estimate.ci_high), one(estimate.ci_low),
+                    estimate.p_value)  # fmt: skip
+
+
+def _candidates(
+    metric: MetricResult, comparison: Comparison, references: Mapping[str, str]
+) -> Iterable[_Candidate]:
+    if comparison == "overall":
+        for g in metric.groups:
+            if not g.suppressed:
+                yield _Candidate(metric, comparison, g, "overall", metric.overall,
+                                 metric.overall_n, metric.overall_numerator, g.ratio,
+                                 g.difference)  # fmt: skip
+    elif comparison == "reference":
+        for g in metric.groups:
+            ref = metric.group(g.attribute, references.get(g.attribute, ""))
+            if g.suppressed or ref is None or g.reference_ratio.value is None:
+                continue
+            yield _Candidate(metric, comparison, g, ref.group, ref.estimate, ref.n,
+                             ref.numerator, g.reference_ratio, g.reference_difference)  # fmt: skip
+    else:
+        for spread in metric.between:
+            high = metric.group(spread.attribute, spread.high)
+            low = metric.group(spread.attribute, spread.low)
+            if high is None or low is None:
+                continue
+            # Both ends: an "above" threshold reads high vs low, a "below" one low vs high.
+            yield _Candidate(metric, comparison, high, low.group, low.estimate, low.n,
+                             low.numerator, spread.ratio, spread.difference)  # fmt: skip
+            yield _Candidate(metric, comparison, low, high.group, high.estimate, high.n,
+                             high.numerator, _flip(spread.ratio, ratio=True),
+                             _flip(spread.difference, ratio=False))  # fmt: skip
+
+
+def _crossed(rule: AlertRule, candidate: _Candidate) -> tuple[str, bool] | None:
+    """The first threshold the comparison crosses by a practical margin, and whether its
+    interval lies beyond parity; None when no threshold is crossed."""
+    checks = (  # threshold, estimate, parity, direction (+1: above, -1: below), words
+        (rule.ratio_above, candidate.ratio, 1.0, 1.0, "ratio >"),
+        (rule.ratio_below, candidate.ratio, 1.0, -1.0, "ratio <"),
+        (rule.difference_above, candidate.difference, 0.0, 1.0, "difference >"),
+        (rule.difference_below, candidate.difference, 0.0, -1.0, "difference <"),
     )
-    for threshold, estimate, parity, direction in checks:
+    effect = candidate.difference.value
+    if effect is None or abs(effect) < rule.min_effect:
+        return None
+    for threshold, estimate, parity, direction, words in checks:
         if threshold is None or estimate.value is None:
             continue
+        if (estimate.value - threshold) * direction <= 0:
+            continue
         bound = estimate.ci_low if direction > 0 else estimate.ci_high
-        beyond = (estimate.value - threshold) * direction > 0
-        certain = not rule.require_ci or (bound is not None and (bound - parity) * direction > 0)
-        if beyond and certain:
-            return True
-    return False
+        beyond_parity = bound is not None and (bound - parity) * direction > 0
+        return f"{words} {threshold:g}", beyond_parity
+    return None
 
 
 def _fmt(value: float | None, kind: MetricKind) -> str:
@@ -493,49 +811,113 @@ def _fmt(value: float | None, kind: MetricKind) -> str:
     return f"{value:.1%}" if kind == "rate" else f"{value:.2f}"
 
 
-def evaluate_rules(metrics: Iterable[MetricResult], rules: Sequence[AlertRule]) -> list[Alert]:
-    """Every (rule, metric, group) where an unsuppressed group crosses the rule's thresholds."""
-    alerts: list[Alert] = []
+def _message(rule: AlertRule, candidate: _Candidate, threshold: str) -> str:
+    metric, group, ratio = candidate.metric, candidate.group, candidate.ratio
+    ci = (
+        f" (CI {ratio.ci_low:.2f}-{ratio.ci_high:.2f})"
+        if ratio.ci_low is not None and ratio.ci_high is not None
+        else ""
+    )
+    ratio_text = f"{ratio.value:.2f}" if ratio.value is not None else "n/a"
+    against = (
+        "overall"
+        if candidate.against == "overall"
+        else f"for {group.attribute}={candidate.against}"
+        + (" (reference)" if candidate.comparison == "reference" else " (between groups)")
+    )
+    return (
+        f"[{rule.name}] {metric.title} ({metric.name}) for {group.attribute}={group.group}: "
+        f"{_fmt(group.estimate.value, metric.kind)} vs "
+        f"{_fmt(candidate.against_estimate.value, metric.kind)} {against}, "
+        f"ratio {ratio_text}{ci}, threshold {threshold}, n={group.n}"
+    )
+
+
+@dataclass(frozen=True)
+class RuleEvaluation:
+    alerts: tuple[Alert, ...]
+    watches: tuple[Alert, ...]  # crossed a threshold, evidence too thin: would fire with more n
+    tests: int  # comparisons in the Benjamini-Hochberg family
+
+
+def evaluate_rules(
+    metrics: Iterable[MetricResult],
+    rules: Sequence[AlertRule],
+    references: Mapping[str, str] | None = None,
+    false_discovery_rate: float = 0.05,
+) -> RuleEvaluation:
+    """Every (rule, metric, group) where an unsuppressed group crosses the rule's thresholds.
+
+    The multiple-comparison family is every distinct comparison some rule with ``require_ci``
+    looks at (whether or not it crosses a threshold): their bootstrap p-values are adjusted by
+    Benjamini-Hochberg together, and such a rule fires only when the crossing comparison's
+    q-value is at most ``false_discovery_rate``. One alert per rule, metric and group: the first
+    of the rule's comparisons that fires.
+    """
+    refs = references or {}
+    looked: list[tuple[AlertRule, list[_Candidate]]] = []
+    family: dict[tuple[str, str, str, str, str], float] = {}
     for metric in metrics:
         for rule in rules:
             if not fnmatch.fnmatchcase(metric.name, rule.metric):
                 continue
-            for group in metric.groups:
-                if group.suppressed or (
-                    rule.attributes is not None and group.attribute not in rule.attributes
-                ):
-                    continue
-                if not _fires(rule, group):
-                    continue
-                ratio = group.ratio
-                ci = (
-                    f" (CI {ratio.ci_low:.2f}-{ratio.ci_high:.2f})"
-                    if ratio.ci_low is not None and ratio.ci_high is not None
-                    else ""
-                )
-                ratio_text = f"{ratio.value:.2f}" if ratio.value is not None else "n/a"
-                message = (
-                    f"[{rule.name}] {metric.title} ({metric.name}) for "
-                    f"{group.attribute}={group.group}: "
-                    f"{_fmt(group.estimate.value, metric.kind)} vs "
-                    f"{_fmt(metric.overall.value, metric.kind)} overall, ratio {ratio_text}{ci}, "
-                    f"n={group.n}"
-                )
-                alerts.append(
-                    Alert(
-                        rule=rule.name,
-                        metric=metric.name,
-                        attribute=group.attribute,
-                        group=group.group,
-                        n=group.n,
-                        estimate=group.estimate,
-                        overall=metric.overall,
-                        ratio=group.ratio,
-                        difference=group.difference,
-                        message=message,
-                    )
-                )
-    return alerts
+            candidates = [
+                c
+                for comparison in rule.comparisons
+                for c in _candidates(metric, comparison, refs)
+                if rule.attributes is None or c.group.attribute in rule.attributes
+            ]
+            looked.append((rule, candidates))
+            if rule.require_ci:
+                for c in candidates:
+                    if c.difference.p_value is not None:
+                        family[c.key] = c.difference.p_value
+    keys = list(family)
+    q_values = dict(zip(keys, benjamini_hochberg([family[k] for k in keys]), strict=True))
+    alerts: dict[tuple[str, str, str, str], Alert] = {}
+    watches: dict[tuple[str, str, str, str], Alert] = {}
+    for rule, candidates in looked:
+        for c in candidates:
+            crossed = _crossed(rule, c)
+            if crossed is None:
+                continue
+            threshold, beyond_parity = crossed
+            q = q_values.get(c.key)
+            certain = not rule.require_ci or (
+                beyond_parity and q is not None and q <= false_discovery_rate
+            )
+            key = (rule.name, c.metric.name, c.group.attribute, c.group.group)
+            target = alerts if certain else watches
+            if key in alerts or key in target:
+                continue
+            target[key] = Alert(
+                rule=rule.name,
+                metric=c.metric.name,
+                attribute=c.group.attribute,
+                group=c.group.group,
+                n=c.group.n,
+                estimate=c.group.estimate,
+                overall=c.metric.overall,
+                ratio=c.ratio,
+                difference=c.difference,
+                message=_message(rule, c, threshold),
+                comparison=c.comparison,
+                against=c.against,
+                against_estimate=c.against_estimate,
+                against_n=c.against_n,
+                numerator=c.group.numerator,
+                against_numerator=c.against_numerator,
+                threshold=threshold,
+                q_value=q,
+                min_effect=rule.min_effect,
+                action=rule.action,
+                owner=rule.owner,
+            )
+    return RuleEvaluation(
+        alerts=tuple(alerts.values()),
+        watches=tuple(w for k, w in watches.items() if k not in alerts),
+        tests=len(family),
+    )
 
 
 def trend_points(

@@ -1,41 +1,87 @@
-"""A fairness monitoring run as a FHIR R4 ``MeasureReport`` (``fhir.resources.R4B`` models). No I/O.
+"""A fairness monitoring run as a FHIR R4 ``MeasureReport`` on a ``Measure``. No I/O.
+
+Built as ``fhir.resources.R4B`` models.
+
+The ``Measure`` (``build_measure``) defines what every report counts and is built from the
+metric definitions and the attributes alone, never from a window's data: its ``url`` is the
+``measure_url`` setting and its ``version`` a digest of its content, so the same code and
+settings give the same Measure, written once (``flows.fairness.write_measure``), and a change of
+metrics or attributes gives a new version. One ``group`` per metric with its populations
+(proportions: ``denominator`` and ``numerator``; means: ``measure-population`` and
+``measure-observation``) and one ``stratifier`` per attribute. R4 has ``scoring`` and
+``improvementNotation`` only on the Measure as a whole, but this Measure mixes proportions and
+means, and metrics where higher is better with ones where lower is: both are given per group,
+with the CQF Measures IG's ``cqfm-scoring`` and ``cqfm-improvementNotation`` extensions (R5 moved
+both elements onto ``Measure.group``).
 
 What one ``FairnessReport`` becomes:
 
-- one ``MeasureReport``, status ``complete``, type ``summary``, ``measure`` the fairness Measure
-  canonical, ``date`` the generation time, ``period`` the monitored window, an ``identifier``
-  stable per (window, scope) so a re-run for the same window writes nothing new
+- one ``MeasureReport``, status ``complete``, type ``summary``, ``measure`` the Measure's
+  canonical ``url|version``, ``date`` the generation time, ``period`` the monitored window, an
+  ``identifier`` stable per (window, scope) so a re-run for the same window writes nothing new
   (``flows.fairness.write_measure_report`` keys its ledger record and a ``_tag`` conditional
   create on it: not every server searches MeasureReport by identifier);
 - one ``group`` per metric: ``code`` the metric (system ``<system>:fairness-metric``),
-  populations ``denominator`` (and ``numerator`` for rates) from the standard
-  measure-population code system, ``measureScore`` the overall value (UCUM unit) when known;
+  populations coded as in the Measure, ``measureScore`` the overall value (UCUM unit) when known;
 - one ``stratifier`` per subgroup attribute (system ``<system>:fairness-attribute``), one
-  ``stratum`` per group, the ``unknown`` group included like any other;
+  ``stratum`` per group, the ``unknown`` group included like any other, its value coded
+  (``stratum_coding``: administrative gender, OMB race and ethnicity, DICOM modality, else the
+  project's own system; ``unknown`` is the v3 NullFlavor ``UNK``) with the group as text;
 - what FHIR has no element for goes in extensions (``EXT_*`` below): confidence intervals,
   ratio and difference to the overall with their intervals, run settings, alert messages.
 
 A suppressed stratum (a cell smaller than the minimum group size) carries only its value and the
 ``fairness-suppressed`` extension: no score, no interval, no disparity and not even its count,
-since a small-cell count can itself be identifying. Decimals are rounded to 6 places; a value
-that is not finite is treated as unknown and left out.
+since a small-cell count can itself be identifying. Since the group's overall count is
+published, one suppressed stratum among published ones could be recovered by subtraction; so
+``complementary_suppression`` withholds the counts of one more stratum (``unknown`` if
+published, else the smallest), marked ``fairness-complementary-suppression``: its score and
+intervals stay (they are not counts), and subtraction gives only the sum of two cells.
+Decimals are rounded to 6 places; a value that is not finite is treated as unknown and left out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 from typing import Any
 
 from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.measure import Measure
 from fhir.resources.R4B.measurereport import MeasureReport
 
-from pipeline.fairness_types import Estimate, FairnessReport, GroupResult, MetricResult
+from pipeline.fairness_types import (
+    UNKNOWN,
+    Estimate,
+    FairnessReport,
+    GroupResult,
+    MetricResult,
+    complementary_suppression,
+)
 
 MEASURE_URL_DEFAULT = "urn:medvlm-pipeline:Measure:draft-fairness"
 MEASURE_POPULATION = "http://terminology.hl7.org/CodeSystem/measure-population"
+MEASURE_SCORING = "http://terminology.hl7.org/CodeSystem/measure-scoring"
+MEASURE_IMPROVEMENT = "http://terminology.hl7.org/CodeSystem/measure-improvement-notation"
+CQFM_SCORING = "http://hl7.org/fhir/us/cqfmeasures/StructureDefinition/cqfm-scoring"
+CQFM_IMPROVEMENT = "http://hl7.org/fhir/us/cqfmeasures/StructureDefinition/cqfm-improvementNotation"
 UCUM = "http://unitsofmeasure.org"
+ADMINISTRATIVE_GENDER = "http://hl7.org/fhir/administrative-gender"
+OMB_RACE_ETHNICITY = "urn:oid:2.16.840.1.113883.6.238"
+DICOM_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+_OMB = {
+    "American Indian or Alaska Native": "1002-5",
+    "Asian": "2028-9",
+    "Black or African American": "2054-5",
+    "Native Hawaiian or Other Pacific Islander": "2076-8",
+    "White": "2106-3",
+    "Hispanic or Latino": "2135-2",
+    "Not Hispanic or Latino": "2186-5",
+}
+_GENDERS = {"female", "male", "other"}
 
 _SD = "urn:medvlm-pipeline:StructureDefinition:"
 # On a stratum (group value) and on a group (overall value): the estimate's confidence interval.
@@ -49,6 +95,8 @@ EXT_DIFFERENCE = f"{_SD}fairness-difference-to-overall"  # valueDecimal
 EXT_DIFFERENCE_CI_LOW = f"{_SD}fairness-difference-ci-low"  # valueDecimal
 EXT_DIFFERENCE_CI_HIGH = f"{_SD}fairness-difference-ci-high"  # valueDecimal
 EXT_SUPPRESSED = f"{_SD}fairness-suppressed"  # valueBoolean true, on a suppressed stratum
+# valueBoolean true, on a stratum whose counts are withheld so no suppressed count can be derived
+EXT_COMPLEMENTARY = f"{_SD}fairness-complementary-suppression"
 EXT_ALERT_RULE = f"{_SD}fairness-alert-rule"  # valueString, on a stratum an alert fired for
 # On a group: what kind of metric, and who its denominator counts (in words).
 EXT_METRIC_KIND = f"{_SD}fairness-metric-kind"  # valueCode "rate" | "mean"
@@ -111,11 +159,21 @@ def _population(code: str, display: str, count: int | None = None) -> dict[str, 
     return population
 
 
+#: The populations of each kind of metric: a proportion counts a denominator and a numerator;
+#: a mean (continuous variable) a measure population and one observation per member.
+_POPULATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "rate": (("denominator", "Denominator"), ("numerator", "Numerator")),
+    "mean": (
+        ("measure-population", "Measure Population"),
+        ("measure-observation", "Measure Observation"),
+    ),
+}
+
+
 def _populations(metric: MetricResult, n: int, numerator: float) -> list[dict[str, Any]]:
-    populations = [_population("denominator", "Denominator", n)]
-    if metric.kind == "rate":
-        populations.append(_population("numerator", "Numerator", round(numerator)))
-    return populations
+    (first, first_display), (second, second_display) = _POPULATIONS[metric.kind]
+    second_count = round(numerator) if metric.kind == "rate" else n
+    return [_population(first, first_display, n), _population(second, second_display, second_count)]
 
 
 def _score(metric: MetricResult, value: float | None) -> dict[str, Any] | None:
@@ -125,8 +183,29 @@ def _score(metric: MetricResult, value: float | None) -> dict[str, Any] | None:
     return {"value": number, "unit": metric.unit, "system": UCUM, "code": metric.unit}
 
 
-def _stratum(metric: MetricResult, group: GroupResult, alert_rules: list[str]) -> dict[str, Any]:
-    value = {"text": group.group}
+def stratum_coding(attribute: str, group: str, system: str) -> dict[str, str]:
+    """The group as a Coding: standard codes where the attribute has them, else the project's."""
+    if group == UNKNOWN:
+        return {"system": NULL_FLAVOR, "code": "UNK", "display": "unknown"}
+    if attribute == "sex" and group in _GENDERS:
+        return {"system": ADMINISTRATIVE_GENDER, "code": group, "display": group}
+    if attribute in ("race", "ethnicity") and group in _OMB:
+        return {"system": OMB_RACE_ETHNICITY, "code": _OMB[group], "display": group}
+    code = " ".join(group.split())  # FHIR code: no leading, trailing or repeated whitespace
+    if attribute == "modality" and code.isalnum():
+        return {"system": DICOM_DCM, "code": code}
+    return {"system": f"{system}:fairness-group:{attribute}", "code": code, "display": group}
+
+
+def _stratum(
+    metric: MetricResult,
+    group: GroupResult,
+    alert_rules: list[str],
+    system: str,
+    *,
+    withhold_counts: bool,
+) -> dict[str, Any]:
+    value = {"coding": [stratum_coding(group.attribute, group.group, system)], "text": group.group}
     if group.suppressed:
         # Nothing but the fact of suppression: no score, interval, disparity, nor the count.
         return {"value": value, "extension": [{"url": EXT_SUPPRESSED, "valueBoolean": True}]}
@@ -137,11 +216,12 @@ def _stratum(metric: MetricResult, group: GroupResult, alert_rules: list[str]) -
         + _ext_decimal(EXT_DIFFERENCE, group.difference.value)
         + _ci_extensions(group.difference, EXT_DIFFERENCE_CI_LOW, EXT_DIFFERENCE_CI_HIGH)
         + [{"url": EXT_ALERT_RULE, "valueString": rule} for rule in alert_rules]
+        + ([{"url": EXT_COMPLEMENTARY, "valueBoolean": True}] if withhold_counts else [])
     )
     return {
         "extension": extensions or None,
         "value": value,
-        "population": _populations(metric, group.n, group.numerator),
+        "population": None if withhold_counts else _populations(metric, group.n, group.numerator),
         "measureScore": _score(metric, group.estimate.value),
     }
 
@@ -159,6 +239,8 @@ def _group(report: FairnessReport, metric: MetricResult, system: str) -> dict[st
     ]
     stratifiers = []
     for attribute in report.attributes:
+        groups = metric.by_attribute(attribute)
+        withheld = complementary_suppression([(g.group, g.n, g.suppressed) for g in groups])
         strata = [
             _stratum(
                 metric,
@@ -169,8 +251,10 @@ def _group(report: FairnessReport, metric: MetricResult, system: str) -> dict[st
                     if (alert.metric, alert.attribute, alert.group)
                     == (metric.name, attribute, group.group)
                 ],
+                system,
+                withhold_counts=group.group in withheld,
             )
-            for group in metric.by_attribute(attribute)
+            for group in groups
         ]
         stratifiers.append(
             {
@@ -204,6 +288,112 @@ def _group(report: FairnessReport, metric: MetricResult, system: str) -> dict[st
     }
 
 
+_PLAIN = "text/plain"  # the criteria are described in words; the monitor's code computes them
+_POPULATION_WORDS = {
+    "denominator": "{population}",
+    "numerator": "of the denominator, those the metric counts: {title}",
+    "measure-population": "{population}",
+    "measure-observation": "per member of the measure population, the value averaged: {title}",
+}
+
+
+def _metric_code(metric: MetricResult, system: str) -> dict[str, Any]:
+    return {
+        "coding": [
+            {"system": f"{system}:fairness-metric", "code": metric.name, "display": metric.title}
+        ],
+        "text": metric.title,
+    }
+
+
+def _attribute_code(attribute: str, system: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "coding": [{"system": f"{system}:fairness-attribute", "code": attribute}],
+            "text": attribute,
+        }
+    ]
+
+
+def _concept(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+def _measure_group(
+    metric: MetricResult, attributes: tuple[str, ...], system: str
+) -> dict[str, Any]:
+    scoring = "proportion" if metric.kind == "rate" else "continuous-variable"
+    extensions: list[dict[str, Any]] = [
+        {"url": CQFM_SCORING, "valueCodeableConcept": _concept(MEASURE_SCORING, scoring)},
+        {"url": EXT_METRIC_KIND, "valueCode": metric.kind},
+    ]
+    if metric.improvement is not None:
+        extensions.append(
+            {
+                "url": CQFM_IMPROVEMENT,
+                "valueCodeableConcept": _concept(MEASURE_IMPROVEMENT, metric.improvement),
+            }
+        )
+    words = {"population": metric.population, "title": metric.title}
+    return {
+        "extension": extensions,
+        "code": _metric_code(metric, system),
+        "description": f"{metric.title}, over {metric.population} (unit {metric.unit})",
+        "population": [
+            {
+                **_population(code, display),
+                "criteria": {
+                    "language": _PLAIN,
+                    "expression": _POPULATION_WORDS[code].format(**words),
+                },
+            }
+            for code, display in _POPULATIONS[metric.kind]
+        ],
+        "stratifier": [
+            {
+                "code": _attribute_code(attribute, system)[0],
+                "criteria": {
+                    "language": _PLAIN,
+                    "expression": f"the study's {attribute}, captured when it was drafted",
+                },
+            }
+            for attribute in attributes
+        ]
+        or None,
+    }
+
+
+def build_measure(
+    report: FairnessReport, *, system: str, url: str = MEASURE_URL_DEFAULT
+) -> Measure:
+    """The Measure every report of these metrics and attributes reports on.
+
+    Built from the metric definitions and attributes only (not the window's numbers), so every
+    run of the same code and settings builds the same resource; its ``version`` is a digest of
+    its content.
+    """
+    body: dict[str, Any] = {
+        "resourceType": "Measure",
+        "url": url,
+        "name": "DraftFairness",
+        "title": "Fairness of AI draft radiology reports across patient and operational subgroups",
+        "status": "active",
+        "experimental": False,
+        "description": (
+            "Per metric, the overall value and one stratum per group of each attribute, with "
+            "bootstrap confidence intervals and disparities as extensions; small cells suppressed."
+        ),
+        "group": [_measure_group(m, report.attributes, system) for m in report.metrics] or None,
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return Measure.model_validate({**body, "version": digest})
+
+
+def measure_canonical(measure: Measure) -> str:
+    """``url|version``: the MeasureReport's ``measure``, resolved by ``Measure?url=&version=``."""
+    return f"{measure.url}|{measure.version}"
+
+
 def build_measure_report(
     report: FairnessReport,
     *,
@@ -212,7 +402,9 @@ def build_measure_report(
     measure: str = MEASURE_URL_DEFAULT,
     reporter: str | None = None,
 ) -> MeasureReport:
-    """The run as a summary MeasureReport; ``reporter`` is a reference such as ``Device/xyz``."""
+    """The run as a summary MeasureReport on ``build_measure``'s Measure (``measure`` is its
+    url); ``reporter`` is a reference such as ``Device/xyz``."""
+    canonical = measure_canonical(build_measure(report, system=system, url=measure))
     identifier = measure_report_identifier(report, system=system, scope=scope)
     generated = _aware(report.generated, "generated")
     extensions: list[dict[str, Any]] = [
@@ -232,7 +424,7 @@ def build_measure_report(
             "identifier": [identifier.model_dump(mode="json", exclude_none=True)],
             "status": "complete",
             "type": "summary",
-            "measure": measure,
+            "measure": canonical,
             "date": generated.isoformat(),
             "reporter": {"reference": reporter} if reporter else None,
             "period": {

@@ -202,6 +202,14 @@ def test_planted_disparity_alerts_and_the_measure_report_lands_once(
         assert measure.status == "complete" and measure.type == "summary"
         assert parse_alerts(measure) == outcome.alerts
         assert {g.code.coding[0].code for g in measure.group or []} >= {"underdiagnosis_rate"}
+        # Its measure canonical (url|version) resolves to the one Measure the flow wrote, found
+        # by the tag it was written under (this server searches Measure by _tag, not by url).
+        url, version = measure.measure.split("|")
+        tag_measure = f"{world.system}:fairness-measure|{version}"
+        definitions = client.get("/Measure", params={"_tag": tag_measure}).json().get("entry", [])
+        assert [(e["resource"]["url"], e["resource"]["version"]) for e in definitions] == [
+            (url, version)
+        ]
 
         # Re-running the same window: the same MeasureReport (no duplicate), labels from cache.
         again = fairness_monitor(services, *world.window)
@@ -219,6 +227,9 @@ def test_planted_disparity_alerts_and_the_measure_report_lands_once(
         (tag,) = measure.meta.tag
         found = client.get("/MeasureReport", params={"_tag": f"{tag.system}|{tag.code}"}).json()
         assert len(found.get("entry", [])) == 1
+        # Three runs, one Measure.
+        again_definitions = client.get("/Measure", params={"_tag": tag_measure}).json()
+        assert len(again_definitions.get("entry", [])) == 1
     cached = services.ledger.signed_labels(
         [j.study_uid for j in services.ledger.jobs("tiny-1")], "rules-v1"
     )

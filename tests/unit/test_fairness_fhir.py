@@ -13,10 +13,13 @@ from fhir.resources.R4B.measurereport import (
 )
 
 from pipeline.fairness_fhir import (
+    CQFM_IMPROVEMENT,
+    CQFM_SCORING,
     EXT_ALERT_RULE,
     EXT_BOOTSTRAP_SAMPLES,
     EXT_CI_HIGH,
     EXT_CI_LOW,
+    EXT_COMPLEMENTARY,
     EXT_CONFIDENCE,
     EXT_DIFFERENCE,
     EXT_DIFFERENCE_CI_HIGH,
@@ -29,9 +32,12 @@ from pipeline.fairness_fhir import (
     EXT_SUPPRESSED,
     MEASURE_POPULATION,
     MEASURE_URL_DEFAULT,
+    build_measure,
     build_measure_report,
+    measure_canonical,
     measure_report_identifier,
     parse_alerts,
+    stratum_coding,
 )
 from pipeline.fairness_types import (
     UNKNOWN,
@@ -182,7 +188,8 @@ def test_builds_a_valid_summary_measure_report_that_round_trips() -> None:
     assert again.model_dump(mode="json") == mr.model_dump(mode="json")
     assert again.status == "complete"
     assert again.type == "summary"
-    assert again.measure == MEASURE_URL_DEFAULT
+    assert again.measure == measure_canonical(build_measure(REPORT, system=SYSTEM))
+    assert again.measure.startswith(MEASURE_URL_DEFAULT + "|")
     assert again.date == GENERATED
     assert (again.period.start, again.period.end) == (SINCE, UNTIL)
     assert again.reporter is not None and again.reporter.reference == "Device/fairness-monitor"
@@ -308,10 +315,16 @@ def test_suppressed_stratum_publishes_no_numbers_not_even_its_count() -> None:
     published = mr.model_dump_json()
     for figure in ("0.987654", "0.876543", "0.999999", "6.58436", "0.837654"):
         assert figure not in published
-    # Its unsuppressed sibling does carry its numbers.
+    # Its only published sibling keeps its score but withholds its counts: the overall count
+    # minus site-a's would be site-b's.
     sibling = _stratum(mr, "underdiagnosis_rate", "site", "site-a")
-    assert _counts(sibling) == {"denominator": 196, "numerator": 29}
+    assert sibling.population is None and _ext(sibling, EXT_COMPLEMENTARY)[0].valueBoolean
+    assert sibling.measureScore is not None and sibling.measureScore.value == Decimal("0.147959")
     assert _ext(sibling, EXT_SUPPRESSED) == []
+    # Among sex (no suppressed cell) every count is published.
+    assert _counts(_stratum(mr, "underdiagnosis_rate", "sex", "F")) == {
+        "denominator": 100, "numerator": 20,
+    }  # fmt: skip
 
 
 def test_alerts_are_published_and_read_back() -> None:
@@ -330,7 +343,8 @@ def test_metric_with_unknown_overall_has_no_score() -> None:
     assert group.measureScore is None
     assert _decimal(group, EXT_CI_LOW) is None
     assert _decimal(group, EXT_CI_HIGH) is None
-    assert _counts(group) == {"denominator": 0}  # a mean has no numerator population
+    # A mean is a continuous variable: a measure population and its observations.
+    assert _counts(group) == {"measure-population": 0, "measure-observation": 0}
     # Every attribute still gets its stratifier, with no strata when there are no groups.
     assert [(s.code[0].text, s.stratum) for s in group.stratifier or []] == [
         ("sex", None),
@@ -353,9 +367,9 @@ def test_mean_metric_score_uses_its_unit() -> None:
     assert group.measureScore is not None
     assert (group.measureScore.value, group.measureScore.unit) == (Decimal("512.25"), "{char}")
     assert group.measureScore.code == "{char}"
-    assert _counts(group) == {"denominator": 240}
+    assert _counts(group) == {"measure-population": 240, "measure-observation": 240}
     female = _stratum(mr, "draft_length", "sex", "F")
-    assert _counts(female) == {"denominator": 120}
+    assert _counts(female) == {"measure-population": 120, "measure-observation": 120}
     assert female.measureScore is not None and female.measureScore.value == Decimal("530")
 
 
@@ -378,3 +392,94 @@ def test_non_finite_values_are_left_out() -> None:
 def test_groups_of_an_undeclared_attribute_are_an_error() -> None:
     with pytest.raises(ValueError, match="'site'"):
         _build(dataclasses.replace(REPORT, attributes=("sex",)))
+
+
+def test_the_measure_defines_populations_scoring_improvement_and_stratifiers() -> None:
+    measure = build_measure(REPORT, system=SYSTEM)
+    assert measure.url == MEASURE_URL_DEFAULT and measure.status == "active"
+    again = type(measure).model_validate_json(measure.model_dump_json())
+    assert again.model_dump(mode="json") == measure.model_dump(mode="json")
+    groups = {g.code.coding[0].code: g for g in measure.group or []}
+    assert list(groups) == ["underdiagnosis_rate", "draft_length"]
+
+    def codes(group: Any) -> list[str]:
+        return [p.code.coding[0].code for p in group.population]
+
+    def extension(group: Any, url: str) -> str | None:
+        found = [e.valueCodeableConcept.coding[0].code for e in group.extension if e.url == url]
+        return found[0] if found else None
+
+    assert codes(groups["underdiagnosis_rate"]) == ["denominator", "numerator"]
+    assert codes(groups["draft_length"]) == ["measure-population", "measure-observation"]
+    assert extension(groups["underdiagnosis_rate"], CQFM_SCORING) == "proportion"
+    assert extension(groups["draft_length"], CQFM_SCORING) == "continuous-variable"
+    improvement = dataclasses.replace(UNDERDIAGNOSIS, improvement="decrease")
+    with_direction = build_measure(
+        dataclasses.replace(REPORT, metrics=(improvement,)), system=SYSTEM
+    )
+    assert extension((with_direction.group or [])[0], CQFM_IMPROVEMENT) == "decrease"
+    assert extension(groups["draft_length"], CQFM_IMPROVEMENT) is None
+    assert [s.code.coding[0].code for s in groups["draft_length"].stratifier] == ["sex", "site"]
+    # The same definitions give the same version whatever the window's numbers; other
+    # attributes give another version.
+    other_window = dataclasses.replace(
+        REPORT, studies=1, alerts=(), metrics=(UNDERDIAGNOSIS, CHARS)
+    )
+    assert build_measure(other_window, system=SYSTEM).version == measure.version
+    fewer = dataclasses.replace(REPORT, attributes=("sex",), metrics=(CHARS,))
+    assert build_measure(fewer, system=SYSTEM).version != measure.version
+
+
+def test_strata_are_coded() -> None:
+    assert (
+        stratum_coding("sex", "female", SYSTEM)["system"]
+        == "http://hl7.org/fhir/administrative-gender"
+    )
+    assert stratum_coding("race", "White", SYSTEM)["code"] == "2106-3"
+    assert stratum_coding("ethnicity", "Hispanic or Latino", SYSTEM)["code"] == "2135-2"
+    assert stratum_coding("race", UNKNOWN, SYSTEM)["code"] == "UNK"
+    assert stratum_coding("modality", "CR", SYSTEM)["code"] == "CR"
+    site = stratum_coding("site", "  St  Mary's ", SYSTEM)
+    assert site == {
+        "system": f"{SYSTEM}:fairness-group:site", "code": "St Mary's", "display": "  St  Mary's ",
+    }  # fmt: skip
+    mr = _build()
+    female = _stratum(mr, "underdiagnosis_rate", "sex", "F")
+    assert female.value.coding is not None and female.value.coding[0].code == "F"
+
+
+def test_no_suppressed_count_can_be_recovered_by_subtraction_on_the_planted_cohort() -> None:
+    """For every metric and attribute: the overall count minus the published strata counts is
+    either zero (nothing withheld) or the sum of at least two withheld strata (or of the only
+    stratum, which is the overall), never one suppressed cell's count."""
+    from tests.fairness_data import cohort
+    from tests.unit.test_fairness import records, report_of
+
+    report = report_of(records(cohort(planted=True)))
+    mr = build_measure_report(report, system=SYSTEM, scope="all")
+    checked = 0
+    for metric, group in zip(report.metrics, mr.group or [], strict=True):
+        overall = _counts(group)
+        for stratifier in group.stratifier or []:
+            attribute = stratifier.code[0].text
+            cells = {g.group: g for g in metric.by_attribute(attribute)}
+            withheld = [s.value.text for s in stratifier.stratum or [] if s.population is None]
+            hidden = [name for name, cell in cells.items() if cell.suppressed]
+            assert set(hidden) <= set(withheld)
+            for code, total in overall.items():
+                published = sum(
+                    _counts(s)[code] or 0 for s in stratifier.stratum or [] if s.population
+                )
+                remainder = (total or 0) - published
+                if not hidden:
+                    assert remainder == 0 and withheld == []
+                    continue
+                # One withheld stratum only when it is the whole population (the overall itself).
+                assert len(withheld) >= 2 or len(cells) == 1, (metric.name, attribute, withheld)
+                for name in hidden:
+                    cell = cells[name]
+                    value = cell.n if code in ("denominator", "measure-population") else None
+                    if value is not None and any(cells[w].n for w in withheld if w != name):
+                        assert remainder != value, (metric.name, attribute, name)
+                        checked += 1
+    assert checked > 10  # e.g. race "Native Hawaiian or Other Pacific Islander" (12 studies)

@@ -207,7 +207,7 @@ def row(html: str, metric: str, attribute: str, group_name: str) -> list[tuple[s
     section = html[start.start() : html.index("</section>", start.start())]
     seen = False
     for cells in parse(section).rows:
-        if cells and cells[0][0] == attribute:
+        if cells and cells[0][0].split(" (reference")[0] == attribute:
             seen = True
         elif seen and cells and cells[0][0] == group_name:
             return cells
@@ -225,10 +225,11 @@ def test_page_is_well_formed_and_shows_the_alert_first(html: str) -> None:
     assert parser.stack == []
     assert html.startswith("<!DOCTYPE html>")
     assert "Draft fairness report" in html
-    assert ALERT_MESSAGE in html
+    card = "Underdiagnosis rate: higher for race = Black than for all studies (the overall value)"
+    assert card in html
     assert "No alert rule fired" not in html
     # The alert box comes before every plot and table.
-    assert html.index(ALERT_MESSAGE) < html.index("<svg") < html.index("<table")
+    assert html.index(card) < html.index("<svg") < html.index("<table>")
     assert "2025-03-01 00:00 – 2025-04-01 00:00 UTC" in html
     assert "medgemma-4b@abc123" in html
     assert "groups smaller than 30 are suppressed" in html
@@ -270,7 +271,9 @@ def test_ids_are_unique_across_the_inlined_svgs(html: str) -> None:
 
 def test_suppressed_group_shows_no_numbers(html: str) -> None:
     cells = row(html, "underdiagnosis_rate", "race", "Pacific Islander")
-    assert [text for text, _ in cells] == ["Pacific Islander", "suppressed", "n < 30", "—", "—"]
+    assert [text for text, _ in cells] == [
+        "Pacific Islander", "suppressed", "n < 30", "—", "—", "—", "",
+    ]  # fmt: skip
     for hidden in (f"{SECRET * 100:.1f}", f"{SECRET:.2f}", str(SECRET), f"{SECRET_N:,}"):
         assert hidden not in html, hidden
     assert str(SECRET_N) not in html
@@ -280,7 +283,7 @@ def test_unknown_group_is_reported_like_any_other(html: str) -> None:
     cells = row(html, "underdiagnosis_rate", "sex", UNKNOWN)
     assert cells[1][0] == "45"
     assert cells[2][0] == "15.6% [12.6%, 18.6%]"  # 0.12 * 1.3, CI ± 3 points
-    assert cells[3] == ("1.30 [1.05, 1.60]", "flag")
+    assert cells[3] == ("1.30 [1.05, 1.60]", "")  # an interval excluding 1 is not an alert
     assert cells[4][0] == "+3.6 pp [+0.6 pp, +6.6 pp]"
 
 
@@ -290,13 +293,19 @@ def test_differences_that_round_to_zero_have_no_minus_sign(html: str) -> None:
     assert "-0.0" not in html[html.index('<section id="tables">') :]
 
 
-def test_only_ratio_intervals_excluding_one_are_flagged(html: str) -> None:
-    assert row(html, "underdiagnosis_rate", "race", "Black")[3][1] == "flag"
-    assert row(html, "critical_rate", "race", "Black")[3][1] == "flag"
-    assert row(html, "underdiagnosis_rate", "race", "White")[3][1] == "flag"  # below 1
-    assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[3][1] == ""
-    assert row(html, "underdiagnosis_rate", "sex", "female")[3][1] == ""
-    assert row(html, "latency_mean", "sex", "male")[3][1] == ""
+def test_only_cells_where_a_rule_fired_are_flagged(html: str) -> None:
+    """Not every interval that excludes 1: only the alert's cell, with a mark and its rule."""
+    black = row(html, "underdiagnosis_rate", "race", "Black")
+    assert black[-1] == ("\u25b2 alert: ratio_high (vs overall)", "flag")
+    flagged = [
+        (metric, attribute, name)
+        for metric in ("underdiagnosis_rate", "critical_rate", "latency_mean")
+        for attribute, names in (("sex", ("female", "male")), ("race", ("White", "Black")))
+        for name in names
+        if metric != "latency_mean" or attribute == "sex"
+        if any(css for _, css in row(html, metric, attribute, name))
+    ]
+    assert flagged == [("underdiagnosis_rate", "race", "Black")]
 
 
 def test_means_have_two_decimals_and_their_unit(html: str) -> None:
@@ -308,6 +317,8 @@ def test_means_have_two_decimals_and_their_unit(html: str) -> None:
         "13.00 s [12.30 s, 13.60 s]",
         "1.02 [0.97, 1.07]",
         "+0.25 s [-0.40 s, +0.90 s]",
+        "—",
+        "",
     ]
 
 
@@ -317,6 +328,51 @@ def test_trend_plot_has_a_line_per_group_and_the_overall(html: str) -> None:
     for label in ("overall", "female", "male"):
         assert f"\u2501 {label}<" in trend_svg
     assert "2025-03-" in trend_svg  # dated x axis: each window end as a date
+
+
+def test_metrics_an_alert_fired_for_are_plotted_even_if_not_headline() -> None:
+    html = render_html(make_report(), headline=("latency_mean",))
+    assert 'id="plot-1-underdiagnosis_rate"' in html
+    assert '<a href="#plot-1-underdiagnosis_rate">See the chart</a>' in html
+
+
+def test_the_alert_card_says_it_in_plain_words() -> None:
+    alert = dataclasses.replace(
+        make_report().alerts[0],
+        comparison="reference",
+        against="White",
+        against_estimate=Estimate(0.114, 0.1, 0.13),
+        against_n=500,
+        against_numerator=57,
+        numerator=39,
+        threshold="ratio > 1.25",
+        min_effect=0.03,
+        q_value=0.0012,
+        action="Audit 20 drafts.",
+        owner="Dr. Quality",
+        since_last="persisting",
+    )
+    report = dataclasses.replace(make_report(), alerts=(alert,), tests=240)
+    html = render_html(report)
+    card = html[html.index('<article class="alert-card"') : html.index("</article>")]
+    text = re.sub(r"<[^>]+>", "", card)
+    assert (
+        "Underdiagnosis rate: higher for race = Black than for race = White (the reference "
+        "group)" in text
+    )
+    assert (
+        "race = Black: 39 of 180 studies (21.6%); race = White: 57 of 500 studies (11.4%)." in text
+    )
+    assert "Ratio 1.80 (95% CI 1.30–2.40)" in text
+    assert (
+        "the rule alerts when the ratio is above 1.25 and the difference is at least 3.0 pp" in text
+    )
+    assert "over 240 comparisons (q = 0.0012" in text
+    assert "Persisting: it also fired in the previous window." in text
+    assert "Action: Audit 20 drafts. Owner: Dr. Quality" in text
+    assert '<a href="#plot-0-underdiagnosis_rate">See the chart</a>' in card
+    assert "race=Black" in text and text.count("ratio_high") == 1  # the rule named once
+    assert ALERT_MESSAGE not in html
 
 
 def test_report_without_alerts_says_so() -> None:
@@ -333,7 +389,7 @@ def test_without_trend_points_there_is_no_trend_section() -> None:
 
 
 def test_headline_metrics_missing_from_the_report_are_skipped() -> None:
-    html = render_html(make_report(), headline=("no_such_metric", "latency_mean"))
+    html = render_html(make_report(alerts=False), headline=("no_such_metric", "latency_mean"))
     assert html.count("<svg") == 1
     assert 'id="plot-0-latency_mean"' in html
     assert "no_such_metric" not in html
@@ -365,3 +421,74 @@ def test_text_is_escaped_and_never_parsed_as_markup_or_mathtext() -> None:
     assert '>&lt;b&gt;site $x$&lt;/b&gt; id="q"<' in svg
     assert "<td>&lt;b&gt;site $x$&lt;/b&gt; id=&#34;q&#34;</td>" in html
     assert parse(html).errors == []
+
+
+def test_a_published_sibling_of_a_suppressed_group_withholds_its_count(html: str) -> None:
+    """Overall n minus the published n would otherwise be the suppressed group's n."""
+    assert row(html, "underdiagnosis_rate", "race", UNKNOWN)[1][0] == "withheld"
+    assert row(html, "underdiagnosis_rate", "race", "Black")[1][0] == "180"
+    assert row(html, "underdiagnosis_rate", "sex", UNKNOWN)[1][0] == "45"  # nothing suppressed
+
+
+def test_svgs_are_labelled_images(html: str) -> None:
+    svgs = re.findall(r"<svg[^>]*>\s*<title>[^<]+</title>", html)
+    assert len(svgs) == html.count("<svg") == 3
+    for svg in svgs:
+        assert 'role="img"' in svg and 'aria-label="' in svg
+    assert 'aria-label="Bar chart of Underdiagnosis rate by group of sex, race' in html
+    assert "Alert for race = Black." in html
+    assert parse(html).errors == []
+
+
+def test_long_group_names_are_shortened_uniquely() -> None:
+    from pipeline.fairness_html import _short, _unique_short
+
+    names = [
+        "Saint Elsewhere University Hospital North Campus",
+        "Saint Elsewhere University Hospital South Campus",
+        "Saint Elsewhere University Hospital",
+        "short",
+    ]
+    labels = _unique_short(names, 24)
+    assert len(set(labels)) == len(names) and all(len(label) <= 24 for label in labels)
+    assert labels[3] == "short"
+    assert labels[2].startswith("Saint Elsewhere") and "…" in labels[2]
+    same_ends = ["A" * 30 + "x" + "B" * 30, "A" * 30 + "y" + "B" * 30]
+    assert len(set(_unique_short(same_ends, 20))) == 2
+    assert _unique_short(["unknown", "unknown"], 24) == ["unknown", "unknown"]  # same name
+    assert len(_short("x" * 100)) == 36
+
+
+def test_trend_axis_spans_every_window_even_empty_ones() -> None:
+    """Earlier windows with no studies: the x limits come from all windows, ticks are one per
+    window with its study count, and the trend still draws."""
+    points = []
+    for week in range(4):
+        start = SINCE + dt.timedelta(days=7 * week)
+        end = start + dt.timedelta(days=7)
+        value = 0.1 if week == 3 else None
+        n = 200 if week == 3 else 0
+        points.append(TrendPoint(start, end, "underdiagnosis_rate", "overall", "overall", n, value))
+        points.append(TrendPoint(start, end, "underdiagnosis_rate", "sex", "female", n, value))
+    report = dataclasses.replace(
+        make_report(), trend=tuple(points), until=SINCE + dt.timedelta(days=28)
+    )
+    html = render_html(report)
+    start = html.index('<figure id="trend-0-underdiagnosis_rate">')
+    svg = html[start : html.index("</figure>", start)]
+    ticks = re.findall(r">(\d{4}-\d{2}-\d{2})<", svg)
+    assert ticks == ["2025-03-08", "2025-03-15", "2025-03-22", "2025-03-29"]
+    assert ">n=0<" in svg and ">n=200<" in svg
+    assert "1 with values" in svg
+    # This window's alert (race=Black, underdiagnosis) is marked on its last point.
+    black = TrendPoint(
+        SINCE + dt.timedelta(days=21), SINCE + dt.timedelta(days=28), "underdiagnosis_rate",
+        "race", "Black", 180, 0.2,
+    )  # fmt: skip
+    marked = render_html(dataclasses.replace(report, trend=(*points, black)))
+    start = marked.index('<figure id="trend-0-underdiagnosis_rate">')
+    marked_svg = marked[start : marked.index("</figure>", start)]
+    assert "\u2501 Black \u25b2<" in marked_svg and "\u2501 female<" in marked_svg
+    assert "#cc3311" in marked_svg
+    only_empty = dataclasses.replace(report, trend=tuple(p for p in points if p.value is None))
+    assert 'id="trend-0-underdiagnosis_rate"' not in render_html(only_empty)
