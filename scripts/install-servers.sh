@@ -11,7 +11,9 @@
 #      several workers on one ledger start a throwaway cluster of their own (initdb, pg_ctl).
 #   5. buildah and debootstrap (Debian; no service), with which scripts/build-images.sh builds
 #      the container images (tests/integration/test_images.py builds and checks the flows image).
-#   6. The Triton Inference Server of the Triton backend's tests (nvidia-pytriton's tritonserver) in
+#   6. Headless Chromium (Debian's chromium; no service), with which
+#      tests/integration/test_fairness_browser.py renders and prints the fairness report.
+#   7. The Triton Inference Server of the Triton backend's tests (nvidia-pytriton's tritonserver) in
 #      a venv of its own on Debian's Python 3.11: scripts/install-triton.sh.
 #
 # The servers themselves are started and stopped by `medvlm dev up|down` (medvlm/dev/servers.py).
@@ -44,7 +46,7 @@ for arg in "$@"; do
     case "$arg" in
         --refreeze) REFREEZE=1 ;;
         --shim-only) SHIM_ONLY=1 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "install-servers: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -194,6 +196,21 @@ install_image_tools() {
 }
 
 # --------------------------------------------------------------------------------------------
+# Headless Chromium: renders and prints the fairness report in tests/integration/
+# test_fairness_browser.py. A desktop package but it starts no service.
+install_chromium() {
+    if [ -z "$(missing_packages chromium)" ]; then
+        step "Chromium: already installed ($(dpkg-query -W -f='${Version}' chromium))"
+        return 0
+    fi
+    step "Chromium: installing chromium"
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: chromium comes from Debian packages"
+    apt_update_if_needed chromium
+    apt_install_no_services chromium
+    info "installed chromium $(dpkg-query -W -f='${Version}' chromium)"
+}
+
+# --------------------------------------------------------------------------------------------
 find_python() {
     local cand
     if [ -n "${MEDVLM_FHIR_PYTHON:-}" ]; then echo "$MEDVLM_FHIR_PYTHON"; return 0; fi
@@ -276,6 +293,7 @@ install_orthanc
 install_fhir_server
 install_postgresql
 install_image_tools
+install_chromium
 bash "$REPO_ROOT/scripts/install-triton.sh"
 build_shim
 step "done: start the servers with 'medvlm dev up'"
