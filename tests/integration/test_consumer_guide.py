@@ -106,6 +106,7 @@ def test_every_example_of_the_guide_answers_as_the_guide_says(site: Site) -> Non
         "PATIENT": job.links["patient"],
         "ORDER": job.links["service_request"],
         "STUDY_UID": study_uid,
+        "IMAGING_STUDY": job.links["imaging_study"],
         "DRAFT_SYSTEM": site.draft_system,
         "DRAFT_ID": job.draft_id,
         "REPORT": report,
