@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration]
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "consumer-guide.md"
 _BLOCK = re.compile(r"^```bash test\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_PYTHON = re.compile(r"^```python test\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _EXPECT = re.compile(r"\s+#\s*expect:\s*(.+)$")
 
 
@@ -91,7 +92,9 @@ def _matches(answer: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def test_every_example_of_the_guide_answers_as_the_guide_says(site: Site) -> None:
+def test_every_example_of_the_guide_answers_as_the_guide_says(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     study_uid = site.add()
     with stand_in_model(latency_s=0.05) as url:
         assert not site.run(HttpDrafter(None, url)).failures
@@ -139,3 +142,13 @@ def test_every_example_of_the_guide_answers_as_the_guide_says(site: Site) -> Non
                 {"system": site.draft_system, "code": job.draft_id} in r["meta"]["tag"]
                 for r in typed
             )
+
+    # The Python example lists the patient's drafts, this one among them, with its Provenance.
+    (python,) = _PYTHON.findall(GUIDE.read_text())
+    capsys.readouterr()
+    exec(python, {"FHIR": site.fhir_base_url, "PATIENT": job.links["patient"]})
+    printed = capsys.readouterr().out.splitlines()
+    assert f"{report.removeprefix('DiagnosticReport/')} preliminary" in {
+        " ".join(line.split()[:2]) for line in printed
+    }
+    assert all(line.split()[-1] == "1" for line in printed), printed
