@@ -6,7 +6,7 @@ one draft becomes:
 
 - a Comprehensive SR instance (SOP Class 1.2.840.10008.5.1.4.1.1.88.33) in the source study:
   the Patient and Study modules copied from the source images (it goes into the same PACS), the
-  images given to the model as evidence (Current Requested Procedure Evidence Sequence);
+  study's reportable images as evidence (Current Requested Procedure Evidence Sequence);
 - marked as an unsigned AI draft in the header and in the content: ``CompletionFlag`` PARTIAL,
   ``VerificationFlag`` UNVERIFIED, ``PreliminaryFlag`` PRELIMINARY, and a first text item
   ``AI_NOTICE``; the model as the Device observer of the content (observer context, TID 1004:
@@ -214,7 +214,7 @@ def build_sr(
     institution_name: str | None = None,
 ) -> ComprehensiveSR:
     """The draft as a Comprehensive SR in the study of ``evidence`` (the source instances'
-    headers: the images given to the model; SR instances among them are left out)."""
+    headers: the study's reportable images; SR instances among them are left out)."""
     images = [ds for ds in evidence if not is_sr(ds)]
     if not images:
         raise ValueError("a draft SR needs at least one source image as evidence")
