@@ -89,6 +89,7 @@ from pipeline.ledger import (
 from pipeline.prompts import ModelInput
 from pipeline.report import DraftReport, DraftResult
 from pipeline.reportable import not_reportable_reason, select_reportable
+from pipeline.sr import build_sr, is_sr
 from pipeline.study import header_value, prepare_study
 from pipeline.subgroups import SUBGROUP_HEADER_KEYWORDS, subgroup_attributes
 from serving.clients import Drafter
@@ -456,7 +457,38 @@ def write(services: Services, job: DraftJob, *, resume: bool = False) -> dict[st
         options=services.write_options(),
         sources=job.context_sources or (),
     )
-    return services.writer().write(resources, resume=resume)
+    written = services.writer().write(resources, resume=resume)
+    if services.job.store_sr:
+        # After the EHR write: the draft is in the EHR whatever happens to its SR. A failure
+        # here fails the job at the write stage; its retry finds the EHR resources by their
+        # keys (resume) and stores the SR again under the same UID.
+        written = {**written, SR_KEY: [store_sr(services, job, report, resources.draft_id)]}
+    return written
+
+
+SR_KEY = "DicomSR"
+"""The ledger's ``fhir_ids`` key of the SR stored in the PACS (its SOP Instance UID)."""
+
+
+def store_sr(services: Services, job: DraftJob, report: DraftReport, tag: str) -> str:
+    """Store the draft as a DICOM SR in the study's PACS (``job.store_sr``); its SOP Instance
+    UID. The evidence is the study's reportable instances as the PACS lists them now."""
+    store = getattr(services.source, "store", None)
+    if store is None:
+        raise MedvlmError(
+            f"{job.study_ref}: job.store_sr is on, but the PACS connector "
+            f"({type(services.source).__name__}) cannot store instances (DICOMweb STOW-RS only)"
+        )
+    headers = services.source.instance_headers(job.study_uid)
+    evidence = select_reportable(headers).instances or [h for h in headers if not is_sr(h)]
+    if not evidence:
+        raise MedvlmError(f"{job.study_ref}: no source image left in the PACS to reference")
+    sr = build_sr(report, services.model, draft_id=tag, evidence=evidence)
+    result = store([sr])
+    if result.failed:
+        reasons = ", ".join(str(code) for _uid, code in result.failed)
+        raise MedvlmError(f"{job.study_ref}: the PACS refused the draft SR (failure {reasons})")
+    return str(sr.SOPInstanceUID)
 
 
 _PACKAGES = frozenset({"connectors", "flows", "medvlm", "pipeline", "serving", "tests"})

@@ -885,6 +885,14 @@ class JobSettings(BaseModel):
         "Observations, or a preliminary DocumentReference (EHRs that take drafts only as notes, "
         "e.g. Epic); both with the model's Device and a Provenance.",
     )
+    store_sr: bool = Field(
+        default=False,
+        description=(
+            "Also store each draft in the PACS as a DICOM Structured Report (STOW-RS, DICOMweb "
+            "PACS only), after its EHR write: in the source study, marked UNVERIFIED and as an "
+            "AI draft, with a SOP Instance UID derived from the draft (a re-run replaces it)."
+        ),
+    )
     write_strategy: Literal["auto", "transaction", "conditional", "search"] = Field(
         default="auto",
         description=(
