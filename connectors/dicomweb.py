@@ -25,7 +25,6 @@ import copy
 import logging
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -42,6 +41,7 @@ from connectors.pacs import (
     ChangeFeed,
     InstanceRef,
     SeriesRef,
+    StoreResult,
     StudyQuery,
     StudyRef,
     Watermark,
@@ -222,15 +222,6 @@ def _exact(key: str, value: str) -> str:
     if any(c in _WILDCARDS for c in value):
         raise ValueError(f"{key}: wildcard or multi-value matching is not supported")
     return value
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """STOW-RS outcome (PS3.18 §10.5.3): stored and failed SOP Instance UIDs."""
-
-    stored: tuple[str, ...]
-    failed: tuple[tuple[str, int], ...]
-    """(SOP Instance UID, FailureReason) per refused instance."""
 
 
 class DicomWebSource:

@@ -261,6 +261,22 @@ class ChangeFeed(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StoreResult:
+    """STOW-RS outcome (PS3.18 §10.5.3): stored and failed SOP Instance UIDs."""
+
+    stored: tuple[str, ...]
+    failed: tuple[tuple[str, int], ...]
+    """(SOP Instance UID, FailureReason) per refused instance."""
+
+
+@runtime_checkable
+class InstanceStore(Protocol):
+    """A PACS that takes instances (DICOMweb STOW-RS): the drafts' DICOM SR (``job.store_sr``)."""
+
+    def store(self, datasets: Sequence[Dataset]) -> StoreResult: ...
+
+
 @runtime_checkable
 class ImageSource(Protocol):
     """A PACS or a folder: find studies, list their series and instances, stream instances."""

@@ -51,7 +51,14 @@ from typing import Any, TypeVar
 from connectors.draft_writer import DraftWriter, WriteStrategy, choose_strategy
 from connectors.ehr import Ehr, EhrContext
 from connectors.ledger_store import LedgerStore, NewStudy
-from connectors.pacs import ImageSource, StudyQuery, StudyRef, Watermark, sort_instances
+from connectors.pacs import (
+    ImageSource,
+    InstanceStore,
+    StudyQuery,
+    StudyRef,
+    Watermark,
+    sort_instances,
+)
 from flows.study_images import load_model_images
 from medvlm.errors import (
     EhrNotFoundError,
@@ -473,8 +480,7 @@ SR_KEY = "DicomSR"
 def store_sr(services: Services, job: DraftJob, report: DraftReport, tag: str) -> str:
     """Store the draft as a DICOM SR in the study's PACS (``job.store_sr``); its SOP Instance
     UID. The evidence is the study's reportable instances as the PACS lists them now."""
-    store = getattr(services.source, "store", None)
-    if store is None:
+    if not isinstance(services.source, InstanceStore):
         raise MedvlmError(
             f"{job.study_ref}: job.store_sr is on, but the PACS connector "
             f"({type(services.source).__name__}) cannot store instances (DICOMweb STOW-RS only)"
@@ -484,7 +490,7 @@ def store_sr(services: Services, job: DraftJob, report: DraftReport, tag: str) -
     if not evidence:
         raise MedvlmError(f"{job.study_ref}: no source image left in the PACS to reference")
     sr = build_sr(report, services.model, draft_id=tag, evidence=evidence)
-    result = store([sr])
+    result = services.source.store([sr])
     if result.failed:
         reasons = ", ".join(str(code) for _uid, code in result.failed)
         raise MedvlmError(f"{job.study_ref}: the PACS refused the draft SR (failure {reasons})")

@@ -11,8 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from connectors.dicom_folder import DicomFolderSource
-from connectors.dicomweb import StoreResult
-from connectors.pacs import StudyQuery
+from connectors.pacs import StoreResult, StudyQuery
 from flows.draft_reports import SR_KEY, run_draft_job
 from pipeline.ledger import JobState
 from pipeline.sr import is_sr, sr_uids
