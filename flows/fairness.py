@@ -194,7 +194,12 @@ def build_report(
         current,
         since=since,
         until=until,
-        trend=trend_points(windows, attributes=cfg.attributes, min_group_size=cfg.min_group_size),
+        trend=trend_points(
+            windows,
+            attributes=cfg.attributes,
+            min_group_size=cfg.min_group_size,
+            confidence=cfg.confidence,
+        ),
         signed_unreadable=unreadable,
         previous_alerts=None if previous is None else previous.alerts,
         **options,

@@ -920,36 +920,63 @@ def evaluate_rules(
     )
 
 
+def wilson_interval(events: float, n: int, confidence: float) -> tuple[float, float] | None:
+    """Wilson's score interval of a proportion (events of n): stays inside [0, 1] and is sound
+    for small n and rates near 0, where a normal interval is not. None for n = 0."""
+    if n <= 0:
+        return None
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = events / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def trend_points(
     windows: Iterable[tuple[dt.datetime, dt.datetime, Sequence[FairnessRecord]]],
     *,
     attributes: Sequence[str],
     min_group_size: int,
     metrics: Sequence[str] = TREND_METRICS,
+    confidence: float = 0.95,
 ) -> list[TrendPoint]:
-    """Point estimates of ``metrics`` per window, overall and per group (suppressed → None)."""
+    """Point estimates of ``metrics`` per window, overall and per group, with Wilson intervals
+    (the trend metrics are rates; a bootstrap per window and group would cost the report's
+    whole budget again). A suppressed cell has neither value nor interval."""
     defs = tuple(d for d in metric_definitions() if d.name in metrics)
     points: list[TrendPoint] = []
+
+    def point(
+        start: dt.datetime,
+        end: dt.datetime,
+        metric: str,
+        attribute: str,
+        group: str,
+        events: float,
+        n: int,
+        shown: bool,
+    ) -> TrendPoint:
+        value = _finite(float(_ratio(events, n))) if shown else None
+        interval = wilson_interval(events, n, confidence) if value is not None else None
+        low, high = interval if interval is not None else (None, None)
+        return TrendPoint(start, end, metric, attribute, group, n, value, low, high)
+
     for start, end, records in windows:
         table = _Table.of(records, defs)
         groups = {attribute: _groups(records, attribute) for attribute in attributes}
         for i, d in enumerate(defs):
             total_n = int(table.den[i].sum())
-            value = _finite(float(_ratio(table.num[i].sum(), total_n)))
-            points.append(TrendPoint(start, end, d.name, "overall", "overall", total_n, value))
+            points.append(
+                point(start, end, d.name, "overall", "overall", table.num[i].sum(), total_n, True)
+            )
             for attribute, cells in groups.items():
                 for group, mask in cells:
                     cell_n = int(table.den[i, mask].sum())
-                    cell = _finite(float(_ratio(table.num[i, mask].sum(), cell_n)))
+                    events = table.num[i, mask].sum()
+                    shown = cell_n >= min_group_size
                     points.append(
-                        TrendPoint(
-                            start,
-                            end,
-                            d.name,
-                            attribute,
-                            group,
-                            cell_n,
-                            None if cell_n < min_group_size else cell,
-                        )
+                        point(start, end, d.name, attribute, group, events, cell_n, shown)
                     )
     return points

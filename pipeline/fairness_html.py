@@ -612,11 +612,20 @@ def _trend_figure(
     column = {end: index for index, end in enumerate(ends)}
     xs = [float(x) for x in date2num(ends)]  # type: ignore[no-untyped-call]
     series: dict[tuple[str, str], list[float]] = {}
+    # Each point's interval (Wilson, from trend_points): whiskers in the line's colour.
+    lows: dict[tuple[str, str], list[float]] = {}
+    highs: dict[tuple[str, str], list[float]] = {}
     window_n = [0] * len(ends)
     for p in points:
-        values = series.setdefault((p.attribute, p.group), [math.nan] * len(ends))
+        key_ = (p.attribute, p.group)
+        values = series.setdefault(key_, [math.nan] * len(ends))
+        low = lows.setdefault(key_, [math.nan] * len(ends))
+        high = highs.setdefault(key_, [math.nan] * len(ends))
         value = _finite(p.value)
-        values[column[_utc(p.window_end)]] = math.nan if value is None else value
+        at = column[_utc(p.window_end)]
+        values[at] = math.nan if value is None else value
+        if value is not None and p.low is not None and p.high is not None:
+            low[at], high[at] = p.low, p.high
         if p.attribute == _OVERALL:
             window_n[column[_utc(p.window_end)]] = p.n
     finite_windows = sum(
@@ -667,7 +676,10 @@ def _trend_figure(
             base = top - height
             named = [("overall", overall)] if overall is not None else []
             named += [(g, series[(attribute, g)]) for g in groups]
-            ticks = _nice_ticks(metric, [v for _, values in named for v in values])
+            keys = [(_OVERALL, _OVERALL)] if overall is not None else []
+            keys += [(attribute, g) for g in groups]
+            span = [v for k in keys for v in lows[k] + highs[k]]
+            ticks = _nice_ticks(metric, [v for _, values in named for v in values] + span)
             tick_y = _rescale(ticks, ticks, base, height)
             grid_y.extend(tick_y)
             step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
@@ -689,6 +701,23 @@ def _trend_figure(
                     if is_overall
                     else _series_colour(number - len(named) + len(groups))
                 )
+                key_ = keys[number]
+                whiskers = [
+                    (x, lo, hi)
+                    for x, lo, hi in zip(xs, lows[key_], highs[key_], strict=True)
+                    if math.isfinite(lo) and math.isfinite(hi)
+                ]
+                if whiskers:
+                    wx, wlo, whi = zip(*whiskers, strict=True)
+                    ax.vlines(
+                        wx,
+                        _rescale(list(wlo), ticks, base, height),
+                        _rescale(list(whi), ticks, base, height),
+                        color=colour,
+                        linewidth=0.8,
+                        alpha=0.55,
+                        clip_on=False,
+                    )
                 ax.plot(
                     xs,
                     _rescale(values, ticks, base, height),
@@ -744,7 +773,7 @@ def _trend_figure(
         label = (
             f"Trend of {metric.title} over {len(xs)} windows ending {ends[0]:%Y-%m-%d} to "
             f"{ends[-1]:%Y-%m-%d}, {finite_windows} with values, overall and by group of "
-            f"{', '.join(a for a, _ in panels)}."
+            f"{', '.join(a for a, _ in panels)}, each value with its interval."
         )
         return _svg(figure, key, label)
 

@@ -205,7 +205,8 @@ class Alert:
 
 @dataclass(frozen=True)
 class TrendPoint:
-    """A headline metric's point estimate for one group in one window (None when suppressed)."""
+    """A headline metric's point estimate for one group in one window, with its interval
+    (all None when suppressed)."""
 
     window_start: dt.datetime
     window_end: dt.datetime
@@ -214,6 +215,8 @@ class TrendPoint:
     group: str
     n: int
     value: float | None
+    low: float | None = None  # the value's Wilson score interval (trend metrics are rates)
+    high: float | None = None
 
 
 @dataclass(frozen=True)

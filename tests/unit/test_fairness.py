@@ -14,6 +14,7 @@ from pipeline.fairness import (
     draft_labels,
     record_from_job,
     trend_points,
+    wilson_interval,
 )
 from pipeline.fairness_types import UNKNOWN, AlertRule, FairnessReport
 from pipeline.labeler import RuleLabeler
@@ -242,6 +243,25 @@ def test_trend_points_follow_windows_and_suppress_small_cells() -> None:
     assert unknown and all(p.n < 40 and p.value is None for p in unknown)
     female = [p for p in points if p.group == "female" and p.metric == "underdiagnosis_rate"]
     assert len(female) == 2 and all(p.value is not None for p in female)
+
+
+def test_trend_points_carry_wilson_intervals() -> None:
+    # Wilson's 95% interval of 5 events in 10: 0.2366 to 0.7634 (Newcombe 1998, method 3).
+    low, high = wilson_interval(5, 10, 0.95) or (0.0, 0.0)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
+    assert wilson_interval(0, 20, 0.95) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson_interval(0, 0, 0.95) is None
+    recs = records(cohort(planted=True, per_group=240))
+    points = trend_points([(WINDOW_START, WINDOW_END, recs)], attributes=["sex"], min_group_size=40)
+    shown = [p for p in points if p.value is not None]
+    assert shown and all(
+        p.low is not None and p.high is not None and p.low <= p.value <= p.high for p in shown
+    )
+    # A wider interval for a group than for everyone (fewer studies).
+    overall = next(p for p in shown if p.metric == "underdiagnosis_rate" and p.group == "overall")
+    female = next(p for p in shown if p.metric == "underdiagnosis_rate" and p.group == "female")
+    assert (female.high - female.low) > (overall.high - overall.low)  # type: ignore[operator]
+    assert all(p.low is None and p.high is None for p in points if p.value is None)
 
 
 def test_window_bounds_are_kept(planted: FairnessReport) -> None:
