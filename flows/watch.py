@@ -121,10 +121,11 @@ class WatchSummary:
 
     def line(self) -> str:
         seconds = [s for _, s in self.latencies]
+        passes = f"{self.passes} pass{'' if self.passes == 1 else 'es'}"
         if not seconds:
-            return f"watch: {self.passes} passes, no study drafted"
+            return f"watch: {passes}, no study drafted"
         return (
-            f"watch: {self.passes} passes, {len(seconds)} studies drafted; stable→EHR latency "
+            f"watch: {passes}, {len(seconds)} studies drafted; stable→EHR latency "
             f"median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s"
         )
 
