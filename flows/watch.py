@@ -201,13 +201,23 @@ class Watcher:
                 stable.append(current)
         return stable
 
+    def _baseline(self, now: dt.datetime) -> Watermark:
+        """Where the PACS is now: the change feed's last position (one request), else the QIDO
+        window from yesterday (the local StudyDate may trail UTC) with its studies marked seen.
+        Never the whole PACS: that is the main job's first run."""
+        source = self.services.source
+        last_seq = getattr(getattr(source, "change_feed", None), "last_seq", None)
+        if callable(last_seq):
+            return Watermark(change_seq=int(last_seq()))
+        start = Watermark.starting((now - dt.timedelta(days=1)).date())
+        return source.new_studies_since(start)[1]
+
     def detect(self, state: WatchState | None) -> tuple[WatchState, PassResult]:
         """New stable studies registered in the ledger and added to ``waiting``; the state
         saved after registration."""
         services, result, now = self.services, PassResult(), self.clock()
         if state is None:
-            _, mark = services.source.new_studies_since(None)
-            state = WatchState(mark)
+            state = WatchState(self._baseline(now))
             self._save(state)
             log.info("watch: first pass; from now on new stable studies are drafted")
             return state, result

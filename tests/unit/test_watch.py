@@ -17,14 +17,14 @@ from flows.watch import LATENCY_TIMING, Watcher, WatchState, WatchSummary, state
 from medvlm.settings import WatchSettings
 from pipeline.ledger import JobState
 from tests.flow_doubles import ScriptedDrafter
-from tests.unit.test_flow_states import VERSION, World
+from tests.unit.test_flow_states import STUDY_DATE, VERSION, World
 
 pytestmark = pytest.mark.unit
 
 
 class Clock:
     def __init__(self) -> None:
-        self.now = dt.datetime(2026, 12, 2, 7, 0, tzinfo=dt.UTC)
+        self.now = dt.datetime.combine(STUDY_DATE, dt.time(7), tzinfo=dt.UTC)
 
     def __call__(self) -> dt.datetime:
         return self.now
