@@ -594,7 +594,8 @@ def fairness(
 def deploy(
     timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule.")] = "UTC",
 ) -> None:
-    """Serve the Prefect deployments: main job nightly and on demand, fairness daily (blocks)."""
+    """Serve the Prefect deployments: main job nightly and on demand, fairness daily, a watch
+    pass a minute (blocks)."""
     from flows.deployments import serve_deployments
 
     _settings()  # invalid settings fail now, not at 1 a.m.
