@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -144,3 +145,21 @@ def test_the_summary_line_counts_median_and_max() -> None:
         "watch: 2 passes, 3 studies drafted; stable→EHR latency median 3.0 s, max 8.0 s"
     )
     assert "no study drafted" in WatchSummary().line()
+
+
+def test_a_change_feed_watcher_starts_at_the_feed_s_last_position(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = World(tmp_path)
+    watcher = _watcher(world)
+    source = watcher.services.source
+    monkeypatch.setattr(source, "change_feed", SimpleNamespace(last_seq=lambda: 42), raising=False)
+
+    def whole_pacs(_mark: Any) -> Any:
+        raise AssertionError("the first pass read the feed from its start")
+
+    monkeypatch.setattr(source, "new_studies_since", whole_pacs)
+    result = watcher.one_pass()
+    assert result.stable == 0
+    saved = world.ledger.watermark(state_source(watcher.services))
+    assert saved is not None and saved["detection"]["change_seq"] == 42
