@@ -347,11 +347,14 @@ def watch(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
 
+    def say(label: str, message: str) -> None:  # progress, not an error: no red label
+        console.print(f"{label}: {escape(message)}", soft_wrap=True, highlight=False)
+
     def on_pass(result: PassResult) -> None:
         for ref, seconds in result.written:
-            _line("drafted", f"{ref}: stable→EHR {seconds:.1f} s")
+            say("drafted", f"{ref}: stable→EHR {seconds:.1f} s")
         for ref, state in result.ended_otherwise:
-            _line(state, ref)
+            say(state, ref)
 
     stable_on_detection = (
         settings.pacs.kind == "dicomweb" and settings.pacs.new_study_detection == "orthanc_changes"
@@ -363,7 +366,7 @@ def watch(
     except MedvlmError as exc:
         _fail(exc)
         return
-    _line("summary", summary.line())
+    say("summary", summary.line())
 
 
 def _date(value: str | None, option: str) -> dt.date | None:
