@@ -243,6 +243,15 @@ class Watcher:
 
     # -- drafting -------------------------------------------------------------------------
 
+    def _due(self, job: DraftJob) -> bool:
+        """A failed study is tried again ``retry_after_s`` × its failed attempts after its
+        last failure (the ledger's wall clock), not at every pass."""
+        if job.state is not JobState.FAILED or not job.attempts:
+            return True
+        last = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=dt.UTC)
+        wait = dt.timedelta(seconds=self.settings.retry_after_s * job.attempts)
+        return dt.datetime.now(dt.UTC) - last >= wait
+
     def _urgent_job(self, job: DraftJob) -> bool:
         """Whether the study's order is STAT/ASAP (its ServiceRequest, found by accession as
         the pipeline finds it); an order not found or an EHR error: routine."""
@@ -311,7 +320,7 @@ class Watcher:
                 result.already_ended += 1
                 del state.waiting[job.study_uid]
         jobs = sorted(
-            (job for job in jobs if job.state not in TERMINAL),
+            (job for job in jobs if job.state not in TERMINAL and self._due(job)),
             key=lambda job: state.waiting[job.study_uid],
         )
         urgent = [job for job in jobs if self._urgent_job(job)]

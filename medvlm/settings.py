@@ -1223,6 +1223,15 @@ class WatchSettings(BaseModel):
         default_factory=lambda: ["stat", "asap"],
         description="ServiceRequest.priority codes drafted first, before routine studies.",
     )
+    retry_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description=(
+            "Seconds a study that failed waits, times its failed attempts, before the watcher "
+            "tries it again (until job.max_attempts, then it is dead-lettered)."
+        ),
+    )
 
 
 class MedvlmSettings(BaseSettings):

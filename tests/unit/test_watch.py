@@ -35,10 +35,15 @@ class Clock:
 
 
 def _watcher(
-    world: World, clock: Clock | None = None, *, stable: bool = True, **settings: Any
+    world: World,
+    clock: Clock | None = None,
+    *,
+    stable: bool = True,
+    drafter: ScriptedDrafter | None = None,
+    **settings: Any,
 ) -> Watcher:
     return Watcher(
-        world.services(ScriptedDrafter()),
+        world.services(drafter or ScriptedDrafter()),
         WatchSettings.model_validate(settings),
         stable_on_detection=stable,
         clock=clock or Clock(),
@@ -163,3 +168,21 @@ def test_a_change_feed_watcher_starts_at_the_feed_s_last_position(
     assert result.stable == 0
     saved = world.ledger.watermark(state_source(watcher.services))
     assert saved is not None and saved["detection"]["change_seq"] == 42
+
+
+def test_a_failed_study_waits_retry_after_s_before_it_is_tried_again(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    (tmp_path / "dicom").mkdir()
+    drafter = ScriptedDrafter(default="crash")
+    watcher = _watcher(world, drafter=drafter, retry_after_s=3600)
+    watcher.one_pass()
+    case = world.add()
+    first = watcher.one_pass()
+    assert first.written == [] and first.left_waiting == 1
+    assert world.job(case).state is JobState.FAILED and drafter.calls == [case.ref]
+    held = watcher.one_pass()  # within the hour: not tried again
+    assert held.order == [] and held.left_waiting == 1 and drafter.calls == [case.ref]
+    drafter.default = "valid"
+    retried = _watcher(world, drafter=drafter, retry_after_s=0).one_pass()
+    assert [ref for ref, _ in retried.written] == [case.ref]
+    assert world.job(case).state is JobState.WRITTEN
