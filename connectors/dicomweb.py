@@ -504,6 +504,11 @@ class DicomWebSource:
 
     # -- new studies --------------------------------------------------------------------------
 
+    @property
+    def change_feed(self) -> ChangeFeed | None:
+        """The PACS's own new-study feed this source follows (Orthanc's), if configured."""
+        return self._change_feed
+
     def new_studies_since(self, watermark: Watermark | None) -> tuple[list[StudyRef], Watermark]:
         """Orthanc /changes when configured, else a QIDO StudyDate window + seen UIDs."""
         if self._change_feed is not None:

@@ -1,5 +1,6 @@
-"""Prefect flows and deployments: the main job (nightly cron and on demand) and the daily
-fairness monitor.
+"""Prefect flows and deployments: the main job (nightly cron and on demand), the daily
+fairness monitor and a watch pass every minute (``medvlm watch --once``, for sites that run no
+``medvlm watch`` service).
 
 ``draft_reports`` is the main job as a Prefect flow: two tasks (discover; the run's one
 pipeline over the pending jobs) around the plain code of ``flows.draft_reports``, which does not
@@ -39,6 +40,7 @@ from pipeline.imaging import study_reference
 
 NIGHTLY_CRON = "0 1 * * *"
 FAIRNESS_CRON = "0 6 * * *"  # daily, after the night's drafts (and morning sign-offs) are in
+WATCH_CRON = "* * * * *"  # one watch pass a minute, where no `medvlm watch` service runs
 
 
 @task(name="discover-studies", cache_policy=NO_CACHE)
@@ -195,6 +197,23 @@ def scheduled_fairness_monitor(
     return outcome
 
 
+@flow(name="watch-pass", log_prints=True)
+def scheduled_watch_pass() -> int:
+    """One pass of ``medvlm watch`` (flows.watch): the studies that became stable since the
+    last pass, drafted (STAT first); returns how many were written. Settings from the
+    environment; the watcher's position is in the ledger, so passes may run anywhere."""
+    from flows.watch import Watcher
+
+    settings = MedvlmSettings()
+    pacs = settings.pacs
+    feed = pacs.kind == "dicomweb" and pacs.new_study_detection == "orthanc_changes"
+    with open_services(settings) as services:
+        watcher = Watcher(services, settings.watch, stable_on_detection=feed)
+        result = watcher.one_pass()
+    print(watcher.summary.line())
+    return len(result.written)
+
+
 def deployments(timezone: str = "UTC") -> list[RunnerDeployment]:
     """The nightly (cron) and on-demand deployments of the main job, and the daily monitor."""
     nightly = scheduled_draft_reports.to_deployment(
@@ -215,8 +234,14 @@ def deployments(timezone: str = "UTC") -> list[RunnerDeployment]:
         description="Every day: fairness of the drafts of the last window across subgroups.",
         tags=["medvlm", "fairness"],
     )
+    watch = scheduled_watch_pass.to_deployment(
+        name="watch-pass",
+        schedules=[Cron(WATCH_CRON, timezone=timezone)],
+        description="Every minute: draft the studies that became stable since (STAT first).",
+        tags=["medvlm", "watch"],
+    )
     # to_deployment is sync outside an event loop; its declared type also admits a coroutine.
-    built = [nightly, on_demand, fairness]
+    built = [nightly, on_demand, fairness, watch]
     assert all(isinstance(d, RunnerDeployment) for d in built)
     return [d for d in built if isinstance(d, RunnerDeployment)]
 

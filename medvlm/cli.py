@@ -309,6 +309,66 @@ def tasks(
         raise typer.Exit(3)
 
 
+@app.command()
+def watch(
+    once: Annotated[
+        bool, typer.Option("--once", help="One pass, then exit (cron, tests).")
+    ] = False,
+) -> None:
+    """Draft studies as they become stable in the PACS, until SIGTERM/SIGINT (blocks).
+
+    Orthanc's change feed where configured (MEDVLM_PACS__NEW_STUDY_DETECTION=orthanc_changes),
+    else QIDO-RS every MEDVLM_WATCH__INTERVAL_S. A STAT/ASAP order is drafted first. On a
+    signal the studies in the pipeline are finished and the rest stay registered for the next
+    start; a second signal stops at once (claims released). Each draft's latency from "seen
+    stable" to "in the EHR" is printed and saved in the ledger (timings stable_to_ehr_s).
+    """
+    import signal
+    import threading
+
+    settings = _model_settings(_settings())
+    try:
+        _check_model_configuration(settings)
+    except MedvlmError as exc:
+        _fail(exc)
+    if settings.job.preflight:
+        _preflight(settings)
+    from flows.services import open_services
+    from flows.watch import PassResult, Watcher
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now (claims released on the way)
+        _line("watch", f"{signal.Signals(signum).name}: finishing the studies in progress")
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    def say(label: str, message: str) -> None:  # progress, not an error: no red label
+        console.print(f"{label}: {escape(message)}", soft_wrap=True, highlight=False)
+
+    def on_pass(result: PassResult) -> None:
+        for ref, seconds in result.written:
+            say("drafted", f"{ref}: stable→EHR {seconds:.1f} s")
+        for ref, state in result.ended_otherwise:
+            say(state, ref)
+
+    stable_on_detection = (
+        settings.pacs.kind == "dicomweb" and settings.pacs.new_study_detection == "orthanc_changes"
+    )
+    try:
+        with open_services(settings) as services:
+            watcher = Watcher(services, settings.watch, stable_on_detection=stable_on_detection)
+            summary = watcher.run(stop, once=once, on_pass=on_pass)
+    except MedvlmError as exc:
+        _fail(exc)
+        return
+    say("summary", summary.line())
+
+
 def _date(value: str | None, option: str) -> dt.date | None:
     """A YYYY-MM-DD option's date; a malformed one ends the command with one line naming it."""
     if value is None:
@@ -537,7 +597,8 @@ def fairness(
 def deploy(
     timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule.")] = "UTC",
 ) -> None:
-    """Serve the Prefect deployments: main job nightly and on demand, fairness daily (blocks)."""
+    """Serve the Prefect deployments: main job nightly and on demand, fairness daily, a watch
+    pass a minute (blocks)."""
     from flows.deployments import serve_deployments
 
     _settings()  # invalid settings fail now, not at 1 a.m.

@@ -1234,6 +1234,43 @@ class FairnessSettings(BaseModel):
         return self
 
 
+class WatchSettings(BaseModel):
+    """``medvlm watch``: event-driven drafting of studies as they become stable (issue 17)."""
+
+    interval_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="Seconds between passes over the PACS's change feed or QIDO-RS.",
+    )
+    stable_age_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description=(
+            "QIDO-RS polling: seconds a new study's instance count must stay unchanged before "
+            "it is stable (Orthanc's change feed reports stable studies itself: StableAge)."
+        ),
+    )
+    modalities: list[str] = Field(
+        default_factory=list,
+        description="Draft only studies with one of these modalities (JSON list; empty: all).",
+    )
+    urgent_priorities: list[str] = Field(
+        default_factory=lambda: ["stat", "asap"],
+        description="ServiceRequest.priority codes drafted first, before routine studies.",
+    )
+    retry_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description=(
+            "Seconds a study that failed waits, times its failed attempts, before the watcher "
+            "tries it again (until job.max_attempts, then it is dead-lettered)."
+        ),
+    )
+
+
 class MedvlmSettings(BaseSettings):
     """Root of the settings tree."""
 
@@ -1255,6 +1292,7 @@ class MedvlmSettings(BaseSettings):
     ehr: EhrSettings = Field(default_factory=EhrSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ from prefect.utilities.callables import parameter_schema_from_entrypoint
 from flows.deployments import (
     FAIRNESS_CRON,
     NIGHTLY_CRON,
+    WATCH_CRON,
     deployments,
     fairness_window,
     window_query,
@@ -30,7 +31,7 @@ def parameter_names(deployment: RunnerDeployment) -> set[str]:
 
 
 def test_nightly_runs_on_cron_and_on_demand_has_no_schedule() -> None:
-    nightly, on_demand, _ = deployments("Europe/Berlin")
+    nightly, on_demand, *_ = deployments("Europe/Berlin")
     assert nightly.name == "nightly" and on_demand.name == "on-demand"
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == NIGHTLY_CRON
@@ -40,7 +41,7 @@ def test_nightly_runs_on_cron_and_on_demand_has_no_schedule() -> None:
 
 
 def test_deployment_parameters_are_plain_values_the_ui_can_set() -> None:
-    (nightly, _, _) = deployments()
+    (nightly, *_) = deployments()
     assert parameter_names(nightly) == {
         "days_back",
         "modalities",
@@ -65,14 +66,15 @@ def test_prefect_yaml_declares_the_same_deployments() -> None:
     for d in by_name.values():
         module, _, name = d["entrypoint"].partition(":")
         assert (ROOT / module).is_file()
-        expected = (
-            "scheduled_fairness_monitor" if "fairness" in d["name"] else "scheduled_draft_reports"
-        )
-        assert name == expected
+        expected = {
+            "fairness-daily": "scheduled_fairness_monitor",
+            "watch-pass": "scheduled_watch_pass",
+        }
+        assert name == expected.get(d["name"], "scheduled_draft_reports")
 
 
 def test_fairness_monitor_runs_daily_over_the_configured_window() -> None:
-    *_, fairness = deployments()
+    _, _, fairness, _ = deployments()
     assert fairness.name == "fairness-daily"
     (schedule,) = fairness.schedules
     assert schedule.schedule.cron == FAIRNESS_CRON
@@ -115,3 +117,14 @@ def test_prefect_records_the_run_query_without_patient_identifiers(tmp_path: Pat
     # Without the wrapper Prefect would have stored the query as it is.
     raw = _draft_reports_flow.serialize_parameters({"query": query})
     assert "MRN-4455667" in str(raw)
+
+
+def test_a_watch_pass_runs_every_minute_without_parameters() -> None:
+    *_, watch = deployments()
+    assert watch.name == "watch-pass"
+    (schedule,) = watch.schedules
+    assert schedule.schedule.cron == WATCH_CRON
+    assert parameter_names(watch) == set()
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (declared,) = [d for d in spec["deployments"] if d["name"] == "watch-pass"]
+    assert declared["schedules"][0]["cron"] == WATCH_CRON

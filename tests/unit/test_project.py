@@ -51,6 +51,7 @@ COMMANDS: dict[tuple[str, ...], set[str]] = {
         "ref",
         "tasks",
         "status",
+        "watch",
     },
     ("model",): {"build-tiny"},
     ("dev",): {"up", "down", "status"},
