@@ -82,6 +82,19 @@ def _model_settings(settings: MedvlmSettings) -> MedvlmSettings:
     return with_tiny_checkpoint(settings)
 
 
+def _ready_to_draft(settings: MedvlmSettings) -> MedvlmSettings:
+    """What every drafting command does first: the model settings (``_model_settings``), their
+    check, and the pre-flight of PACS, EHR and ledger when ``job.preflight`` is on."""
+    settings = _model_settings(settings)
+    try:
+        _check_model_configuration(settings)
+    except MedvlmError as exc:
+        _fail(exc)
+    if settings.job.preflight:
+        _preflight(settings)
+    return settings
+
+
 def _fail(exc: MedvlmError) -> None:
     message = " ".join(str(exc).split())
     if isinstance(exc, ConfigurationError):  # "pacs.token_file …" → "MEDVLM_PACS__TOKEN_FILE …"
@@ -241,13 +254,7 @@ def run(
             modalities=frozenset(modality or ()),
             accession_number=accession,
         )
-    settings = _model_settings(settings)
-    try:
-        _check_model_configuration(settings)
-    except MedvlmError as exc:
-        _fail(exc)
-    if settings.job.preflight:
-        _preflight(settings)
+    settings = _ready_to_draft(settings)
     try:
         summary = _run_flow(settings, query, dry_run=dry_run)
     except MedvlmError as exc:
@@ -275,13 +282,7 @@ def tasks(
     """
     settings = _settings()
     start = _instant(since, "--since") if since is not None else None
-    settings = _model_settings(settings)
-    try:
-        _check_model_configuration(settings)
-    except MedvlmError as exc:
-        _fail(exc)
-    if settings.job.preflight:
-        _preflight(settings)
+    settings = _ready_to_draft(settings)
     from flows.services import open_services
     from flows.tasks import draft_requested_tasks
 
@@ -326,13 +327,7 @@ def watch(
     import signal
     import threading
 
-    settings = _model_settings(_settings())
-    try:
-        _check_model_configuration(settings)
-    except MedvlmError as exc:
-        _fail(exc)
-    if settings.job.preflight:
-        _preflight(settings)
+    settings = _ready_to_draft(_settings())
     from flows.services import open_services
     from flows.watch import PassResult, Watcher
 
