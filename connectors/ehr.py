@@ -202,6 +202,11 @@ class TaskSubscriptions(Protocol):
         ``status`` tells whether the server activated it: ``active``, ``requested``, ``error``)."""
         ...
 
+    def subscription_status(self, subscription_id: str) -> str | None:
+        """The ``status`` the server holds for it (``active``, ``error``, ``off``, …); None
+        when it is gone."""
+        ...
+
     def delete_subscription(self, subscription_id: str) -> None:
         """``DELETE [base]/Subscription/[id]``; one already gone is not an error."""
         ...

@@ -787,6 +787,13 @@ class FhirEhr:
             raise EhrInvalidResourceError(f"{ref}: answer names no Subscription id")
         return self._read(Subscription, rid)
 
+    def subscription_status(self, subscription_id: str) -> str | None:
+        """``GET [base]/Subscription/[id]``'s ``status``; None when it is gone (404, 410)."""
+        try:
+            return self._read(Subscription, subscription_id).status
+        except EhrNotFoundError:
+            return None
+
     def delete_subscription(self, subscription_id: str) -> None:
         """``DELETE [base]/Subscription/[id]``; one already gone (404, 410) is not an error."""
         if not _ID.match(subscription_id):

@@ -13,7 +13,9 @@ The watermark search stays the source of truth: a notification only says "look n
 arriving during a pass give one more pass after it (coalesced), and a lost one costs at most
 ``interval_s`` of latency. A request to the listener without the run's token is answered 401
 and wakes nothing. An EHR that refuses the Subscription (a 4xx: not supported, or created with
-``status`` ``error``) leaves one line and the listener polling every ``interval_s``.
+``status`` ``error``) leaves one line and the listener polling every ``interval_s``; one the
+server turned ``error`` or ``off`` later (notifications that failed) or deleted is replaced when
+an interval passes without a notification.
 """
 
 from __future__ import annotations
@@ -212,6 +214,24 @@ class TaskListener(Generic[T]):
             f"a pass at least every {self.settings.interval_s} s"
         )
 
+    def _renew_if_lost(self) -> None:
+        """A Subscription the server no longer notifies through (turned ``error`` or ``off``
+        after deliveries failed, or deleted) is replaced by a new one (asked when a pass is due
+        to the interval, not to a notification)."""
+        sid = self.subscription_id
+        if sid is None or self.subscriptions is None:
+            return
+        try:
+            status = self.subscriptions.subscription_status(sid)
+        except MedvlmError as exc:
+            self.say(f"Subscription/{sid} not read: {one_line(str(exc), limit=200)}")
+            return
+        if status in ("active", "requested"):
+            return
+        self.say(f"Subscription/{sid} is {status or 'gone'}: subscribing again")
+        self._unsubscribe()
+        self._subscribe()
+
     def _unsubscribe(self) -> None:
         sid, self.subscription_id = self.subscription_id, None
         if sid is None or self.subscriptions is None:
@@ -250,6 +270,8 @@ class TaskListener(Generic[T]):
                     self.wake.clear()  # a notification during the pass: one more pass after it
                 elif time.monotonic() < due:
                     continue
+                else:  # no notification for an interval: is the Subscription still there?
+                    self._renew_if_lost()
                 if stop.is_set():
                     break
                 self._pass()

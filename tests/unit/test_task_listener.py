@@ -36,15 +36,22 @@ class _Ehr:
         self.status, self.refuse = status, refuse
         self.created: list[Subscription] = []
         self.deleted: list[str] = []
+        self.held: dict[str, str] = {}  # the server's Subscriptions: id → status
 
     def create_subscription(self, subscription: Subscription) -> Subscription:
         if self.refuse:
             raise EhrInvalidResourceError("Subscription (create): HTTP 400 (rejected)")
         self.created.append(subscription)
-        return subscription.model_copy(update={"id": "sub-1", "status": self.status})
+        sid = f"sub-{len(self.created)}"
+        self.held[sid] = self.status
+        return subscription.model_copy(update={"id": sid, "status": self.status})
+
+    def subscription_status(self, subscription_id: str) -> str | None:
+        return self.held.get(subscription_id)
 
     def delete_subscription(self, subscription_id: str) -> None:
         self.deleted.append(subscription_id)
+        self.held.pop(subscription_id, None)
 
 
 @contextmanager
@@ -149,6 +156,21 @@ def test_a_refused_subscription_leaves_one_line_and_polling(ehr: _Ehr | None) ->
     assert "polling every 1.0 s" in lines[0]
     if ehr is not None and ehr.status == "error":
         assert ehr.deleted == ["sub-1"]  # not left on the server
+
+
+def test_a_subscription_the_server_turned_error_is_replaced_after_an_interval() -> None:
+    ehr = _Ehr()
+    lines: list[str] = []
+    listener: TaskListener[int] = TaskListener(
+        lambda: 0, TaskSettings(interval_s=1), ehr, say=lines.append
+    )
+    with _running(listener):
+        assert listener.subscription_id == "sub-1"
+        ehr.held["sub-1"] = "error"  # deliveries failed: the server stopped notifying
+        _until(lambda: listener.subscription_id == "sub-2")
+        assert ehr.deleted == ["sub-1"]
+        assert "Subscription/sub-1 is error: subscribing again" in lines
+    assert ehr.deleted == ["sub-1", "sub-2"]
 
 
 def test_a_failed_pass_is_one_line_and_the_next_pass_comes() -> None:
