@@ -102,13 +102,20 @@ def test_a_requested_task_is_drafted_on_the_servers_notification(
             subscription = _read(site, f"Subscription/{sid}")
             assert subscription["status"] == "active", (subscription.get("error"), lines)
             assert subscription["criteria"] == CRITERIA
+            assert ehr.subscription_status(sid) == "active"
             assert "payload" not in subscription["channel"]
             _until(lambda: listener.passes >= 1, 60, "the pass at start")
             ref = _for_study(site, study_uid)
-            _until(lambda: _status(site, ref) == "completed", 120, f"{ref} completed")
+            # The pass that completed it has ended (its tally handed over after the Task's
+            # last update): only then are the counts below settled.
+            _until(
+                lambda: any(done == ref for t in tallies for done, _ in t.completed),
+                120,
+                f"{ref} completed",
+            )
+            assert _status(site, ref) == "completed"
             assert listener.listener.notifications >= 1, lines
             assert listener.passes >= 2  # at start, and on the notification
-            assert any(done == ref for t in tallies for done, _ in t.completed)
             # Anyone else posting to the listener is refused and starts nothing.
             passes = listener.passes
             with httpx.Client(timeout=10, trust_env=False) as client:
@@ -122,6 +129,7 @@ def test_a_requested_task_is_drafted_on_the_servers_notification(
             stop.set()
             thread.join(60)
         assert not thread.is_alive()
+        assert ehr.subscription_status(sid) is None
     assert listener.subscription_id is None
     assert _gone(site, f"Subscription/{sid}"), lines
     assert f"Subscription/{sid} deleted" in lines
