@@ -25,6 +25,7 @@ from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.subscription import Subscription
 from fhir.resources.R4B.task import Task
 from pydantic import ValidationError
 
@@ -188,6 +189,26 @@ class TaskQueue(Protocol):
     def update_task(self, task: Task) -> Task | None:
         """``PUT`` with ``If-Match`` of ``task.meta.versionId``, once; None when the version
         moved (another worker or the requester changed the Task first)."""
+        ...
+
+
+@runtime_checkable
+class TaskSubscriptions(Protocol):
+    """An R4 rest-hook Subscription that tells a listener when a Task may need a pass
+    (``medvlm tasks --listen``, flows.task_listener). ``connectors.fhir.FhirEhr`` implements it."""
+
+    def create_subscription(self, subscription: Subscription) -> Subscription:
+        """``POST [base]/Subscription`` once; the Subscription as the server holds it (its
+        ``status`` tells whether the server activated it: ``active``, ``requested``, ``error``)."""
+        ...
+
+    def subscription_status(self, subscription_id: str) -> str | None:
+        """The ``status`` the server holds for it (``active``, ``error``, ``off``, …); None
+        when it is gone."""
+        ...
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """``DELETE [base]/Subscription/[id]``; one already gone is not an error."""
         ...
 
 

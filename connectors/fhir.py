@@ -21,6 +21,7 @@ diagnostics.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -39,6 +40,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.subscription import Subscription
 from fhir.resources.R4B.task import Task
 from tenacity import (
     RetryCallState,
@@ -757,6 +759,48 @@ class FhirEhr:
             return None
         assert isinstance(updated, Task)
         return updated
+
+    # -- Subscriptions (medvlm tasks --listen: flows.task_listener) ----------------------------
+
+    def create_subscription(self, subscription: Subscription) -> Subscription:
+        """``POST [base]/Subscription`` once, then the Subscription read back: a server may
+        activate (or refuse, ``status`` ``error``) it as it stores it, in a version after the
+        one its answer shows. Its channel header (a secret) never appears in an error."""
+        ref = "Subscription (create)"
+        body = json.loads(subscription.model_dump_json(by_alias=True, exclude_none=True))
+        body.pop("id", None)
+        response = self._request(
+            "POST",
+            f"{self.base_url}/Subscription",
+            ref=ref,
+            body=body,
+            headers={"Prefer": "return=representation"},
+            retry=False,
+        )
+        rid = local_id(
+            response.headers.get("Location") or response.headers.get("Content-Location"),
+            "Subscription",
+        )
+        if rid is None and response.content.strip():
+            rid = self._json(response, ref).get("id")
+        if not isinstance(rid, str) or not _ID.match(rid):
+            raise EhrInvalidResourceError(f"{ref}: answer names no Subscription id")
+        return self._read(Subscription, rid)
+
+    def subscription_status(self, subscription_id: str) -> str | None:
+        """``GET [base]/Subscription/[id]``'s ``status``; None when it is gone (404, 410)."""
+        try:
+            return self._read(Subscription, subscription_id).status
+        except EhrNotFoundError:
+            return None
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """``DELETE [base]/Subscription/[id]``; one already gone (404, 410) is not an error."""
+        if not _ID.match(subscription_id):
+            raise ValueError("delete_subscription() needs a logical id")
+        ref = f"Subscription/{subscription_id}"
+        with contextlib.suppress(EhrNotFoundError):
+            self._request("DELETE", f"{self.base_url}/{ref}", ref=ref)
 
     def capabilities(self) -> WriteCapabilities:
         """``GET [base]/metadata`` once: the ``transaction`` interaction and the types with

@@ -38,6 +38,7 @@ from medvlm.telemetry import disable_third_party_telemetry
 
 if TYPE_CHECKING:
     from flows.draft_reports import RunSummary
+    from flows.tasks import TaskTally
     from pipeline.ledger import DraftJob
     from pipeline.report import DraftReport
 
@@ -272,13 +273,22 @@ def tasks(
         str | None,
         typer.Option(help="Tasks changed from this instant (ISO 8601); default: the watermark."),
     ] = None,
+    listen: Annotated[
+        bool,
+        typer.Option(
+            "--listen",
+            help="Keep running: a pass on every EHR notification (rest-hook Subscription) and "
+            "every MEDVLM_TASKS__INTERVAL_S, until SIGTERM/SIGINT.",
+        ),
+    ] = False,
 ) -> None:
     """Draft what the requested FHIR Tasks (code draft-imaging-report) ask for, once.
 
     Each Task is claimed with an If-Match update (another worker's claim wins a race: the Task
     is left to it), its study drafted through the main pipeline, and the Task ended completed
     with the preliminary report as output, or failed/rejected with a coded reason. Exit code 3
-    when a Task failed.
+    when a Task failed (not with --listen, which runs until stopped and deletes its
+    Subscription on the way out).
     """
     settings = _settings()
     start = _instant(since, "--since") if since is not None else None
@@ -286,12 +296,65 @@ def tasks(
     from flows.services import open_services
     from flows.tasks import draft_requested_tasks
 
+    if listen:
+        _listen_for_tasks(settings, start)
+        return
     try:
         with open_services(settings) as services:
             tally = draft_requested_tasks(services, since=start)
     except MedvlmError as exc:
         _fail(exc)
         return
+    _print_task_tally(tally)
+    if tally.failed:
+        raise typer.Exit(3)
+
+
+def _listen_for_tasks(settings: MedvlmSettings, start: dt.datetime | None) -> None:
+    """``medvlm tasks --listen`` (flows.task_listener): until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from connectors.ehr import TaskSubscriptions
+    from flows.services import open_services
+    from flows.task_listener import TaskListener
+    from flows.tasks import draft_requested_tasks
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _line("tasks", f"{signal.Signals(signum).name}: stopping after the pass in progress")
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    def say(message: str) -> None:  # progress, not an error: no red label
+        console.print(f"tasks: {escape(message)}", soft_wrap=True, highlight=False)
+
+    def on_pass(tally: TaskTally) -> None:
+        if tally.found or tally.taken_up:
+            _print_task_tally(tally)
+
+    try:
+        with open_services(settings) as services:
+            ehr = services.ehr
+            listener = TaskListener(
+                lambda: draft_requested_tasks(services, since=start),
+                settings.tasks,
+                ehr if isinstance(ehr, TaskSubscriptions) else None,
+                on_pass=on_pass,
+                say=say,
+            )
+            listener.run(stop)
+    except MedvlmError as exc:
+        _fail(exc)
+    except OSError as exc:  # the listener's address taken or not ours
+        _line("error", f"task listener: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _print_task_tally(tally: TaskTally) -> None:
     table = Table(title=f"requested Tasks: {tally.found}, taken up again: {tally.taken_up}")
     table.add_column("Task")
     table.add_column("outcome")
@@ -306,8 +369,6 @@ def tasks(
     for ref in tally.pending:
         table.add_row(ref, "in progress (its study is not done: `medvlm status`)")
     console.print(table)
-    if tally.failed:
-        raise typer.Exit(3)
 
 
 @app.command()

@@ -1271,6 +1271,40 @@ class WatchSettings(BaseModel):
     )
 
 
+class TaskSettings(BaseModel):
+    """``medvlm tasks --listen``: requested FHIR Tasks found through a rest-hook Subscription,
+    with the watermark search as fallback (issue 17)."""
+
+    listen_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the notification listener binds to.",
+    )
+    listen_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port the notification listener binds to (0: any free port).",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description=(
+            "URL the EHR posts notifications to (channel.endpoint), e.g. the hospital proxy's; "
+            "unset: http://<listen_host>:<bound port>/."
+        ),
+    )
+    interval_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=86400,
+        description=(
+            "Seconds between fallback passes when no notification comes (the watermark search "
+            "stays the source of truth: a lost notification costs only this much latency)."
+        ),
+    )
+
+
 class MedvlmSettings(BaseSettings):
     """Root of the settings tree."""
 
@@ -1293,6 +1327,7 @@ class MedvlmSettings(BaseSettings):
     job: JobSettings = Field(default_factory=JobSettings)
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
 
     @classmethod
     def settings_customise_sources(

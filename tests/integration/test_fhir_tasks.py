@@ -325,15 +325,15 @@ def test_a_cancelled_task_is_never_drafted(site: Site, model_url: str) -> None:
     assert LedgerStore(open_engine(site.ledger_url)).jobs(site.version) == []
 
 
-def test_medvlm_tasks_drafts_from_its_environment_and_exits_3_on_a_failed_task(
-    site: Site, model_url: str, tmp_path: Path
-) -> None:
-    since = _since()
-    study_uid = site.add()
-    good = _for_study(site, study_uid)
-    bad = _request(site, focus={"reference": "ImagingStudy/no-such-study"})
+#: ``medvlm`` as a subprocess: ``python -c`` with the repository as working directory runs this
+#: checkout's code, whichever checkout the virtualenv's ``medvlm`` script was installed from.
+CLI = [sys.executable, "-c", "from medvlm.cli import main; main()"]
+
+
+def cli_env(site: Site, model_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of ``medvlm`` drafting for ``site`` with the stand-in model."""
     orthanc = site.orthanc
-    env = {
+    return {
         **os.environ,
         "MEDVLM_HOME": str(tmp_path / "home"),
         "MEDVLM_PACS__KIND": "dicomweb",
@@ -352,12 +352,24 @@ def test_medvlm_tasks_drafts_from_its_environment_and_exits_3_on_a_failed_task(
         "MEDVLM_JOB__LEDGER_URL": site.ledger_url,
         "COLUMNS": "200",
     }
-    # ``python -c`` with the repository as working directory: this checkout's code, whichever
-    # checkout the virtualenv's ``medvlm`` script was installed from.
-    args = [sys.executable, "-c", "from medvlm.cli import main; main()", "tasks"]
-    args += ["--since", since.isoformat()]
+
+
+def test_medvlm_tasks_drafts_from_its_environment_and_exits_3_on_a_failed_task(
+    site: Site, model_url: str, tmp_path: Path
+) -> None:
+    since = _since()
+    study_uid = site.add()
+    good = _for_study(site, study_uid)
+    bad = _request(site, focus={"reference": "ImagingStudy/no-such-study"})
+    args = [*CLI, "tasks", "--since", since.isoformat()]
     result = subprocess.run(
-        args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+        args,
+        env=cli_env(site, model_url, tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 3, output[-4000:]
